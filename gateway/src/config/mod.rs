@@ -1,0 +1,413 @@
+//! Configuration: the YAML file is read into DTOs ([`dto`]), then validated
+//! into the typed [`Config`] below. Nothing else in the gateway sees YAML.
+//!
+//! Validation never stops at the first problem: [`parse`] returns every error
+//! it finds, each with its path in the file (`routes[2].upstream`) and line.
+
+pub mod dto;
+mod lines;
+pub(crate) mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use regex::Regex;
+
+use lines::{join_key, LineMap};
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where in the file: `routes[2].match.path.regex`; empty for the whole file.
+    pub path: String,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong, for a human.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let path = if self.path.is_empty() {
+            "<file>"
+        } else {
+            &self.path
+        };
+        match self.line {
+            Some(line) => write!(f, "{path} (line {line}): {}", self.message),
+            None => write!(f, "{path}: {}", self.message),
+        }
+    }
+}
+
+/// Every problem found in a config file (never empty).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(f, "{n} error{} in config:", if n == 1 { "" } else { "s" })?;
+        for e in &self.0 {
+            writeln!(f, "  - {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Listeners and runtime tuning.
+    pub server: ServerSettings,
+    /// Upstream pools, sorted by name.
+    pub upstreams: Vec<UpstreamSpec>,
+    /// Routes in file order.
+    pub routes: Vec<RouteSpec>,
+}
+
+/// Validated `server:` section.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// Public listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Worker threads (≥ 1).
+    pub threads: usize,
+    /// Use Pingora's work-stealing runtime.
+    pub work_stealing: bool,
+    /// Accepting period after SIGTERM.
+    pub grace_period: Duration,
+    /// Time in-flight requests get after the grace period.
+    pub graceful_shutdown_timeout: Duration,
+    /// Idle upstream connections kept per thread.
+    pub upstream_keepalive_pool_size: usize,
+}
+
+/// A validated upstream pool.
+#[derive(Debug, Clone)]
+pub struct UpstreamSpec {
+    /// The pool's name.
+    pub name: String,
+    /// How a backend is chosen.
+    pub algorithm: Algorithm,
+    /// Backends as written (host names are resolved when the pool is built).
+    pub backends: Vec<BackendSpec>,
+}
+
+/// Backend selection algorithm.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Smooth weighted round robin; weights exact over every cycle.
+    RoundRobin,
+    /// Weighted consistent hashing on the given key.
+    ConsistentHash(HashKey),
+    /// Fewest in-flight requests per unit of weight.
+    LeastInflight,
+    /// Two weighted random picks, fewer in-flight requests wins.
+    PowerOfTwoChoices,
+}
+
+/// What consistent hashing hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header's value; requests without it hash on the client IP.
+    Header(HeaderName),
+    /// The client IP.
+    ClientIp,
+}
+
+/// A backend entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendSpec {
+    /// Where it is.
+    pub address: BackendAddress,
+    /// Relative weight, 1..=1000.
+    pub weight: u32,
+}
+
+/// A backend's address as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAddress {
+    /// A literal socket address.
+    Socket(SocketAddr),
+    /// A host name and port; every address it resolves to is a backend.
+    Host {
+        /// DNS name.
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+}
+
+impl fmt::Display for BackendAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BackendAddress::Socket(a) => write!(f, "{a}"),
+            BackendAddress::Host { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+/// A validated route.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    /// Unique name.
+    pub name: String,
+    /// Host matchers; empty = any host.
+    pub hosts: Vec<HostMatch>,
+    /// Path matcher.
+    pub path: PathMatch,
+    /// Allowed methods; empty = any.
+    pub methods: Vec<Method>,
+    /// Required headers with exact values.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    /// Index into [`Config::upstreams`].
+    pub upstream: usize,
+    /// Path rewrite before proxying.
+    pub rewrite: PathRewrite,
+    /// `Host` header sent upstream.
+    pub upstream_host: UpstreamHost,
+    /// Upstream timeouts.
+    pub timeouts: Timeouts,
+}
+
+/// Host matcher, lower-cased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    /// Exactly this host.
+    Exact(String),
+    /// Any host ending with this suffix (stored with its leading dot: `.example.com`).
+    Wildcard(String),
+}
+
+/// Path matcher.
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    /// The path equals this.
+    Exact(String),
+    /// The path's leading segments equal these (`/` matches everything).
+    Prefix(String),
+    /// The path matches this regex.
+    Regex(Regex),
+}
+
+/// How the path is changed before proxying.
+#[derive(Debug, Clone)]
+pub enum PathRewrite {
+    /// Unchanged.
+    None,
+    /// Replace the matched prefix with this string (empty = strip it).
+    ReplacePrefix(String),
+    /// Regex replacement over the path.
+    Regex(Regex, String),
+}
+
+/// The `Host` header sent upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamHost {
+    /// The client's `Host`.
+    Preserve,
+    /// The chosen backend's `ip:port`.
+    Backend,
+    /// A fixed value.
+    Set(HeaderValue),
+}
+
+/// Upstream timeouts of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect, per attempt.
+    pub connect: Duration,
+    /// Each read from the upstream.
+    pub read: Duration,
+    /// Each write to the upstream.
+    pub write: Duration,
+    /// Budget of all attempts together.
+    pub total: Option<Duration>,
+}
+
+/// Reads and validates a config file.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    match std::fs::read_to_string(path) {
+        Ok(src) => parse(&src),
+        Err(e) => Err(ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            line: None,
+            message: format!("cannot read {}: {e}", path.display()),
+        }])),
+    }
+}
+
+/// Parses and validates config text, returning every error found.
+pub fn parse(src: &str) -> Result<Config, ConfigErrors> {
+    if src.trim().is_empty() {
+        return Err(ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            line: None,
+            message: "the config file is empty".to_owned(),
+        }]));
+    }
+    let lines = LineMap::build(src);
+    let mut errors = Vec::new();
+    let mut unknown = Vec::new();
+    let mut track = serde_path_to_error::Track::new();
+    let result = {
+        let de = serde_yaml_ng::Deserializer::from_str(src);
+        let de = serde_path_to_error::Deserializer::new(de, &mut track);
+        serde_ignored::deserialize(de, |path| unknown.push(ignored_path(&path)))
+    };
+    for path in unknown {
+        let (parent, key) = match path.rfind('.') {
+            Some(cut) => (&path[..cut], &path[cut + 1..]),
+            None => ("", path.as_str()),
+        };
+        let at = if parent.is_empty() {
+            "the top level"
+        } else {
+            parent
+        };
+        let message = format!("unknown key `{key}` in {at}");
+        errors.push(ConfigError {
+            line: lines.line_of(&path),
+            path,
+            message,
+        });
+    }
+    let dto: dto::ConfigDto = match result {
+        Ok(dto) => dto,
+        Err(e) => {
+            let path = tracked_path(&track.path());
+            let line = e.location().map(|l| l.line()).or(lines.line_of(&path));
+            // serde_yaml_ng prefixes the path itself; we print it separately.
+            let text = e.to_string();
+            let text = text
+                .strip_prefix(&format!("{path}: "))
+                .unwrap_or(&text)
+                .to_owned();
+            errors.push(ConfigError {
+                path,
+                line,
+                message: strip_location(&text),
+            });
+            return Err(ConfigErrors(errors));
+        }
+    };
+    match validate::validate(dto) {
+        Ok(config) if errors.is_empty() => Ok(config),
+        Ok(_) => Err(ConfigErrors(errors)),
+        Err(found) => {
+            errors.extend(found.into_iter().map(|(path, message)| ConfigError {
+                line: lines.line_of(&path),
+                path,
+                message,
+            }));
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+/// `serde_ignored`'s path rendered in our `a.b[0].c` notation.
+fn ignored_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path as P;
+    match path {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", ignored_path(parent)),
+        P::Map { parent, key } => join_key(&ignored_path(parent), key),
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            ignored_path(parent)
+        }
+    }
+}
+
+/// `serde_path_to_error`'s path rendered in our notation.
+fn tracked_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } => out = join_key(&out, key),
+            Segment::Enum { variant } => out = join_key(&out, variant),
+            Segment::Unknown => {}
+        }
+    }
+    out
+}
+
+/// serde_yaml appends " at line L column C"; we print the line ourselves.
+fn strip_location(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(cut) => message[..cut].to_owned(),
+        None => message.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "
+upstreams:
+  users:
+    backends:
+      - address: 127.0.0.1:8021
+routes:
+  - name: users
+    match:
+      path: { prefix: /api/users }
+    upstream: users
+";
+
+    fn errors(src: &str) -> Vec<ConfigError> {
+        match parse(src) {
+            Ok(_) => panic!("expected errors"),
+            Err(ConfigErrors(e)) => e,
+        }
+    }
+
+    #[test]
+    fn test_minimal_config_is_valid_with_defaults() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.server.listen, vec!["0.0.0.0:8000".parse().unwrap()]);
+        assert!(config.server.threads >= 1);
+        assert_eq!(config.upstreams[0].algorithm, Algorithm::RoundRobin);
+        assert_eq!(config.routes[0].timeouts.connect, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn test_every_unknown_key_is_reported_with_its_line() {
+        let src = MINIMAL
+            .replace("  users:\n", "  users:\n    colour: red\n")
+            .replace("    upstream: users", "    upstream: users\n    retries: 3");
+        let e = errors(&src);
+        let paths: Vec<_> = e.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["upstreams.users.colour", "routes[0].retries"]);
+        assert_eq!(e[0].line, Some(4));
+        assert!(e[1].message.contains("unknown key `retries`"));
+    }
+
+    #[test]
+    fn test_type_error_names_path_and_line() {
+        let src = MINIMAL.replace(
+            "address: 127.0.0.1:8021",
+            "address: 127.0.0.1:8021\n        weight: heavy",
+        );
+        let e = errors(&src);
+        assert_eq!(e[0].path, "upstreams.users.backends[0].weight");
+        assert_eq!(e[0].line, Some(6));
+    }
+
+    #[test]
+    fn test_empty_file_is_an_error() {
+        assert_eq!(errors("  \n")[0].message, "the config file is empty");
+    }
+
+    #[test]
+    fn test_syntax_error_has_a_line() {
+        let e = errors("routes:\n  - name: [unclosed\n");
+        assert!(e[0].line.is_some());
+    }
+}

@@ -1,0 +1,654 @@
+//! DTO → validated [`Config`]: every check, every error collected.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method};
+use regex::{Regex, RegexBuilder};
+
+use super::dto::{
+    AlgorithmDto, BackendDto, ConfigDto, HashOnDto, PathMatchDto, RouteDto, TimeoutsDto,
+    UpstreamDto,
+};
+use super::{
+    Algorithm, BackendAddress, BackendSpec, Config, HashKey, HostMatch, PathMatch, PathRewrite,
+    RouteSpec, ServerSettings, Timeouts, UpstreamHost, UpstreamSpec,
+};
+
+/// Most backends one pool may have (after DNS expansion too).
+pub(crate) const MAX_BACKENDS: usize = 256;
+/// Largest weight of one backend.
+pub(crate) const MAX_WEIGHT: u32 = 1000;
+/// Compiled-regex size cap, so a config cannot make the gateway eat memory.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Errors as (path, message).
+type Errors = Vec<(String, String)>;
+
+pub(super) fn validate(dto: ConfigDto) -> Result<Config, Errors> {
+    let mut errors = Errors::new();
+    let server = server(&dto, &mut errors);
+    let upstreams: Vec<UpstreamSpec> = dto
+        .upstreams
+        .iter()
+        .filter_map(|(name, u)| upstream(name, u, &mut errors))
+        .collect();
+    // Indices follow the file's pool names, valid or not, so a broken pool
+    // does not also make every route using it "unknown"; when any pool is
+    // invalid no Config is returned, so indices never go stale.
+    let pool_index: HashMap<&str, usize> = dto
+        .upstreams
+        .keys()
+        .enumerate()
+        .map(|(i, name)| (name.as_str(), i))
+        .collect();
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut routes = Vec::with_capacity(dto.routes.len());
+    for (i, r) in dto.routes.iter().enumerate() {
+        let at = format!("routes[{i}]");
+        if let Some(first) = names.insert(r.name.as_str(), i) {
+            errors.push((
+                format!("{at}.name"),
+                format!("duplicate route name `{}` (also routes[{first}])", r.name),
+            ));
+        }
+        if let Some(route) = route(&at, r, &pool_index, &mut errors) {
+            routes.push(route);
+        }
+    }
+    duplicate_matchers(&dto.routes, &mut errors);
+    match server {
+        Some(server) if errors.is_empty() => Ok(Config {
+            server,
+            upstreams,
+            routes,
+        }),
+        _ => Err(errors),
+    }
+}
+
+fn server(dto: &ConfigDto, errors: &mut Errors) -> Option<ServerSettings> {
+    let s = &dto.server;
+    let before = errors.len();
+    if s.listen.is_empty() {
+        errors.push((
+            "server.listen".into(),
+            "at least one listener is required".into(),
+        ));
+    }
+    let mut listen = Vec::new();
+    for (i, l) in s.listen.iter().enumerate() {
+        match l.parse::<SocketAddr>() {
+            Ok(a) if listen.contains(&a) => errors.push((
+                format!("server.listen[{i}]"),
+                format!("duplicate listener `{l}`"),
+            )),
+            Ok(a) => listen.push(a),
+            Err(_) => errors.push((
+                format!("server.listen[{i}]"),
+                format!("`{l}` is not an `ip:port` address"),
+            )),
+        }
+    }
+    let threads = match s.threads {
+        Some(0) => {
+            errors.push(("server.threads".into(), "must be at least 1".into()));
+            1
+        }
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    if s.upstream_keepalive_pool_size == 0 {
+        errors.push((
+            "server.upstream_keepalive_pool_size".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    (errors.len() == before).then_some(ServerSettings {
+        listen,
+        threads,
+        work_stealing: s.work_stealing,
+        grace_period: s.grace_period,
+        graceful_shutdown_timeout: s.graceful_shutdown_timeout,
+        upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+    })
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn upstream(name: &str, u: &UpstreamDto, errors: &mut Errors) -> Option<UpstreamSpec> {
+    let at = format!("upstreams.{name}");
+    let before = errors.len();
+    if !valid_name(name) {
+        errors.push((
+            at.clone(),
+            format!("pool name `{name}` must be 1-64 characters of A-Z a-z 0-9 - _"),
+        ));
+    }
+    let algorithm = match (u.algorithm, u.hash_on, &u.hash_header) {
+        (AlgorithmDto::ConsistentHash, Some(HashOnDto::Header), Some(h)) => {
+            match HeaderName::from_bytes(h.as_bytes()) {
+                Ok(h) => Algorithm::ConsistentHash(HashKey::Header(h)),
+                Err(_) => {
+                    errors.push((
+                        format!("{at}.hash_header"),
+                        format!("`{h}` is not a valid header name"),
+                    ));
+                    Algorithm::ConsistentHash(HashKey::ClientIp)
+                }
+            }
+        }
+        (AlgorithmDto::ConsistentHash, Some(HashOnDto::Header), None) => {
+            errors.push((
+                format!("{at}.hash_on"),
+                "hash_on: header needs `hash_header: <header name>`".into(),
+            ));
+            Algorithm::ConsistentHash(HashKey::ClientIp)
+        }
+        (AlgorithmDto::ConsistentHash, Some(HashOnDto::ClientIp) | None, Some(_)) => {
+            errors.push((
+                format!("{at}.hash_header"),
+                "hash_header only applies with `hash_on: header`".into(),
+            ));
+            Algorithm::ConsistentHash(HashKey::ClientIp)
+        }
+        (AlgorithmDto::ConsistentHash, Some(HashOnDto::ClientIp) | None, None) => {
+            Algorithm::ConsistentHash(HashKey::ClientIp)
+        }
+        (other, hash_on, hash_header) if hash_on.is_some() || hash_header.is_some() => {
+            let key = if hash_on.is_some() {
+                "hash_on"
+            } else {
+                "hash_header"
+            };
+            errors.push((
+                format!("{at}.{key}"),
+                format!(
+                    "{key} only applies to algorithm consistent_hash, not {}",
+                    algorithm_name(other)
+                ),
+            ));
+            Algorithm::RoundRobin
+        }
+        (AlgorithmDto::LeastInflight, ..) => Algorithm::LeastInflight,
+        (AlgorithmDto::P2c, ..) => Algorithm::PowerOfTwoChoices,
+        (AlgorithmDto::RoundRobin, ..) => Algorithm::RoundRobin,
+    };
+    if u.backends.is_empty() {
+        errors.push((
+            format!("{at}.backends"),
+            "a pool needs at least one backend".into(),
+        ));
+    }
+    if u.backends.len() > MAX_BACKENDS {
+        errors.push((
+            format!("{at}.backends"),
+            format!("a pool may have at most {MAX_BACKENDS} backends"),
+        ));
+    }
+    let mut backends: Vec<BackendSpec> = Vec::with_capacity(u.backends.len());
+    for (i, b) in u.backends.iter().enumerate() {
+        let at = format!("{at}.backends[{i}]");
+        if let Some(spec) = backend(&at, b, errors) {
+            if backends.iter().any(|o| o.address == spec.address) {
+                errors.push((
+                    format!("{at}.address"),
+                    format!("duplicate backend `{}` in this pool", b.address),
+                ));
+            }
+            backends.push(spec);
+        }
+    }
+    (errors.len() == before).then(|| UpstreamSpec {
+        name: name.to_owned(),
+        algorithm,
+        backends,
+    })
+}
+
+fn algorithm_name(a: AlgorithmDto) -> &'static str {
+    match a {
+        AlgorithmDto::RoundRobin => "round_robin",
+        AlgorithmDto::ConsistentHash => "consistent_hash",
+        AlgorithmDto::LeastInflight => "least_inflight",
+        AlgorithmDto::P2c => "p2c",
+    }
+}
+
+fn backend(at: &str, b: &BackendDto, errors: &mut Errors) -> Option<BackendSpec> {
+    let before = errors.len();
+    if b.weight == 0 || b.weight > MAX_WEIGHT {
+        errors.push((
+            format!("{at}.weight"),
+            format!(
+                "weight must be between 1 and {MAX_WEIGHT}, got {}",
+                b.weight
+            ),
+        ));
+    }
+    let address = match parse_backend_address(&b.address) {
+        Ok(a) => Some(a),
+        Err(why) => {
+            errors.push((format!("{at}.address"), why));
+            None
+        }
+    };
+    match address {
+        Some(address) if errors.len() == before => Some(BackendSpec {
+            address,
+            weight: b.weight,
+        }),
+        _ => None,
+    }
+}
+
+/// `ip:port`, `[v6]:port` or `host:port`.
+pub(crate) fn parse_backend_address(s: &str) -> Result<BackendAddress, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        if a.port() == 0 {
+            return Err(format!("`{s}`: port 0 is not allowed"));
+        }
+        return Ok(BackendAddress::Socket(a));
+    }
+    let bad = || format!("`{s}` is not `ip:port` or `host:port`");
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Err(format!("`{s}`: port 0 is not allowed"));
+    }
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if !host_ok {
+        return Err(bad());
+    }
+    Ok(BackendAddress::Host {
+        host: host.to_ascii_lowercase(),
+        port,
+    })
+}
+
+fn route(
+    at: &str,
+    r: &RouteDto,
+    pools: &HashMap<&str, usize>,
+    errors: &mut Errors,
+) -> Option<RouteSpec> {
+    let before = errors.len();
+    if !valid_name(&r.name) {
+        errors.push((
+            format!("{at}.name"),
+            format!(
+                "route name `{}` must be 1-64 characters of A-Z a-z 0-9 - _",
+                r.name
+            ),
+        ));
+    }
+    let upstream = pools.get(r.upstream.as_str()).copied();
+    if upstream.is_none() {
+        let known: Vec<&str> = {
+            let mut k: Vec<&str> = pools.keys().copied().collect();
+            k.sort_unstable();
+            k
+        };
+        errors.push((
+            format!("{at}.upstream"),
+            format!(
+                "unknown upstream `{}` (defined: {})",
+                r.upstream,
+                if known.is_empty() {
+                    "none".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        ));
+    }
+    let hosts = r
+        .matcher
+        .hosts
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| match host_match(h) {
+            Ok(h) => Some(h),
+            Err(why) => {
+                errors.push((format!("{at}.match.hosts[{i}]"), why));
+                None
+            }
+        })
+        .collect();
+    let path = path_match(at, r.matcher.path.as_ref(), errors);
+    let mut methods = Vec::new();
+    for (i, m) in r.matcher.methods.iter().enumerate() {
+        match Method::from_bytes(m.to_ascii_uppercase().as_bytes()) {
+            Ok(m) if !methods.contains(&m) => methods.push(m),
+            Ok(_) => errors.push((
+                format!("{at}.match.methods[{i}]"),
+                format!("duplicate method `{m}`"),
+            )),
+            Err(_) => errors.push((
+                format!("{at}.match.methods[{i}]"),
+                format!("`{m}` is not an HTTP method"),
+            )),
+        }
+    }
+    let headers = match_headers(at, &r.matcher.headers, errors);
+    let rewrite = rewrite(at, r, path.as_ref(), errors);
+    let upstream_host = match r.upstream_host.as_deref() {
+        None | Some("preserve") => UpstreamHost::Preserve,
+        Some("backend") => UpstreamHost::Backend,
+        Some(v) => match HeaderValue::from_str(v) {
+            Ok(value) if !v.is_empty() && !v.contains(char::is_whitespace) => {
+                UpstreamHost::Set(value)
+            }
+            _ => {
+                errors.push((
+                    format!("{at}.upstream_host"),
+                    format!("`{v}` is not a valid Host header value"),
+                ));
+                UpstreamHost::Preserve
+            }
+        },
+    };
+    let timeouts = timeouts(at, &r.timeouts, errors);
+    if errors.len() != before {
+        return None;
+    }
+    Some(RouteSpec {
+        name: r.name.clone(),
+        hosts,
+        path: path?,
+        methods,
+        headers,
+        upstream: upstream?,
+        rewrite,
+        upstream_host,
+        timeouts,
+    })
+}
+
+fn host_match(h: &str) -> Result<HostMatch, String> {
+    let lower = h.to_ascii_lowercase();
+    let (wild, rest) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let ok = !rest.is_empty()
+        && rest.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if !ok {
+        return Err(format!(
+            "`{h}` is not a host name or a `*.suffix` wildcard (no ports, `*` only as the first label)"
+        ));
+    }
+    Ok(if wild {
+        HostMatch::Wildcard(format!(".{rest}"))
+    } else {
+        HostMatch::Exact(lower)
+    })
+}
+
+/// The one path matcher a DTO sets: (kind, value); `None` when absent.
+fn path_kind<'a>(
+    at: &str,
+    p: Option<&'a PathMatchDto>,
+    errors: &mut Errors,
+) -> Option<(&'static str, &'a str)> {
+    let p = p?;
+    let set: Vec<(&'static str, &'a str)> = [
+        ("exact", p.exact.as_deref()),
+        ("prefix", p.prefix.as_deref()),
+        ("regex", p.regex.as_deref()),
+    ]
+    .into_iter()
+    .filter_map(|(k, v)| v.map(|v| (k, v)))
+    .collect();
+    if set.len() != 1 {
+        errors.push((
+            format!("{at}.match.path"),
+            "set exactly one of `exact`, `prefix` or `regex`".into(),
+        ));
+        return None;
+    }
+    set.first().copied()
+}
+
+fn path_match(at: &str, p: Option<&PathMatchDto>, errors: &mut Errors) -> Option<PathMatch> {
+    if p.is_none() {
+        return Some(PathMatch::Prefix("/".to_owned()));
+    }
+    let (kind, s) = path_kind(at, p, errors)?;
+    if kind != "regex" && (!s.starts_with('/') || s.contains(['?', '#'])) {
+        errors.push((
+            format!("{at}.match.path.{kind}"),
+            format!("`{s}` must start with `/` and contain no `?` or `#`"),
+        ));
+        return None;
+    }
+    match kind {
+        "exact" => Some(PathMatch::Exact(s.to_owned())),
+        "prefix" => Some(PathMatch::Prefix(normalize_prefix(s))),
+        _ => match compile_regex(s) {
+            Ok(re) => Some(PathMatch::Regex(re)),
+            Err(why) => {
+                errors.push((format!("{at}.match.path.regex"), why));
+                None
+            }
+        },
+    }
+}
+
+/// `/api/` → `/api`; `/` stays.
+fn normalize_prefix(s: &str) -> String {
+    let trimmed = s.trim_end_matches('/');
+    if trimmed.is_empty() {
+        "/".to_owned()
+    } else {
+        trimmed.to_owned()
+    }
+}
+
+fn compile_regex(s: &str) -> Result<Regex, String> {
+    RegexBuilder::new(s)
+        .size_limit(REGEX_SIZE_LIMIT)
+        .build()
+        .map_err(|e| format!("invalid regex: {}", e.to_string().replace('\n', " ")))
+}
+
+fn match_headers(
+    at: &str,
+    headers: &BTreeMap<String, String>,
+    errors: &mut Errors,
+) -> Vec<(HeaderName, HeaderValue)> {
+    let mut out = Vec::new();
+    for (name, value) in headers {
+        let n = HeaderName::from_bytes(name.as_bytes());
+        let v = HeaderValue::from_str(value);
+        match (n, v) {
+            (Ok(n), Ok(v)) => out.push((n, v)),
+            (Err(_), _) => errors.push((
+                format!("{at}.match.headers.{name}"),
+                format!("`{name}` is not a valid header name"),
+            )),
+            (_, Err(_)) => errors.push((
+                format!("{at}.match.headers.{name}"),
+                format!("`{value}` is not a valid header value"),
+            )),
+        }
+    }
+    out
+}
+
+fn rewrite(at: &str, r: &RouteDto, path: Option<&PathMatch>, errors: &mut Errors) -> PathRewrite {
+    let is_prefix = matches!(path, Some(PathMatch::Prefix(_)));
+    let Some(rw) = &r.rewrite else {
+        if !r.strip_prefix {
+            return PathRewrite::None;
+        }
+        if !is_prefix {
+            errors.push((
+                format!("{at}.strip_prefix"),
+                "strip_prefix needs a `match.path.prefix`".into(),
+            ));
+        }
+        return PathRewrite::ReplacePrefix(String::new());
+    };
+    if r.strip_prefix {
+        errors.push((
+            format!("{at}.strip_prefix"),
+            "use either strip_prefix or rewrite, not both".into(),
+        ));
+        return PathRewrite::None;
+    }
+    match (&rw.prefix, &rw.regex) {
+        (Some(p), None) => {
+            if !is_prefix {
+                errors.push((
+                    format!("{at}.rewrite.prefix"),
+                    "a prefix rewrite needs a `match.path.prefix`".into(),
+                ));
+            }
+            if !p.starts_with('/') || p.contains(['?', '#']) {
+                errors.push((
+                    format!("{at}.rewrite.prefix"),
+                    format!("`{p}` must start with `/` and contain no `?` or `#`"),
+                ));
+            }
+            PathRewrite::ReplacePrefix(p.trim_end_matches('/').to_owned())
+        }
+        (None, Some(re)) => match compile_regex(&re.pattern) {
+            Ok(compiled) => PathRewrite::Regex(compiled, re.replacement.clone()),
+            Err(why) => {
+                errors.push((format!("{at}.rewrite.regex.pattern"), why));
+                PathRewrite::None
+            }
+        },
+        _ => {
+            errors.push((
+                format!("{at}.rewrite"),
+                "set exactly one of `prefix` or `regex`".into(),
+            ));
+            PathRewrite::None
+        }
+    }
+}
+
+fn timeouts(at: &str, t: &TimeoutsDto, errors: &mut Errors) -> Timeouts {
+    let mut check = |name: &str, d: Duration| {
+        if d.is_zero() {
+            errors.push((
+                format!("{at}.timeouts.{name}"),
+                "must be greater than zero".into(),
+            ));
+        }
+    };
+    check("connect", t.connect);
+    check("read", t.read);
+    check("write", t.write);
+    if let Some(total) = t.total {
+        check("total", total);
+    }
+    Timeouts {
+        connect: t.connect,
+        read: t.read,
+        write: t.write,
+        total: t.total,
+    }
+}
+
+/// Two routes with the same matcher: the second could never be chosen.
+fn duplicate_matchers(routes: &[RouteDto], errors: &mut Errors) {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, r) in routes.iter().enumerate() {
+        let m = &r.matcher;
+        let mut hosts: Vec<String> = m.hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+        hosts.sort();
+        let mut methods: Vec<String> = m.methods.iter().map(|x| x.to_ascii_uppercase()).collect();
+        methods.sort();
+        let path = match path_kind("", m.path.as_ref(), &mut Vec::new()) {
+            None if m.path.is_some() => continue, // reported elsewhere
+            None => "prefix:/".to_owned(),
+            Some(("prefix", p)) => format!("prefix:{}", normalize_prefix(p)),
+            Some((kind, p)) => format!("{kind}:{p}"),
+        };
+        let key = format!("{hosts:?}|{path}|{methods:?}|{:?}", m.headers);
+        if let Some(first) = seen.insert(key, i) {
+            errors.push((
+                format!("routes[{i}].match"),
+                format!(
+                    "same match as routes[{first}] (`{}`): this route could never be chosen",
+                    routes[first].name
+                ),
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_backend_addresses() {
+        assert!(matches!(
+            parse_backend_address("127.0.0.1:80"),
+            Ok(BackendAddress::Socket(_))
+        ));
+        assert!(matches!(
+            parse_backend_address("[::1]:80"),
+            Ok(BackendAddress::Socket(_))
+        ));
+        assert_eq!(
+            parse_backend_address("Users.internal:8021"),
+            Ok(BackendAddress::Host {
+                host: "users.internal".into(),
+                port: 8021
+            })
+        );
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "host:99999",
+            ":80",
+            "a b:80",
+            "-x.com:1",
+            "",
+        ] {
+            assert!(parse_backend_address(bad).is_err(), "{bad} accepted");
+        }
+    }
+
+    #[test]
+    fn test_host_matchers() {
+        assert_eq!(
+            host_match("API.example.com"),
+            Ok(HostMatch::Exact("api.example.com".into()))
+        );
+        assert_eq!(
+            host_match("*.example.com"),
+            Ok(HostMatch::Wildcard(".example.com".into()))
+        );
+        for bad in ["*", "a.*.com", "example.com:80", "", "*."] {
+            assert!(host_match(bad).is_err(), "{bad} accepted");
+        }
+    }
+}

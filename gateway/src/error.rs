@@ -1,0 +1,33 @@
+//! The gateway crate's error type (start-up and reload; request-time errors
+//! become HTTP responses in [`crate::proxy`]).
+
+use crate::config::ConfigErrors;
+
+/// Everything that can stop a gateway from being built or started.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// The config file is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    /// A backend host name could not be resolved.
+    #[error("upstream `{pool}`: cannot resolve `{address}`: {reason}")]
+    Resolve {
+        /// Pool name.
+        pool: String,
+        /// The configured address.
+        address: String,
+        /// Resolver message.
+        reason: String,
+    },
+    /// A pool ended up with no backends or too many.
+    #[error("upstream `{pool}` has {count} backends after resolution (1 to 256 allowed)")]
+    PoolSize {
+        /// Pool name.
+        pool: String,
+        /// How many it had.
+        count: usize,
+    },
+    /// The Pingora server could not be created or run.
+    #[error("server: {0}")]
+    Server(String),
+}

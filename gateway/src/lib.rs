@@ -1,0 +1,21 @@
+//! # gateway
+//!
+//! tiergate's Pingora-based gateway: YAML config ([`config`]) compiled into an
+//! immutable [`snapshot::Snapshot`] (route table + upstream pools) that the
+//! [`proxy::Gateway`] reads on every request through an `ArcSwap`.
+//!
+//! ```no_run
+//! let config = gateway::config::load_file("conf/tiergate.yaml".as_ref())?;
+//! gateway::server::GatewayServer::build(&config)?.run();
+//! # Ok::<(), gateway::error::GatewayError>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod proxy;
+pub mod respond;
+pub mod router;
+pub mod server;
+pub mod snapshot;
+pub mod upstream;

@@ -1,0 +1,489 @@
+//! The `ProxyHttp` implementation: wires Pingora's phases to the router and
+//! pools. Phase by phase:
+//!
+//! * `request_filter`: request id, route match (404/405 answered here);
+//! * `upstream_peer`: backend selection, per-route timeouts;
+//! * `fail_to_connect`: connect failures retried on another backend;
+//! * `upstream_request_filter`: path rewrite, `Host`, forwarding headers;
+//! * `response_filter`: `X-Request-Id` on the response;
+//! * `fail_to_proxy`: the one place errors become JSON responses.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use http::header::HOST;
+use http::{HeaderValue, Uri};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::config::{PathMatch, PathRewrite, RouteSpec, UpstreamHost};
+use crate::respond::{self, ErrorResponse};
+use crate::router::RouteMatch;
+use crate::snapshot::Snapshot;
+use crate::upstream::select::Tried;
+use crate::upstream::{HashInput, InflightGuard};
+
+/// Most attempts (first try + retries) for one request.
+const MAX_ATTEMPTS: usize = 3;
+/// How long an idle pooled upstream connection is kept.
+const UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest client-supplied `X-Request-Id` we pass on unchanged.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+static X_REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-forwarded-host");
+
+/// The gateway's proxy logic; cheap to clone, shares the snapshot cell.
+#[derive(Debug, Clone)]
+pub struct Gateway {
+    state: Arc<ArcSwap<Snapshot>>,
+}
+
+impl Gateway {
+    /// A proxy reading routes and pools from `state`.
+    pub fn new(state: Arc<ArcSwap<Snapshot>>) -> Self {
+        Self { state }
+    }
+}
+
+/// Per-request state.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// The snapshot this request was routed with (kept for its lifetime).
+    snapshot: Option<Arc<Snapshot>>,
+    /// Index of the matched route.
+    route: Option<usize>,
+    /// `X-Request-Id`, from the client when sane, else a new UUIDv7.
+    request_id: Option<HeaderValue>,
+    /// Backends that refused a connection; retries avoid them.
+    failed: Tried,
+    /// Attempts made.
+    attempts: usize,
+    /// Counts this request against its current backend.
+    inflight: Option<InflightGuard>,
+    /// Index of the current backend in the pool.
+    backend: Option<usize>,
+    /// End of the route's `total` budget.
+    deadline: Option<Instant>,
+}
+
+impl RequestCtx {
+    fn request_id(&mut self) -> &HeaderValue {
+        self.request_id.get_or_insert_with(new_request_id)
+    }
+
+    fn route(&self) -> Option<(&Snapshot, &RouteSpec)> {
+        let snapshot = self.snapshot.as_deref()?;
+        let route = snapshot.routes.get(self.route?)?;
+        Some((snapshot, route))
+    }
+}
+
+/// A new UUIDv7 request id. Not `Uuid::now_v7()`: that takes a global mutex
+/// per call; uniqueness here comes from 74 random bits per millisecond.
+pub fn new_request_id() -> HeaderValue {
+    let millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut random = [0u8; 10];
+    fastrand::fill(&mut random);
+    let id = uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = id.hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// Client ids are kept if short and made of visible ASCII without quotes or
+/// backslashes (they end up in JSON and logs).
+fn acceptable_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_REQUEST_ID_LEN
+        && b.iter()
+            .all(|&c| c.is_ascii_graphic() && c != b'"' && c != b'\\')
+}
+
+fn client_ip(session: &Session) -> Option<IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
+}
+
+/// The rewritten path-and-query, or `None` when unchanged.
+fn rewrite_path(route: &RouteSpec, uri: &Uri) -> Option<String> {
+    let path = uri.path();
+    let new_path = match &route.rewrite {
+        PathRewrite::None => return None,
+        PathRewrite::ReplacePrefix(replacement) => {
+            let PathMatch::Prefix(prefix) = &route.path else {
+                return None;
+            };
+            let rest = if prefix == "/" {
+                path
+            } else {
+                path.strip_prefix(prefix.as_str()).unwrap_or(path)
+            };
+            let mut p = String::with_capacity(replacement.len() + rest.len() + 1);
+            p.push_str(replacement);
+            p.push_str(rest);
+            if !p.starts_with('/') {
+                p.insert(0, '/');
+            }
+            p
+        }
+        PathRewrite::Regex(re, replacement) => {
+            let p = re.replace(path, replacement.as_str()).into_owned();
+            if p.starts_with('/') {
+                p
+            } else {
+                format!("/{p}")
+            }
+        }
+    };
+    Some(match uri.query() {
+        Some(q) => format!("{new_path}?{q}"),
+        None => new_path,
+    })
+}
+
+/// Maps a Pingora error to the response the client gets; `None` when the
+/// client is gone and nothing can be written.
+fn error_response(e: &Error) -> Option<ErrorResponse> {
+    use ErrorType as T;
+    Some(match e.etype() {
+        T::HTTPStatus(400) => respond::BAD_REQUEST,
+        T::HTTPStatus(408) => respond::REQUEST_TIMEOUT,
+        T::HTTPStatus(502) => respond::BAD_GATEWAY,
+        T::HTTPStatus(503) => respond::NO_BACKEND,
+        T::HTTPStatus(504) => respond::GATEWAY_TIMEOUT,
+        T::HTTPStatus(code) => match http::StatusCode::from_u16(*code) {
+            Ok(status) if status.is_client_error() => ErrorResponse {
+                status,
+                ..respond::BAD_REQUEST
+            },
+            _ => respond::INTERNAL,
+        },
+        etype => match e.esource() {
+            ErrorSource::Upstream => match etype {
+                T::ConnectTimedout | T::ReadTimedout | T::WriteTimedout => respond::GATEWAY_TIMEOUT,
+                T::InvalidHTTPHeader | T::H1Error | T::H2Error | T::InvalidH2 => {
+                    respond::BAD_UPSTREAM_RESPONSE
+                }
+                _ => respond::BAD_GATEWAY,
+            },
+            ErrorSource::Downstream => match etype {
+                T::ReadError | T::WriteError | T::ConnectionClosed => return None,
+                T::ReadTimedout => respond::REQUEST_TIMEOUT,
+                _ => respond::BAD_REQUEST,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => match etype {
+                T::ConnectTimedout => respond::GATEWAY_TIMEOUT,
+                T::ConnectRefused | T::ConnectNoRoute | T::ConnectError => respond::BAD_GATEWAY,
+                _ => respond::INTERNAL,
+            },
+        },
+    })
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            snapshot: None,
+            route: None,
+            request_id: None,
+            failed: Tried::default(),
+            attempts: 0,
+            inflight: None,
+            backend: None,
+            deadline: None,
+        }
+    }
+
+    /// Assigns the request id and the route; answers 404/405 itself
+    /// (`Ok(true)` = response already sent).
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.request_id = Some(match req.headers.get(&X_REQUEST_ID) {
+            Some(v) if acceptable_request_id(v) => v.clone(),
+            _ => new_request_id(),
+        });
+        let snapshot = self.state.load_full();
+        let host = req
+            .headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.host())
+            .unwrap_or("");
+        match snapshot
+            .router
+            .find(host, req.uri.path(), &req.method, &req.headers)
+        {
+            RouteMatch::Found(i) => {
+                ctx.deadline = snapshot
+                    .routes
+                    .get(i)
+                    .and_then(|r| r.timeouts.total)
+                    .map(|t| Instant::now() + t);
+                ctx.route = Some(i);
+                ctx.snapshot = Some(snapshot);
+                Ok(false)
+            }
+            RouteMatch::NotFound => {
+                let id = ctx.request_id().clone();
+                respond::NOT_FOUND.write(session, &id, &[]).await?;
+                Ok(true)
+            }
+            RouteMatch::MethodNotAllowed(methods) => {
+                let allow: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
+                let allow = HeaderValue::from_str(&allow.join(", "))
+                    .unwrap_or_else(|_| HeaderValue::from_static(""));
+                let id = ctx.request_id().clone();
+                respond::METHOD_NOT_ALLOWED
+                    .write(session, &id, &[("allow", allow)])
+                    .await?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// Picks a backend the request has not failed on, with the route's
+    /// timeouts capped by what is left of its `total` budget.
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let Some((snapshot, route)) = ctx.route() else {
+            return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route");
+        };
+        let Some(pool) = snapshot.pools.get(route.upstream) else {
+            return Error::e_explain(ErrorType::InternalError, "route points to no pool");
+        };
+        let remaining = match ctx.deadline {
+            Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                Some(left) if !left.is_zero() => Some(left),
+                _ => return Error::e_explain(ErrorType::HTTPStatus(504), "total timeout spent"),
+            },
+            None => None,
+        };
+        let ip_bytes;
+        let hash = if pool.needs_hash_input() {
+            ip_bytes = match client_ip(session) {
+                Some(IpAddr::V4(v4)) => v4.to_ipv6_mapped().octets(),
+                Some(IpAddr::V6(v6)) => v6.octets(),
+                None => [0; 16],
+            };
+            let header = pool
+                .hash_header()
+                .and_then(|h| session.req_header().headers.get(h))
+                .map(|v| v.as_bytes());
+            Some(HashInput {
+                header,
+                client_ip: &ip_bytes,
+            })
+        } else {
+            None
+        };
+        let Some(i) = pool.select(&ctx.failed, hash) else {
+            return Error::e_explain(ErrorType::HTTPStatus(503), "every backend failed");
+        };
+        let backend = &pool.backends[i];
+        let cap = |d: Duration| Some(remaining.map_or(d, |left| d.min(left)));
+        let mut peer = Box::new(backend.peer());
+        peer.options.connection_timeout = cap(route.timeouts.connect);
+        peer.options.read_timeout = cap(route.timeouts.read);
+        peer.options.write_timeout = cap(route.timeouts.write);
+        peer.options.idle_timeout = Some(UPSTREAM_IDLE_TIMEOUT);
+        let guard = InflightGuard::new(backend.clone());
+        ctx.attempts += 1;
+        ctx.backend = Some(i);
+        ctx.inflight = Some(guard);
+        Ok(peer)
+    }
+
+    /// Connect failures are retried on another backend while any is left.
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(i) = ctx.backend {
+            ctx.failed.insert(i);
+        }
+        let pool_size = ctx
+            .route()
+            .and_then(|(s, r)| s.pools.get(r.upstream))
+            .map_or(0, |p| p.backends.len());
+        if ctx.attempts < MAX_ATTEMPTS && ctx.failed.len() < pool_size {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    /// Path rewrite, `Host`, `X-Forwarded-*` and `X-Request-Id`.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let id = ctx.request_id().clone();
+        upstream.insert_header(X_REQUEST_ID.clone(), id)?;
+        let Some((snapshot, route)) = ctx.route() else {
+            return Ok(());
+        };
+        if let Some(pq) = rewrite_path(route, &upstream.uri) {
+            let uri = Uri::builder()
+                .path_and_query(pq)
+                .build()
+                .map_err(|e| Error::because(ErrorType::InternalError, "rewritten path", e))?;
+            upstream.set_uri(uri);
+        }
+        let original_host = upstream.headers.get(HOST).cloned();
+        match &route.upstream_host {
+            UpstreamHost::Preserve => {}
+            UpstreamHost::Backend => {
+                let backend = ctx
+                    .backend
+                    .and_then(|i| snapshot.pools.get(route.upstream)?.backends.get(i));
+                if let Some(b) = backend {
+                    upstream.insert_header(HOST, b.addr_text.as_str())?;
+                }
+            }
+            UpstreamHost::Set(v) => upstream.insert_header(HOST, v.clone())?,
+        }
+        if let Some(host) = original_host {
+            upstream.insert_header(X_FORWARDED_HOST.clone(), host)?;
+        }
+        upstream.insert_header(X_FORWARDED_PROTO.clone(), "http")?;
+        if let Some(ip) = client_ip(session) {
+            let xff = match upstream
+                .headers
+                .get(&X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(prior) if !prior.is_empty() => format!("{prior}, {ip}"),
+                _ => ip.to_string(),
+            };
+            upstream.insert_header(X_FORWARDED_FOR.clone(), xff)?;
+        }
+        Ok(())
+    }
+
+    /// Returns the request id to the client.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let id = ctx.request_id().clone();
+        response.insert_header(X_REQUEST_ID.clone(), id)?;
+        Ok(())
+    }
+
+    /// The one place errors become responses (JSON envelope, request id).
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let response = error_response(e);
+        let code = match response {
+            Some(r) if session.response_written().is_none() => {
+                // Pingora closes the connection after a proxy failure; say
+                // so, or clients reuse it and see a reset.
+                session.set_keepalive(None);
+                let id = ctx.request_id().clone();
+                if let Err(write_err) = r.write(session, &id, &[]).await {
+                    tracing::debug!(error = %write_err, "could not send error response");
+                }
+                r.status.as_u16()
+            }
+            Some(r) => r.status.as_u16(),
+            None => 0,
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse;
+
+    fn route(extra: &str) -> RouteSpec {
+        let src = format!(
+            "upstreams:\n  p:\n    backends: [{{address: \"127.0.0.1:1\"}}]\nroutes:\n  - name: r\n    upstream: p\n{extra}"
+        );
+        parse(&src).unwrap().routes.remove(0)
+    }
+
+    #[test]
+    fn test_strip_prefix_keeps_rest_and_query() {
+        let r = route("    match: {path: {prefix: /api/users}}\n    strip_prefix: true\n");
+        let uri: Uri = "/api/users/7?x=1".parse().unwrap();
+        assert_eq!(rewrite_path(&r, &uri).as_deref(), Some("/7?x=1"));
+        let uri: Uri = "/api/users".parse().unwrap();
+        assert_eq!(rewrite_path(&r, &uri).as_deref(), Some("/"));
+    }
+
+    #[test]
+    fn test_prefix_rewrite_and_regex_rewrite() {
+        let r = route("    match: {path: {prefix: /old}}\n    rewrite: {prefix: /new/v2}\n");
+        let uri: Uri = "/old/a".parse().unwrap();
+        assert_eq!(rewrite_path(&r, &uri).as_deref(), Some("/new/v2/a"));
+        let r = route(
+            "    match: {path: {regex: \"^/u/([0-9]+)$\"}}\n    rewrite: {regex: {pattern: \"^/u/([0-9]+)$\", replacement: \"/users/$1/profile\"}}\n",
+        );
+        let uri: Uri = "/u/42".parse().unwrap();
+        assert_eq!(rewrite_path(&r, &uri).as_deref(), Some("/users/42/profile"));
+    }
+
+    #[test]
+    fn test_request_id_is_uuidv7_and_client_ids_are_checked() {
+        let id = new_request_id();
+        let parsed = uuid::Uuid::parse_str(id.to_str().unwrap()).unwrap();
+        assert_eq!(parsed.get_version_num(), 7);
+        assert_ne!(new_request_id(), id);
+        assert!(acceptable_request_id(&HeaderValue::from_static("abc-123")));
+        assert!(!acceptable_request_id(&HeaderValue::from_static("a\"b")));
+        assert!(!acceptable_request_id(&HeaderValue::from_static("a b")));
+        let long = "x".repeat(MAX_REQUEST_ID_LEN + 1);
+        assert!(!acceptable_request_id(
+            &HeaderValue::from_str(&long).unwrap()
+        ));
+    }
+
+    #[test]
+    fn test_errors_map_to_statuses() {
+        let status = |e: Box<Error>| error_response(&e).map(|r| r.status.as_u16());
+        let mut refused = Error::new(ErrorType::ConnectRefused);
+        refused.esource = ErrorSource::Upstream;
+        assert_eq!(status(refused), Some(502));
+        let mut slow = Error::new(ErrorType::ReadTimedout);
+        slow.esource = ErrorSource::Upstream;
+        assert_eq!(status(slow), Some(504));
+        let mut gone = Error::new(ErrorType::ConnectionClosed);
+        gone.esource = ErrorSource::Downstream;
+        assert_eq!(status(gone), None);
+        assert_eq!(status(Error::new(ErrorType::HTTPStatus(503))), Some(503));
+    }
+}

@@ -1,0 +1,134 @@
+//! Responses the gateway writes itself: the one JSON error envelope
+//! `{"error":{"code","message","request_id"}}`.
+
+use bytes::Bytes;
+use http::{HeaderValue, StatusCode};
+use pingora_error::Result;
+use pingora_http::ResponseHeader;
+use pingora_proxy::Session;
+
+/// A gateway-made error response.
+#[derive(Debug, Clone)]
+pub struct ErrorResponse {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Stable machine-readable code, e.g. `route_not_found`.
+    pub code: &'static str,
+    /// Human-readable explanation.
+    pub message: &'static str,
+}
+
+impl ErrorResponse {
+    /// Builds the JSON body.
+    pub fn body(&self, request_id: &str) -> Bytes {
+        let v = serde_json::json!({
+            "error": {
+                "code": self.code,
+                "message": self.message,
+                "request_id": request_id,
+            }
+        });
+        Bytes::from(v.to_string())
+    }
+
+    /// Builds the header: status, JSON content type, length, request id,
+    /// `Cache-Control: no-store`, plus `extra` headers.
+    pub fn header(
+        &self,
+        request_id: &HeaderValue,
+        body_len: usize,
+        extra: &[(&'static str, HeaderValue)],
+    ) -> Result<ResponseHeader> {
+        let mut h = ResponseHeader::build(self.status, Some(5 + extra.len()))?;
+        h.insert_header("content-type", "application/json")?;
+        h.insert_header("content-length", body_len.to_string())?;
+        h.insert_header("cache-control", "no-store")?;
+        h.insert_header("x-request-id", request_id.clone())?;
+        for (name, value) in extra {
+            h.insert_header(*name, value.clone())?;
+        }
+        Ok(h)
+    }
+
+    /// Writes the whole response to the client.
+    pub async fn write(
+        &self,
+        session: &mut Session,
+        request_id: &HeaderValue,
+        extra: &[(&'static str, HeaderValue)],
+    ) -> Result<()> {
+        let body = self.body(request_id.to_str().unwrap_or(""));
+        let header = self.header(request_id, body.len(), extra)?;
+        let head_only = session.req_header().method == http::Method::HEAD;
+        session
+            .write_response_header(Box::new(header), head_only)
+            .await?;
+        if !head_only {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+}
+
+/// No route for this host and path.
+pub const NOT_FOUND: ErrorResponse = ErrorResponse {
+    status: StatusCode::NOT_FOUND,
+    code: "route_not_found",
+    message: "no route matches this request",
+};
+
+/// A route matches the path but not the method.
+pub const METHOD_NOT_ALLOWED: ErrorResponse = ErrorResponse {
+    status: StatusCode::METHOD_NOT_ALLOWED,
+    code: "method_not_allowed",
+    message: "this path does not accept this method; see the Allow header",
+};
+
+/// The upstream could not be reached or broke the exchange.
+pub const BAD_GATEWAY: ErrorResponse = ErrorResponse {
+    status: StatusCode::BAD_GATEWAY,
+    code: "upstream_unavailable",
+    message: "the upstream service could not be reached",
+};
+
+/// The upstream sent an invalid response.
+pub const BAD_UPSTREAM_RESPONSE: ErrorResponse = ErrorResponse {
+    status: StatusCode::BAD_GATEWAY,
+    code: "upstream_bad_response",
+    message: "the upstream service sent an invalid response",
+};
+
+/// The upstream did not answer in time.
+pub const GATEWAY_TIMEOUT: ErrorResponse = ErrorResponse {
+    status: StatusCode::GATEWAY_TIMEOUT,
+    code: "upstream_timeout",
+    message: "the upstream service did not answer in time",
+};
+
+/// Every backend of the pool was tried.
+pub const NO_BACKEND: ErrorResponse = ErrorResponse {
+    status: StatusCode::SERVICE_UNAVAILABLE,
+    code: "no_backend_available",
+    message: "no backend of this upstream is available",
+};
+
+/// The request was malformed.
+pub const BAD_REQUEST: ErrorResponse = ErrorResponse {
+    status: StatusCode::BAD_REQUEST,
+    code: "bad_request",
+    message: "the request could not be parsed",
+};
+
+/// The client was too slow sending its request.
+pub const REQUEST_TIMEOUT: ErrorResponse = ErrorResponse {
+    status: StatusCode::REQUEST_TIMEOUT,
+    code: "request_timeout",
+    message: "the request was not received in time",
+};
+
+/// A bug or resource problem inside the gateway.
+pub const INTERNAL: ErrorResponse = ErrorResponse {
+    status: StatusCode::INTERNAL_SERVER_ERROR,
+    code: "internal_error",
+    message: "the gateway failed to handle this request",
+};

@@ -1,0 +1,191 @@
+//! Starting the gateway: a Pingora server with the tiergate proxy service.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::server::configuration::{Opt, ServerConf};
+use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+
+use tokio::sync::Notify;
+
+use crate::config::Config;
+use crate::error::GatewayError;
+use crate::proxy::Gateway;
+use crate::snapshot::Snapshot;
+
+/// A built, not yet running gateway.
+pub struct GatewayServer {
+    server: Server,
+    state: Arc<ArcSwap<Snapshot>>,
+    listen: Vec<SocketAddr>,
+}
+
+impl std::fmt::Debug for GatewayServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayServer")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GatewayServer {
+    /// Compiles the config and prepares the Pingora server. Fails when a
+    /// listener address cannot be bound or a backend name does not resolve.
+    pub fn build(config: &Config) -> Result<Self, GatewayError> {
+        let snapshot = Snapshot::build(config)?;
+        for addr in &config.server.listen {
+            // Pingora binds later and exits on failure; check now so the
+            // operator gets a clear error instead.
+            std::net::TcpListener::bind(addr)
+                .map_err(|e| GatewayError::Server(format!("cannot listen on {addr}: {e}")))?;
+        }
+        let s = &config.server;
+        let conf = ServerConf {
+            threads: s.threads,
+            work_stealing: s.work_stealing,
+            grace_period_seconds: Some(s.grace_period.as_secs()),
+            graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout.as_secs()),
+            upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+            ..ServerConf::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(None::<Opt>, conf);
+        server.bootstrap();
+        let state = Arc::new(ArcSwap::from_pointee(snapshot));
+        let mut service = pingora_proxy::http_proxy_service_with_name(
+            &server.configuration,
+            Gateway::new(state.clone()),
+            "tiergate proxy",
+        );
+        for addr in &s.listen {
+            service.add_tcp(&addr.to_string());
+        }
+        server.add_service(service);
+        Ok(Self {
+            server,
+            state,
+            listen: s.listen.clone(),
+        })
+    }
+
+    /// The snapshot cell requests read (a reload stores a new snapshot here).
+    pub fn state(&self) -> Arc<ArcSwap<Snapshot>> {
+        self.state.clone()
+    }
+
+    /// Runs until SIGINT or SIGTERM (both graceful: stop accepting, let
+    /// in-flight requests finish for `grace_period`) or SIGQUIT (hand the
+    /// listeners to a new process, then the same).
+    pub fn run(self) {
+        tracing::info!(listen = ?self.listen, "tiergate gateway listening");
+        self.server.run(RunArgs {
+            shutdown_signal: Box::new(SignalShutdown),
+        });
+    }
+
+    /// Runs on a background thread until [`RunningGateway::shutdown`].
+    pub fn spawn(self) -> RunningGateway {
+        let notify = Arc::new(Notify::new());
+        let watch = NotifyShutdown(notify.clone());
+        let listen = self.listen.clone();
+        let state = self.state.clone();
+        let server = self.server;
+        let thread = std::thread::spawn(move || {
+            server.run(RunArgs {
+                shutdown_signal: Box::new(watch),
+            })
+        });
+        RunningGateway {
+            notify,
+            thread: Some(thread),
+            listen,
+            state,
+        }
+    }
+}
+
+// Never `ShutdownSignal::FastShutdown`: with Pingora 0.9.1's no-steal
+// runtime it shuts the runtimes down under live accept loops, which then spin
+// on "Tokio context is being shutdown" errors forever and the process never
+// exits. A graceful terminate stops the accept loops first.
+struct NotifyShutdown(Arc<Notify>);
+
+#[async_trait]
+impl ShutdownSignalWatch for NotifyShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        self.0.notified().await;
+        ShutdownSignal::GracefulTerminate
+    }
+}
+
+/// SIGINT and SIGTERM: graceful terminate; SIGQUIT: graceful upgrade.
+struct SignalShutdown;
+
+#[async_trait]
+impl ShutdownSignalWatch for SignalShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut quit), Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::quit()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("cannot install signal handlers; stopping");
+            return ShutdownSignal::GracefulTerminate;
+        };
+        tokio::select! {
+            _ = quit.recv() => {
+                tracing::info!("SIGQUIT: handing listeners over, then stopping");
+                ShutdownSignal::GracefulUpgrade
+            }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping gracefully");
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: stopping gracefully");
+                ShutdownSignal::GracefulTerminate
+            }
+        }
+    }
+}
+
+/// A gateway running in this process; stops when shut down or dropped.
+pub struct RunningGateway {
+    notify: Arc<Notify>,
+    thread: Option<JoinHandle<()>>,
+    /// Its listeners.
+    pub listen: Vec<SocketAddr>,
+    /// Its snapshot cell.
+    pub state: Arc<ArcSwap<Snapshot>>,
+}
+
+impl std::fmt::Debug for RunningGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningGateway")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RunningGateway {
+    /// Stops the server and waits for its threads.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        self.notify.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,139 @@
+//! `tiergate`: the command line. Thin by design: parse arguments, load the
+//! config, hand over to the `gateway` crate.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gateway::config::{self, Config, ConfigErrors};
+use gateway::error::GatewayError;
+use gateway::server::GatewayServer;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The default config, used by `tiergate up` when `conf/tiergate.yaml` is absent.
+const DEFAULT_CONFIG: &str = include_str!("../conf/tiergate.yaml");
+/// Where `up` looks for its config first.
+const DEFAULT_CONFIG_PATH: &str = "conf/tiergate.yaml";
+
+/// Exit code for an invalid config (EX_USAGE, as linkerd does).
+const EXIT_BAD_CONFIG: u8 = 64;
+/// Exit code for a config that cannot be read (EX_NOINPUT).
+const EXIT_NO_INPUT: u8 = 66;
+/// Exit code when the server cannot start (EX_SOFTWARE).
+const EXIT_START_FAILED: u8 = 70;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tiergate",
+    version,
+    about = "A Pingora-based programmable edge gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run everything: the gateway with conf/tiergate.yaml (or the built-in default).
+    Up {
+        /// Config file; defaults to conf/tiergate.yaml, else the built-in default.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Run only the gateway.
+    Gateway {
+        /// Config file.
+        #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Validate a config file offline and report every error with its path and line.
+    CheckConfig {
+        /// Config file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Up { config } => {
+            let loaded = match config {
+                Some(path) => load(&path),
+                None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
+                    load(Path::new(DEFAULT_CONFIG_PATH))
+                }
+                None => {
+                    tracing::info!(
+                        "{DEFAULT_CONFIG_PATH} not found; using the built-in default config"
+                    );
+                    config::parse(DEFAULT_CONFIG).map_err(|e| report(&e))
+                }
+            };
+            match loaded {
+                Ok(config) => serve(&config),
+                Err(code) => code,
+            }
+        }
+        Command::Gateway { config } => match load(&config) {
+            Ok(config) => serve(&config),
+            Err(code) => code,
+        },
+        Command::CheckConfig { file } => match load(&file) {
+            Ok(config) => {
+                println!(
+                    "{}: ok ({} routes, {} upstreams)",
+                    file.display(),
+                    config.routes.len(),
+                    config.upstreams.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+    }
+}
+
+fn load(path: &Path) -> Result<Config, ExitCode> {
+    if let Err(e) = std::fs::metadata(path) {
+        eprintln!("error: cannot read {}: {e}", path.display());
+        return Err(ExitCode::from(EXIT_NO_INPUT));
+    }
+    config::load_file(path).map_err(|e| {
+        eprintln!("{}:", path.display());
+        report(&e)
+    })
+}
+
+fn report(errors: &ConfigErrors) -> ExitCode {
+    eprint!("{errors}");
+    ExitCode::from(EXIT_BAD_CONFIG)
+}
+
+fn serve(config: &Config) -> ExitCode {
+    match GatewayServer::build(config) {
+        Ok(server) => {
+            server.run();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(match e {
+                GatewayError::Config(_) => EXIT_BAD_CONFIG,
+                _ => EXIT_START_FAILED,
+            })
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

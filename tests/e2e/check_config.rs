@@ -1,0 +1,284 @@
+//! `tiergate check-config FILE` as a user runs it: exit code and every
+//! error with its path and line.
+
+use std::process::Command;
+
+/// Runs `tiergate check-config` on `yaml`; returns (exit code, stdout+stderr).
+fn check(yaml: &str) -> (i32, String) {
+    let dir = std::env::temp_dir().join(format!(
+        "tiergate-check-{}-{}",
+        std::process::id(),
+        fastrand_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tiergate.yaml");
+    std::fs::write(&file, yaml).unwrap();
+    let out = run(&[file.to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&dir);
+    out
+}
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .arg("check-config")
+        .args(args)
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn fastrand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+const VALID: &str = "
+upstreams:
+  users:
+    backends:
+      - address: 127.0.0.1:8021
+routes:
+  - name: users
+    match:
+      path: { prefix: /api/users }
+    upstream: users
+";
+
+#[test]
+fn test_shipped_default_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/tiergate.yaml");
+    let (code, out) = run(&[path]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok (7 routes, 5 upstreams)"), "{out}");
+}
+
+#[test]
+fn test_valid_config_exits_zero() {
+    let (code, out) = check(VALID);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn test_dangling_upstream_is_reported_with_line() {
+    let (code, out) = check(&VALID.replace("    upstream: users", "    upstream: userz"));
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("routes[0].upstream (line 10): unknown upstream `userz` (defined: users)"),
+        "{out}"
+    );
+}
+
+#[test]
+fn test_duplicate_route_names_backends_and_matches() {
+    let yaml = "
+upstreams:
+  users:
+    backends:
+      - address: 127.0.0.1:8021
+      - address: 127.0.0.1:8021
+routes:
+  - name: users
+    match: { path: { prefix: /api/users } }
+    upstream: users
+  - name: users
+    match: { path: { prefix: /api/users/ } }
+    upstream: users
+";
+    let (code, out) = check(yaml);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("upstreams.users.backends[1].address (line 6): duplicate backend"),
+        "{out}"
+    );
+    assert!(
+        out.contains("routes[1].name (line 11): duplicate route name `users`"),
+        "{out}"
+    );
+    assert!(
+        out.contains("routes[1].match (line 12): same match as routes[0]"),
+        "{out}"
+    );
+    assert!(out.contains("3 errors"), "{out}");
+}
+
+#[test]
+fn test_bad_regex_is_reported() {
+    let (code, out) =
+        check(&VALID.replace("{ prefix: /api/users }", "{ regex: \"^/api/(users\" }"));
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("routes[0].match.path.regex (line 9): invalid regex"),
+        "{out}"
+    );
+}
+
+#[test]
+fn test_zero_weight_and_bad_addresses_are_all_reported() {
+    let yaml = "
+upstreams:
+  users:
+    backends:
+      - address: 127.0.0.1:8021
+        weight: 0
+      - address: not an address
+      - address: 10.0.0.1
+      - address: 10.0.0.2:0
+routes:
+  - name: users
+    match: { path: { prefix: /api/users } }
+    upstream: users
+";
+    let (code, out) = check(yaml);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains(
+            "upstreams.users.backends[0].weight (line 6): weight must be between 1 and 1000, got 0"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("upstreams.users.backends[1].address (line 7): `not an address` is not `ip:port` or `host:port`"), "{out}");
+    assert!(
+        out.contains("upstreams.users.backends[2].address (line 8)"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "upstreams.users.backends[3].address (line 9): `10.0.0.2:0`: port 0 is not allowed"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("4 errors"), "{out}");
+}
+
+#[test]
+fn test_every_unknown_key_is_reported() {
+    let yaml = "
+sever:
+  listen: [\"0.0.0.0:8000\"]
+upstreams:
+  users:
+    balance: round_robin
+    backends:
+      - address: 127.0.0.1:8021
+        wieght: 2
+routes:
+  - name: users
+    match: { path: { prefix: /api/users }, method: [GET] }
+    upstream: users
+";
+    let (code, out) = check(yaml);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("sever (line 2): unknown key `sever` in the top level"),
+        "{out}"
+    );
+    assert!(
+        out.contains("upstreams.users.balance (line 6): unknown key `balance` in upstreams.users"),
+        "{out}"
+    );
+    assert!(
+        out.contains("upstreams.users.backends[0].wieght (line 9)"),
+        "{out}"
+    );
+    assert!(out.contains("routes[0].match.method (line 12)"), "{out}");
+    assert!(out.contains("4 errors"), "{out}");
+}
+
+#[test]
+fn test_type_errors_and_bad_values_name_their_path() {
+    let (code, out) = check(&VALID.replace(
+        "      - address: 127.0.0.1:8021",
+        "      - address: 127.0.0.1:8021\n        weight: heavy",
+    ));
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("upstreams.users.backends[0].weight (line 6): invalid type"),
+        "{out}"
+    );
+
+    let (code, out) = check(&VALID.replace(
+        "upstream: users",
+        "upstream: users\n    timeouts: { connect: soon }",
+    ));
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("routes[0].timeouts.connect"), "{out}");
+
+    let (code, out) = check(&format!("{VALID}  - name: x\n    match: {{ path: {{ prefix: /x }}, methods: [\"GE T\"] }}\n    upstream: users\n    strip_prefix: true\n    rewrite: {{ prefix: /y }}\n"));
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("routes[1].match.methods[0] (line 12): `GE T` is not an HTTP method"),
+        "{out}"
+    );
+    assert!(
+        out.contains("routes[1].strip_prefix (line 14): use either strip_prefix or rewrite"),
+        "{out}"
+    );
+}
+
+#[test]
+fn test_malformed_yaml_and_empty_and_missing_files() {
+    let (code, out) = check("routes:\n  - name: [unclosed\n");
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("(line "), "{out}");
+
+    let (code, out) = check("");
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("the config file is empty"), "{out}");
+
+    let (code, out) = run(&["/nonexistent/tiergate.yaml"]);
+    assert_eq!(code, 66, "{out}");
+    assert!(
+        out.contains("cannot read /nonexistent/tiergate.yaml"),
+        "{out}"
+    );
+}
+
+#[test]
+fn test_host_and_listener_errors() {
+    let yaml = "
+server:
+  listen: [\"0.0.0.0:8000\", \"localhost:80\", \"0.0.0.0:8000\"]
+  threads: 0
+upstreams:
+  users:
+    algorithm: round_robin
+    hash_on: header
+    backends: [{ address: 127.0.0.1:8021 }]
+routes:
+  - name: users
+    match: { hosts: [\"api.*.com\"], path: { prefix: api } }
+    upstream: users
+";
+    let (code, out) = check(yaml);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("server.listen[1] (line 3): `localhost:80` is not an `ip:port` address"),
+        "{out}"
+    );
+    assert!(
+        out.contains("server.listen[2] (line 3): duplicate listener"),
+        "{out}"
+    );
+    assert!(
+        out.contains("server.threads (line 4): must be at least 1"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "upstreams.users.hash_on (line 8): hash_on only applies to algorithm consistent_hash"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("routes[0].match.hosts[0] (line 12)"), "{out}");
+    assert!(
+        out.contains("routes[0].match.path.prefix (line 12): `api` must start with `/`"),
+        "{out}"
+    );
+}

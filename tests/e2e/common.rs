@@ -1,0 +1,166 @@
+//! Shared test fixtures: echo upstreams, gateway start-up, HTTP client.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+use gateway::server::{GatewayServer, RunningGateway};
+use serde_json::{json, Value};
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Waits until something accepts on `addr`.
+pub fn wait_for_port(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "nothing listening on {addr} after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running echo upstream.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Starts an echo upstream named `name` on an ephemeral port.
+///
+/// Every path answers. Query parameters steer it: `sleep_ms=N` waits first,
+/// `download_mb=N` streams N MiB of zeros. Otherwise it reads the request
+/// body as a stream (counting bytes, never buffering it) and answers JSON:
+/// `{backend, method, path, headers, body_bytes}`.
+pub async fn upstream(name: &'static str) -> Upstream {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new().fallback(move |req: Request| echo(name, req));
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    Upstream { addr, task }
+}
+
+fn query_param(req: &Request, key: &str) -> Option<u64> {
+    req.uri().query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+async fn echo(name: &'static str, req: Request) -> Response {
+    if let Some(ms) = query_param(&req, "sleep_ms") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(mb) = query_param(&req, "download_mb") {
+        let chunk = bytes::Bytes::from(vec![0u8; 64 * 1024]);
+        let chunks = mb * 16;
+        let stream = futures_util::stream::iter(
+            (0..chunks).map(move |_| Ok::<_, std::io::Error>(chunk.clone())),
+        );
+        return Response::builder()
+            .header("content-length", (chunks * 64 * 1024).to_string())
+            .body(Body::from_stream(stream))
+            .unwrap();
+    }
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.to_string())
+        .unwrap_or_default();
+    let headers: BTreeMap<String, String> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+        .collect();
+    let mut body = req.into_body().into_data_stream();
+    let mut body_bytes = 0usize;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(c) => body_bytes += c.len(),
+            Err(_) => break,
+        }
+    }
+    axum::Json(json!({
+        "backend": name,
+        "method": method,
+        "path": path,
+        "headers": headers,
+        "body_bytes": body_bytes,
+    }))
+    .into_response()
+}
+
+/// A gateway running in this process on an ephemeral port.
+pub struct TestGateway {
+    pub addr: SocketAddr,
+    _running: RunningGateway,
+}
+
+impl TestGateway {
+    /// `http://127.0.0.1:PORT` + `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+/// Starts the gateway with `body` (upstreams + routes YAML) and a listener
+/// on a free port.
+pub fn gateway(body: &str) -> TestGateway {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
+    let port = free_port();
+    let src = format!(
+        "server:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 0s\n{body}"
+    );
+    let config = gateway::config::parse(&src).unwrap_or_else(|e| panic!("{e}"));
+    let running = GatewayServer::build(&config).unwrap().spawn();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for_port(addr);
+    TestGateway {
+        addr,
+        _running: running,
+    }
+}
+
+/// An HTTP client that never uses a proxy from the environment.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// GET `url` and parse the JSON body; returns (status, body).
+pub async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
+    let resp = client.get(url).send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// Which echo upstream answered.
+pub fn backend_of(v: &Value) -> &str {
+    v["backend"].as_str().unwrap_or("<none>")
+}

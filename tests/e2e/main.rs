@@ -1,0 +1,15 @@
+//! End-to-end tests: real upstream HTTP servers on ephemeral ports, the
+//! gateway started in-process (or as the real binary where the test is about
+//! the process), plain HTTP between them. One test binary, one module per
+//! capability.
+
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod balancing;
+mod check_config;
+mod common;
+mod errors;
+mod process;
+mod routing;
+mod streaming;
