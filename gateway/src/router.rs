@@ -18,7 +18,7 @@ use std::collections::HashMap;
 
 use foldhash::fast::RandomState;
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
-use regex::Regex;
+use regex::{Regex, RegexSet};
 
 use crate::config::{HostMatch, PathMatch, RouteSpec};
 
@@ -47,6 +47,9 @@ struct Filter {
 struct PathTable {
     exact: Map<Box<str>, Vec<u32>>,
     regex: Vec<(Regex, u32)>,
+    /// All of `regex` in one automaton: one scan rejects a path that none
+    /// of them match, instead of one scan per regex.
+    regex_set: Option<RegexSet>,
     prefix: PrefixNode,
 }
 
@@ -108,6 +111,13 @@ impl Router {
         router
             .wildcard_hosts
             .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        router.any_host.build_regex_set();
+        for table in router.exact_hosts.values_mut() {
+            table.build_regex_set();
+        }
+        for (_, table) in &mut router.wildcard_hosts {
+            table.build_regex_set();
+        }
         router
     }
 
@@ -161,6 +171,15 @@ impl Router {
 }
 
 impl PathTable {
+    fn build_regex_set(&mut self) {
+        if self.regex.is_empty() {
+            return;
+        }
+        // Every pattern compiled alone at validation, so the set compiles
+        // too; if it ever did not, matching falls back to one by one.
+        self.regex_set = RegexSet::new(self.regex.iter().map(|(re, _)| re.as_str())).ok();
+    }
+
     fn insert(&mut self, path: &PathMatch, id: u32) {
         match path {
             PathMatch::Exact(p) => self.exact.entry(p.as_str().into()).or_default().push(id),
@@ -181,9 +200,24 @@ impl PathTable {
                 return Some(id);
             }
         }
-        for (re, id) in &self.regex {
-            if re.is_match(path) && check(*id) {
-                return Some(*id);
+        match &self.regex_set {
+            // Fast reject first; only a hit pays for the list of matches.
+            Some(set) if set.is_match(path) => {
+                for i in set.matches(path).iter() {
+                    if let Some(&(_, id)) = self.regex.get(i) {
+                        if check(id) {
+                            return Some(id);
+                        }
+                    }
+                }
+            }
+            Some(_) => {}
+            None => {
+                for (re, id) in &self.regex {
+                    if re.is_match(path) && check(*id) {
+                        return Some(*id);
+                    }
+                }
             }
         }
         self.prefix.find(segments(path), check)
