@@ -98,11 +98,11 @@ fn main() -> ExitCode {
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
-    if let Err(e) = std::fs::metadata(path) {
+    let src = std::fs::read_to_string(path).map_err(|e| {
         eprintln!("error: cannot read {}: {e}", path.display());
-        return Err(ExitCode::from(EXIT_NO_INPUT));
-    }
-    config::load_file(path).map_err(|e| {
+        ExitCode::from(EXIT_NO_INPUT)
+    })?;
+    config::parse(&src).map_err(|e| {
         eprintln!("{}:", path.display());
         report(&e)
     })

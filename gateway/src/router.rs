@@ -258,8 +258,8 @@ fn headers_match(f: &Filter, headers: &HeaderMap) -> bool {
 /// Lower-cases and strips the port, into `buf` when a copy is needed.
 fn normalize_host<'a>(host: &'a str, buf: &'a mut [u8; 256]) -> &'a str {
     let host = if let Some(rest) = host.strip_prefix('[') {
-        // [v6]:port → v6 literal without brackets never matches a host name
-        // route; keep the bracketed form for exact IPv6 host routes.
+        // `[v6]:port`: drop the port, keep the brackets. No route can name
+        // an IPv6 literal host, so this only has to not mangle the port cut.
         match rest.find(']') {
             Some(end) => &host[..end + 2],
             None => host,

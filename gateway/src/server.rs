@@ -46,8 +46,9 @@ impl GatewayServer {
         let conf = ServerConf {
             threads: s.threads,
             work_stealing: s.work_stealing,
-            grace_period_seconds: Some(s.grace_period.as_secs()),
-            graceful_shutdown_timeout_seconds: Some(s.graceful_shutdown_timeout.as_secs()),
+            // Pingora counts whole seconds; round up so `500ms` is not 0.
+            grace_period_seconds: Some(ceil_secs(s.grace_period)),
+            graceful_shutdown_timeout_seconds: Some(ceil_secs(s.graceful_shutdown_timeout)),
             upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
             ..ServerConf::default()
         };
@@ -75,9 +76,8 @@ impl GatewayServer {
         self.state.clone()
     }
 
-    /// Runs until SIGINT or SIGTERM (both graceful: stop accepting, let
-    /// in-flight requests finish for `grace_period`) or SIGQUIT (hand the
-    /// listeners to a new process, then the same).
+    /// Runs until SIGINT, SIGTERM or SIGQUIT, all graceful: stop accepting,
+    /// let in-flight requests finish for `grace_period`, then stop.
     pub fn run(self) {
         tracing::info!(listen = ?self.listen, "tiergate gateway listening");
         self.server.run(RunArgs {
@@ -106,6 +106,10 @@ impl GatewayServer {
     }
 }
 
+fn ceil_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
 // Never `ShutdownSignal::FastShutdown`: with Pingora 0.9.1's no-steal
 // runtime it shuts the runtimes down under live accept loops, which then spin
 // on "Tokio context is being shutdown" errors forever and the process never
@@ -120,7 +124,10 @@ impl ShutdownSignalWatch for NotifyShutdown {
     }
 }
 
-/// SIGINT and SIGTERM: graceful terminate; SIGQUIT: graceful upgrade.
+/// SIGINT, SIGTERM and SIGQUIT: graceful terminate. SIGQUIT will mean
+/// "hand the listeners to the new binary" once upgrades are wired (the
+/// new process needs Pingora's upgrade option, which the CLI does not pass
+/// yet); until then it must not try a hand-off nobody receives.
 struct SignalShutdown;
 
 #[async_trait]
@@ -137,8 +144,8 @@ impl ShutdownSignalWatch for SignalShutdown {
         };
         tokio::select! {
             _ = quit.recv() => {
-                tracing::info!("SIGQUIT: handing listeners over, then stopping");
-                ShutdownSignal::GracefulUpgrade
+                tracing::info!("SIGQUIT: stopping gracefully (binary upgrade not enabled)");
+                ShutdownSignal::GracefulTerminate
             }
             _ = term.recv() => {
                 tracing::info!("SIGTERM: stopping gracefully");

@@ -32,10 +32,12 @@ pub struct ServerDto {
     pub threads: Option<usize>,
     /// Pingora's work-stealing runtime (slower for proxying on few cores).
     pub work_stealing: bool,
-    /// How long a SIGTERM'd process keeps accepting before shutting down.
+    /// After SIGTERM/SIGINT the listeners close at once; in-flight requests
+    /// get this long (whole seconds, rounded up) before the runtimes stop.
     #[serde(with = "humantime_serde")]
     pub grace_period: Duration,
-    /// How long in-flight requests get to finish after the grace period.
+    /// How long the runtimes get to stop after the grace period (whole
+    /// seconds, rounded up).
     #[serde(with = "humantime_serde")]
     pub graceful_shutdown_timeout: Duration,
     /// Idle upstream connections kept for reuse, per worker thread.
@@ -113,7 +115,7 @@ fn default_weight() -> u32 {
 /// `routes[i]`.
 #[derive(Debug, Deserialize)]
 pub struct RouteDto {
-    /// Unique name, used in logs and metrics.
+    /// Unique name, used in error messages (and in metrics once they exist).
     pub name: String,
     /// What requests this route takes.
     #[serde(rename = "match")]

@@ -590,7 +590,12 @@ fn duplicate_matchers(routes: &[RouteDto], errors: &mut Errors) {
             Some(("prefix", p)) => format!("prefix:{}", normalize_prefix(p)),
             Some((kind, p)) => format!("{kind}:{p}"),
         };
-        let key = format!("{hosts:?}|{path}|{methods:?}|{:?}", m.headers);
+        let headers: BTreeMap<String, &String> = m
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v))
+            .collect();
+        let key = format!("{hosts:?}|{path}|{methods:?}|{headers:?}");
         if let Some(first) = seen.insert(key, i) {
             errors.push((
                 format!("routes[{i}].match"),
