@@ -17,7 +17,7 @@ async fn counts(
         if let Some((k, v)) = &header {
             req = req.header(*k, v.as_str());
         }
-        let v: serde_json::Value = req.send().await.unwrap().json().await.unwrap();
+        let v = json_of(req).await;
         *out.entry(backend_of(&v).to_owned()).or_default() += 1;
     }
     out
@@ -47,7 +47,7 @@ routes:
         tasks.push(tokio::spawn(async move {
             let mut local: HashMap<String, usize> = HashMap::new();
             for _ in 0..500 {
-                let v: serde_json::Value = c.get(&url).send().await.unwrap().json().await.unwrap();
+                let v = json_of(c.get(&url)).await;
                 *local.entry(backend_of(&v).to_owned()).or_default() += 1;
             }
             local
@@ -115,7 +115,7 @@ routes:
         let c = c.clone();
         let url = gw.url("/x?sleep_ms=1500");
         slow.push(tokio::spawn(async move {
-            let v: serde_json::Value = c.get(&url).send().await.unwrap().json().await.unwrap();
+            let v = json_of(c.get(&url)).await;
             backend_of(&v).to_owned()
         }));
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

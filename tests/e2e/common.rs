@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -163,4 +165,63 @@ pub async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
 /// Which echo upstream answered.
 pub fn backend_of(v: &Value) -> &str {
     v["backend"].as_str().unwrap_or("<none>")
+}
+
+/// Sends `req` and parses the JSON body.
+pub async fn json_of(req: reqwest::RequestBuilder) -> Value {
+    req.send().await.unwrap().json().await.unwrap()
+}
+
+/// Writes a one-route config (everything → `upstream`) for the real binary.
+pub fn write_config(port: u16, threads: usize, upstream: SocketAddr) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tiergate-e2e-{port}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tiergate.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "server:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: {threads}\nupstreams:\n  svc: {{ backends: [{{ address: \"{upstream}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\n"
+        ),
+    )
+    .unwrap();
+    file
+}
+
+/// The real `tiergate` binary running `args` + `-c <one-route config>`;
+/// killed and cleaned up when dropped.
+pub struct BinaryGateway {
+    pub child: Child,
+    pub addr: SocketAddr,
+    config: PathBuf,
+}
+
+impl Drop for BinaryGateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(dir) = self.config.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Starts `tiergate <command> -c FILE` proxying everything to `upstream`,
+/// and waits until it accepts.
+pub fn binary_gateway(command: &str, threads: usize, upstream: SocketAddr) -> BinaryGateway {
+    let port = free_port();
+    let config = write_config(port, threads, upstream);
+    let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args([command, "-c"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for_port(addr);
+    BinaryGateway {
+        child,
+        addr,
+        config,
+    }
 }

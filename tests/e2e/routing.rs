@@ -88,15 +88,7 @@ routes:
     assert_eq!(case("shop.example.com", "/other").await, "<none>");
     // Methods: GET on a POST-only prefix falls back to the shorter prefix.
     assert_eq!(case("h", "/api/orders/1").await, "any_prefix");
-    let v: serde_json::Value = c
-        .post(gw.url("/api/orders/1"))
-        .body("x")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = json_of(c.post(gw.url("/api/orders/1")).body("x")).await;
     assert_eq!(backend_of(&v), "post_only");
 }
 
@@ -122,25 +114,9 @@ routes:
     let c = client();
     let (_, v) = get_json(&c, &gw.url("/api/x")).await;
     assert_eq!(backend_of(&v), "stable");
-    let v: serde_json::Value = c
-        .get(gw.url("/api/x"))
-        .header("x-canary", "1")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = json_of(c.get(gw.url("/api/x")).header("x-canary", "1")).await;
     assert_eq!(backend_of(&v), "canary");
-    let v: serde_json::Value = c
-        .get(gw.url("/api/x"))
-        .header("x-canary", "2")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = json_of(c.get(gw.url("/api/x")).header("x-canary", "2")).await;
     assert_eq!(backend_of(&v), "stable");
 }
 

@@ -1,21 +1,11 @@
 //! Bodies are streamed, never buffered whole: 50 MiB each way through the
 //! real `tiergate` binary with its peak memory checked.
 
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 
 use crate::common::*;
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// (VmRSS, VmHWM) of a process in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
@@ -36,28 +26,9 @@ const MIB: u64 = 1024 * 1024;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_50mb_upload_and_download_stream_with_flat_gateway_memory() {
     let up = upstream("svc").await;
-    let port = free_port();
-    let dir = std::env::temp_dir().join(format!("tiergate-stream-{port}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("tiergate.yaml");
-    std::fs::write(
-        &file,
-        format!(
-            "server:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: 1\nupstreams:\n  svc: {{ backends: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\n",
-            up.addr
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
-        .args(["gateway", "-c"])
-        .arg(&file)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let proc = Proc(child);
-    let addr = format!("127.0.0.1:{port}").parse().unwrap();
-    wait_for_port(addr);
+    let gw = binary_gateway("gateway", 1, up.addr);
+    let addr = gw.addr;
+    let pid = gw.child.id();
     let c = client();
     // Warm up so baseline includes the connection pools and buffers.
     let _ = c
@@ -68,7 +39,7 @@ async fn test_50mb_upload_and_download_stream_with_flat_gateway_memory() {
         .bytes()
         .await;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (baseline_rss, _) = memory_kib(proc.0.id());
+    let (baseline_rss, _) = memory_kib(pid);
 
     // Upload 50 MiB produced lazily in 64 KiB chunks.
     let chunk = bytes::Bytes::from(vec![7u8; 64 * 1024]);
@@ -99,12 +70,11 @@ async fn test_50mb_upload_and_download_stream_with_flat_gateway_memory() {
     }
     assert_eq!(received, 50 * MIB);
 
-    let (_, peak) = memory_kib(proc.0.id());
+    let (_, peak) = memory_kib(pid);
     let growth_mib = peak.saturating_sub(baseline_rss) / 1024;
     // Buffering either body whole would add ≥ 50 MiB.
     assert!(
         growth_mib < 16,
         "gateway peak memory grew {growth_mib} MiB while streaming 2 × 50 MiB"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
