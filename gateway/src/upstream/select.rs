@@ -221,13 +221,13 @@ mod tests {
         let rr = RoundRobin::new(&[2, 1, 1]);
         let mut tried = Tried::default();
         tried.insert(0);
-        let mut counts = [0; 3];
+        let mut counts = [0i32; 3];
         for _ in 0..400 {
             counts[rr.pick(&tried).unwrap()] += 1;
         }
         assert_eq!(counts[0], 0);
         assert_eq!(counts[1] + counts[2], 400);
-        assert!((counts[1] as i32 - counts[2] as i32).abs() <= 100);
+        assert!((counts[1] - counts[2]).abs() <= 100);
         tried.insert(1);
         tried.insert(2);
         assert_eq!(rr.pick(&tried), None);
