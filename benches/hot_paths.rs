@@ -1,5 +1,6 @@
 //! Criterion benches of the per-request hot paths: route matching over a
-//! 100-route table, backend selection, request-id generation.
+//! 100-route table, backend selection, request-id generation, the
+//! rate-limit bucket decision.
 //!
 //! Run: `cargo bench --bench hot_paths`. Target (SPEC §6): < 0.5 µs each.
 
@@ -105,5 +106,31 @@ fn bench_selection(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench_router, bench_selection);
+fn bench_buckets(c: &mut Criterion) {
+    use gateway::ratelimit::gcra::{KeyState, Policy, Window};
+    use std::time::{Duration, Instant};
+    let window = |limit, secs| {
+        Window::new(limit, Duration::from_secs(secs)).unwrap_or_else(|| panic!("bad window"))
+    };
+    // PREMIUM: 200/min, 5000/h, 50000/day — three windows per decision.
+    let policy = Policy::new(vec![
+        window(200, 60),
+        window(5000, 3600),
+        window(50000, 86400),
+    ]);
+    let base = Instant::now();
+    let now = || base.elapsed().as_nanos() as u64 + 86_400_000_000_000;
+    let hot = KeyState::default();
+    c.bench_function("bucket_decision_hot_key_3_windows", |b| {
+        b.iter(|| policy.check(black_box(&hot), now()))
+    });
+    c.bench_function("bucket_decision_cold_key_3_windows", |b| {
+        b.iter(|| {
+            let fresh = KeyState::default();
+            policy.check(black_box(&fresh), now())
+        })
+    });
+}
+
+criterion_group!(benches, bench_router, bench_selection, bench_buckets);
 criterion_main!(benches);

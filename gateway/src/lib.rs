@@ -14,6 +14,7 @@
 pub mod config;
 pub mod error;
 pub mod proxy;
+pub mod ratelimit;
 pub mod respond;
 pub mod router;
 pub mod server;
