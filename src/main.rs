@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gateway::config::{self, Config, ConfigErrors};
+use gateway::config::{self, Config, ConfigErrors, LoadError};
 use gateway::error::GatewayError;
 use gateway::server::GatewayServer;
 
@@ -98,13 +98,15 @@ fn main() -> ExitCode {
 }
 
 fn load(path: &Path) -> Result<Config, ExitCode> {
-    let src = std::fs::read_to_string(path).map_err(|e| {
-        eprintln!("error: cannot read {}: {e}", path.display());
-        ExitCode::from(EXIT_NO_INPUT)
-    })?;
-    config::parse(&src).map_err(|e| {
-        eprintln!("{}:", path.display());
-        report(&e)
+    config::load_file(path).map_err(|e| match e {
+        LoadError::Unreadable { .. } => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_NO_INPUT)
+        }
+        LoadError::Invalid(errors) => {
+            eprintln!("{}:", path.display());
+            report(&errors)
+        }
     })
 }
 
@@ -122,8 +124,10 @@ fn serve(config: &Config) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(match e {
-                GatewayError::Config(_) => EXIT_BAD_CONFIG,
-                _ => EXIT_START_FAILED,
+                GatewayError::Config(_) | GatewayError::Load(_) => EXIT_BAD_CONFIG,
+                GatewayError::Resolve { .. }
+                | GatewayError::PoolSize { .. }
+                | GatewayError::Server(_) => EXIT_START_FAILED,
             })
         }
     }

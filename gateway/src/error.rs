@@ -1,14 +1,17 @@
 //! The gateway crate's error type (start-up and reload; request-time errors
 //! become HTTP responses in [`crate::proxy`]).
 
-use crate::config::ConfigErrors;
+use crate::config::{ConfigErrors, LoadError};
 
 /// Everything that can stop a gateway from being built or started.
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    /// The config file is invalid.
+    /// The config is invalid.
     #[error("{0}")]
     Config(#[from] ConfigErrors),
+    /// The config file could not be read, or is invalid.
+    #[error("{0}")]
+    Load(#[from] LoadError),
     /// A backend host name could not be resolved.
     #[error("upstream `{pool}`: cannot resolve `{address}`: {reason}")]
     Resolve {

@@ -229,16 +229,29 @@ pub struct Timeouts {
     pub total: Option<Duration>,
 }
 
+/// Why a config file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read (missing, permissions, a directory...).
+    #[error("cannot read {}: {source}", path.display())]
+    Unreadable {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file was read and is invalid.
+    #[error("{0}")]
+    Invalid(#[from] ConfigErrors),
+}
+
 /// Reads and validates a config file.
-pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
-    match std::fs::read_to_string(path) {
-        Ok(src) => parse(&src),
-        Err(e) => Err(ConfigErrors(vec![ConfigError {
-            path: String::new(),
-            line: None,
-            message: format!("cannot read {}: {e}", path.display()),
-        }])),
-    }
+pub fn load_file(path: &Path) -> Result<Config, LoadError> {
+    let src = std::fs::read_to_string(path).map_err(|source| LoadError::Unreadable {
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(parse(&src)?)
 }
 
 /// Parses and validates config text, returning every error found.
