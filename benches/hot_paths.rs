@@ -20,29 +20,29 @@ fn hundred_routes() -> config::Config {
     let mut yaml = String::from(
         "upstreams:\n  p:\n    backends:\n      - { address: \"127.0.0.1:9001\", weight: 3 }\n      - { address: \"127.0.0.1:9002\", weight: 1 }\nroutes:\n",
     );
-    for i in 0..60 {
-        let _ = writeln!(
-            yaml,
-            "  - {{ name: prefix-{i}, match: {{ path: {{ prefix: /api/svc{i}/v1 }} }}, upstream: p }}"
-        );
-    }
-    for i in 0..20 {
-        let _ = writeln!(
-            yaml,
-            "  - {{ name: exact-{i}, match: {{ path: {{ exact: /exact/{i}/status }}, methods: [GET] }}, upstream: p }}"
-        );
-    }
-    for i in 0..10 {
-        let _ = writeln!(
-            yaml,
-            "  - {{ name: regex-{i}, match: {{ path: {{ regex: \"^/items{i}/[0-9]+/detail$\" }} }}, upstream: p }}"
-        );
-    }
-    for i in 0..10 {
-        let _ = writeln!(
-            yaml,
-            "  - {{ name: host-{i}, match: {{ hosts: [\"tenant{i}.example.com\"], path: {{ prefix: /api }} }}, upstream: p }}"
-        );
+    // (name, count, match with `#` standing for the route's number)
+    let kinds = [
+        ("prefix", 60, "path: { prefix: /api/svc#/v1 }"),
+        (
+            "exact",
+            20,
+            "path: { exact: /exact/#/status }, methods: [GET]",
+        ),
+        ("regex", 10, "path: { regex: \"^/items#/[0-9]+/detail$\" }"),
+        (
+            "host",
+            10,
+            "hosts: [\"tenant#.example.com\"], path: { prefix: /api }",
+        ),
+    ];
+    for (kind, count, matcher) in kinds {
+        for i in 0..count {
+            let matcher = matcher.replace('#', &i.to_string());
+            let _ = writeln!(
+                yaml,
+                "  - {{ name: {kind}-{i}, match: {{ {matcher} }}, upstream: p }}"
+            );
+        }
     }
     config::parse(&yaml).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -57,6 +57,9 @@ async fn test_busy_port_is_a_clear_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(70));
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(&format!("cannot listen on 127.0.0.1:{port}")),
