@@ -1,10 +1,15 @@
 //! Criterion benches of the per-request hot paths: route matching over a
 //! 100-route table, backend selection, request-id generation, the
-//! rate-limit bucket decision.
+//! rate-limit bucket decision (hot and cold key, through the key map), JWT
+//! checks (cached, and uncached HS256 / EdDSA / RS256 verification).
 //!
 //! Run: `cargo bench --bench hot_paths`. Target (SPEC §6): < 0.5 µs each.
 
 use std::fmt::Write as _;
+
+// The allocator the `tiergate` binary uses, so the figures match it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -106,31 +111,110 @@ fn bench_selection(c: &mut Criterion) {
     });
 }
 
+/// The tier table of the shipped config, local limits (no Redis).
+fn limiter() -> std::sync::Arc<gateway::ratelimit::RateLimiter> {
+    let yaml = "upstreams: {p: {backends: [{address: \"127.0.0.1:1\"}]}}\nroutes: [{name: r, match: {}, upstream: p}]\n";
+    let config = config::parse(yaml).unwrap_or_else(|e| panic!("{e}"));
+    gateway::ratelimit::RateLimiter::new(&config.rate_limit, None, None)
+}
+
 fn bench_buckets(c: &mut Criterion) {
-    use gateway::ratelimit::gcra::{KeyState, Policy, Window};
     use std::time::{Duration, Instant};
-    let window = |limit, secs| {
-        Window::new(limit, Duration::from_secs(secs)).unwrap_or_else(|| panic!("bad window"))
-    };
-    // PREMIUM: 200/min, 5000/h, 50000/day — three windows per decision.
-    let policy = Policy::new(vec![
-        window(200, 60),
-        window(5000, 3600),
-        window(50000, 86400),
-    ]);
-    let base = Instant::now();
-    let now = || base.elapsed().as_nanos() as u64 + 86_400_000_000_000;
-    let hot = KeyState::default();
+    let limiter = limiter();
+    // PREMIUM: 200/min, 5000/h, 50000/day — three windows per decision,
+    // through the key map, as the proxy calls it.
+    let premium = limiter.tier_of(Some("PREMIUM"));
+    let hot_key = gateway::ratelimit::key_of(&[b"u:", b"user-42"]);
     c.bench_function("bucket_decision_hot_key_3_windows", |b| {
-        b.iter(|| policy.check(black_box(&hot), now()))
+        b.iter(|| limiter.check_local(premium, black_box(hot_key)))
     });
+    // A key never seen: map insert + fresh buckets. A new limiter per
+    // sample so the map does not grow without bound.
     c.bench_function("bucket_decision_cold_key_3_windows", |b| {
-        b.iter(|| {
-            let fresh = KeyState::default();
-            policy.check(black_box(&fresh), now())
+        b.iter_custom(|iters| {
+            let fresh = self::limiter();
+            let start = Instant::now();
+            for i in 0..iters {
+                black_box(fresh.check_local(premium, i.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
+            }
+            let took = start.elapsed();
+            drop(fresh);
+            took.max(Duration::from_nanos(1))
         })
     });
 }
 
-criterion_group!(benches, bench_router, bench_selection, bench_buckets);
+fn fixture(name: &str) -> Vec<u8> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/jwt")
+        .join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn bench_jwt(c: &mut Criterion) {
+    use gateway::auth::jwks::KeySet;
+    use gateway::auth::Authenticator;
+    use gateway::secret::Secret;
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let yaml = "upstreams: {p: {backends: [{address: \"127.0.0.1:1\"}]}}\nroutes: [{name: r, match: {}, upstream: p}]\nauth: {jwks: {url: \"http://127.0.0.1:1/jwks\"}, issuer: iss, audience: aud}\n";
+    let config = config::parse(yaml).unwrap_or_else(|e| panic!("{e}"));
+    let secret = Secret::new("bench-secret".into());
+    let auth = Authenticator::new(&config.auth, Some(&secret), None);
+    let Some(jwks) = auth.jwks() else {
+        panic!("no jwks")
+    };
+    jwks.replace_keys(KeySet::parse(&fixture("jwks.json")).unwrap_or_else(|e| panic!("{e}")));
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+        + 3600;
+    let claims = serde_json::json!({"sub": "user-42", "tier": "PREMIUM", "roles": ["user"],
+        "iss": "iss", "aud": "aud", "exp": exp});
+    let hs = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(b"bench-secret"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let mut header = Header::new(Algorithm::EdDSA);
+    header.kid = Some("ed-1".into());
+    let ed_key =
+        EncodingKey::from_ed_pem(&fixture("ed25519_private.pem")).unwrap_or_else(|e| panic!("{e}"));
+    let ed = encode(&header, &claims, &ed_key).unwrap_or_else(|e| panic!("{e}"));
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("rsa-1".into());
+    let rsa_key =
+        EncodingKey::from_rsa_pem(&fixture("rsa_private.pem")).unwrap_or_else(|e| panic!("{e}"));
+    let rs = encode(&header, &claims, &rsa_key).unwrap_or_else(|e| panic!("{e}"));
+    for t in [&hs, &ed, &rs] {
+        assert!(auth.verify_uncached(t).is_ok());
+    }
+    // Warm the cache the way a first request does.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(runtime.block_on(auth.verify(ed.as_bytes())).is_ok());
+    let mut g = c.benchmark_group("jwt");
+    g.bench_function("cached_check_eddsa_token", |b| {
+        b.iter(|| auth.cached(black_box(ed.as_bytes())))
+    });
+    g.bench_function("uncached_verify_hs256", |b| {
+        b.iter(|| auth.verify_uncached(black_box(&hs)))
+    });
+    g.bench_function("uncached_verify_eddsa", |b| {
+        b.iter(|| auth.verify_uncached(black_box(&ed)))
+    });
+    g.bench_function("uncached_verify_rs256", |b| {
+        b.iter(|| auth.verify_uncached(black_box(&rs)))
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_router,
+    bench_selection,
+    bench_buckets,
+    bench_jwt
+);
 criterion_main!(benches);

@@ -11,12 +11,17 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod auth;
+pub mod background;
 pub mod config;
 pub mod error;
+pub mod guard;
+pub mod health;
 pub mod proxy;
 pub mod ratelimit;
 pub mod respond;
 pub mod router;
+pub mod secret;
 pub mod server;
 pub mod snapshot;
 pub mod upstream;

@@ -1,11 +1,14 @@
 //! The `ProxyHttp` implementation: wires Pingora's phases to the router and
 //! pools. Phase by phase:
 //!
-//! * `request_filter`: request id, route match (404/405 answered here);
+//! * `request_filter`: request id, route match (404/405 answered here),
+//!   then [`crate::guard::admit`]: token, tier/role access, rate limit
+//!   (401/403/429 answered here);
 //! * `upstream_peer`: backend selection, per-route timeouts;
 //! * `fail_to_connect`: connect failures retried on another backend;
-//! * `upstream_request_filter`: path rewrite, `Host`, forwarding headers;
-//! * `response_filter`: `X-Request-Id` on the response;
+//! * `upstream_request_filter`: path rewrite, `Host`, forwarding headers,
+//!   identity headers (client-sent copies always removed first);
+//! * `response_filter`: `X-Request-Id` and rate-limit headers;
 //! * `fail_to_proxy`: the one place errors become JSON responses.
 
 use std::net::IpAddr;
@@ -22,9 +25,12 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::config::{PathMatch, PathRewrite, RouteSpec, UpstreamHost};
+use crate::guard::{self, Admission, X_USER_ID, X_USER_ROLES, X_USER_TENANT, X_USER_TIER};
+use crate::health;
 use crate::respond::{self, ErrorResponse};
 use crate::router::RouteMatch;
 use crate::snapshot::Snapshot;
+use crate::upstream::breaker::{self, Permit};
 use crate::upstream::select::Tried;
 use crate::upstream::{HashInput, InflightGuard};
 
@@ -72,6 +78,16 @@ pub struct RequestCtx {
     backend: Option<usize>,
     /// End of the route's `total` budget.
     deadline: Option<Instant>,
+    /// Who the request was admitted as, and its rate-limit verdict.
+    admission: Option<Admission>,
+    /// The current backend's breaker permit, until its outcome is recorded.
+    permit: Option<Permit>,
+    /// When every backend's circuit is open: when the first reopens.
+    retry_after: Option<Duration>,
+    /// Retries made because of an upstream error status.
+    status_retries: u32,
+    /// The request body is kept for a retry.
+    body_buffered: bool,
 }
 
 impl RequestCtx {
@@ -154,6 +170,43 @@ fn rewrite_path(route: &RouteSpec, uri: &Uri) -> Option<String> {
     })
 }
 
+/// Whether a request carries a body (a length above 0, or chunked).
+fn request_has_body(headers: &http::HeaderMap) -> bool {
+    headers.contains_key(http::header::TRANSFER_ENCODING)
+        || headers
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+}
+
+/// Records the current attempt's outcome with its backend's breaker (once).
+fn record_outcome(ctx: &mut RequestCtx, failed: bool) {
+    let Some(permit) = ctx.permit.take() else {
+        return;
+    };
+    let pool = ctx.route().and_then(|(s, r)| s.pools.get(r.upstream));
+    if let (Some(pool), Some(i)) = (pool, ctx.backend) {
+        if let Some(b) = pool.backends.get(i) {
+            b.breaker
+                .record(&pool.breaker, permit, failed, breaker::now_ns());
+        }
+    }
+}
+
+/// Whether an error is the upstream's fault (counts against its breaker).
+fn upstream_failure(e: &Error) -> bool {
+    use ErrorType as T;
+    *e.esource() == ErrorSource::Upstream
+        || matches!(
+            e.etype(),
+            T::ConnectTimedout
+                | T::ConnectRefused
+                | T::ConnectNoRoute
+                | T::ConnectError
+                | T::ReadTimedout
+                | T::WriteTimedout
+        )
+}
+
 /// Maps a Pingora error to the response the client gets; `None` when the
 /// client is gone and nothing can be written.
 fn error_response(e: &Error) -> Option<ErrorResponse> {
@@ -207,6 +260,11 @@ impl ProxyHttp for Gateway {
             inflight: None,
             backend: None,
             deadline: None,
+            admission: None,
+            permit: None,
+            retry_after: None,
+            status_retries: 0,
+            body_buffered: false,
         }
     }
 
@@ -219,6 +277,24 @@ impl ProxyHttp for Gateway {
             _ => new_request_id(),
         });
         let snapshot = self.state.load_full();
+        if req.method == http::Method::GET || req.method == http::Method::HEAD {
+            let path = req.uri.path();
+            let doc = if path == health::LIVENESS_PATH {
+                Some((200, serde_json::json!({"status": "ok"})))
+            } else if path == health::SERVICES_PATH {
+                let (overall, doc) = health::services(&snapshot);
+                Some((overall.http_status(), doc))
+            } else {
+                None
+            };
+            if let Some((status, doc)) = doc {
+                let id = ctx.request_id().clone();
+                let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                respond::write_json(session, status, &id, doc.to_string().into(), &[]).await?;
+                return Ok(true);
+            }
+        }
+        let req = session.req_header();
         let host = req
             .headers
             .get(HOST)
@@ -230,11 +306,28 @@ impl ProxyHttp for Gateway {
             .find(host, req.uri.path(), &req.method, &req.headers)
         {
             RouteMatch::Found(i) => {
-                ctx.deadline = snapshot
-                    .routes
-                    .get(i)
-                    .and_then(|r| r.timeouts.total)
-                    .map(|t| Instant::now() + t);
+                let Some(route) = snapshot.routes.get(i) else {
+                    return Error::e_explain(ErrorType::InternalError, "route index out of range");
+                };
+                let client =
+                    guard::client_ip(client_ip(session), &req.headers, &snapshot.trusted_proxies);
+                let has_body = request_has_body(&req.headers);
+                let idempotent = req.method.is_idempotent();
+                match guard::admit(&snapshot, route, &req.headers, client).await {
+                    Ok(admission) => ctx.admission = Some(admission),
+                    Err(denial) => {
+                        let id = ctx.request_id().clone();
+                        denial.response.write(session, &id, &denial.headers).await?;
+                        return Ok(true);
+                    }
+                }
+                if idempotent && has_body && route.retry.attempts > 0 {
+                    // Keep (up to 64 KiB of) the body so a retry can resend it;
+                    // a longer body is never retried.
+                    session.enable_retry_buffering();
+                    ctx.body_buffered = true;
+                }
+                ctx.deadline = route.timeouts.total.map(|t| Instant::now() + t);
                 ctx.route = Some(i);
                 ctx.snapshot = Some(snapshot);
                 Ok(false)
@@ -295,8 +388,39 @@ impl ProxyHttp for Gateway {
         } else {
             None
         };
-        let Some(i) = pool.select(&ctx.failed, hash) else {
-            return Error::e_explain(ErrorType::HTTPStatus(503), "every backend failed");
+        if ctx.attempts == 0 {
+            pool.retry_budget.deposit();
+        }
+        // Backends whose circuit is open are skipped like failed ones; when
+        // nothing is left because of them, answer 503 at once.
+        let now = breaker::now_ns();
+        let mut skip = ctx.failed;
+        let mut open_wait: Option<Duration> = None;
+        for (i, b) in pool.backends.iter().enumerate() {
+            if let Err(wait) = b.breaker.available(&pool.breaker, now) {
+                skip.insert(i);
+                open_wait = Some(open_wait.map_or(wait, |w| w.min(wait)));
+            }
+        }
+        let (i, permit) = loop {
+            let Some(i) = pool.select(&skip, hash) else {
+                if let Some(wait) = open_wait {
+                    ctx.retry_after = Some(wait);
+                    return Error::e_explain(
+                        ErrorType::HTTPStatus(503),
+                        "every backend's circuit is open",
+                    );
+                }
+                return Error::e_explain(ErrorType::HTTPStatus(503), "every backend failed");
+            };
+            match pool.backends[i].breaker.acquire(&pool.breaker, now) {
+                Some(permit) => break (i, permit),
+                None => {
+                    // Lost the last probe slot to another request.
+                    skip.insert(i);
+                    open_wait.get_or_insert(Duration::from_millis(100));
+                }
+            }
         };
         let backend = &pool.backends[i];
         let cap = |d: Duration| Some(remaining.map_or(d, |left| d.min(left)));
@@ -309,6 +433,7 @@ impl ProxyHttp for Gateway {
         ctx.attempts += 1;
         ctx.backend = Some(i);
         ctx.inflight = Some(guard);
+        ctx.permit = Some(permit);
         Ok(peer)
     }
 
@@ -323,6 +448,7 @@ impl ProxyHttp for Gateway {
         if let Some(i) = ctx.backend {
             ctx.failed.insert(i);
         }
+        record_outcome(ctx, true);
         let pool_size = ctx
             .route()
             .and_then(|(s, r)| s.pools.get(r.upstream))
@@ -342,9 +468,28 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let id = ctx.request_id().clone();
         upstream.insert_header(X_REQUEST_ID.clone(), id)?;
+        for name in [&X_USER_ID, &X_USER_TIER, &X_USER_ROLES, &X_USER_TENANT] {
+            upstream.remove_header(name);
+        }
         let Some((snapshot, route)) = ctx.route() else {
             return Ok(());
         };
+        if let Some(Admission {
+            identity: Some(id),
+            class,
+            ..
+        }) = &ctx.admission
+        {
+            upstream.insert_header(X_USER_ID.clone(), id.subject.clone())?;
+            let tier = snapshot.limiter.class(*class).tier_header.clone();
+            upstream.insert_header(X_USER_TIER.clone(), tier)?;
+            if let Some(roles) = &id.roles_header {
+                upstream.insert_header(X_USER_ROLES.clone(), roles.clone())?;
+            }
+            if let Some(tenant) = &id.tenant {
+                upstream.insert_header(X_USER_TENANT.clone(), tenant.clone())?;
+            }
+        }
         if let Some(pq) = rewrite_path(route, &upstream.uri) {
             let uri = Uri::builder()
                 .path_and_query(pq)
@@ -383,6 +528,61 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// An upstream status listed in the route's `retry.on_statuses` is
+    /// retried on another backend (by failing this attempt with a retryable
+    /// error) when the method is idempotent, the body can be resent, the
+    /// route's attempts and the pool's retry budget allow, and an untried
+    /// backend is left. Otherwise the response goes to the client as is.
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let status = upstream.status.as_u16();
+        let Some((snapshot, route)) = ctx.route() else {
+            return Ok(());
+        };
+        if !route.retry.on_statuses.contains(&status)
+            || ctx.status_retries >= route.retry.attempts
+            || !session.req_header().method.is_idempotent()
+            || session.retry_buffer_truncated()
+            || (request_has_body(&session.req_header().headers) && !ctx.body_buffered)
+        {
+            return Ok(());
+        }
+        let Some(pool) = snapshot.pools.get(route.upstream) else {
+            return Ok(());
+        };
+        let mut tried = ctx.failed;
+        if let Some(i) = ctx.backend {
+            tried.insert(i);
+        }
+        if tried.len() >= pool.backends.len() || !pool.retry_budget.try_withdraw() {
+            return Ok(());
+        }
+        ctx.failed = tried;
+        ctx.status_retries += 1;
+        record_outcome(ctx, true);
+        let mut e = Error::explain(
+            ErrorType::HTTPStatus(status),
+            "upstream error status; retrying on another backend",
+        );
+        e.set_retry(true);
+        Err(e)
+    }
+
+    /// Our own status-triggered retries are expected: no warning per retry.
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &RequestCtx,
+        error: &Error,
+        _context: pingora_proxy::ProxyWarnLogContext,
+    ) -> bool {
+        ctx.status_retries > 0 && matches!(error.etype(), ErrorType::HTTPStatus(_))
+    }
+
     /// Returns the request id to the client.
     async fn response_filter(
         &self,
@@ -392,7 +592,40 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let id = ctx.request_id().clone();
         response.insert_header(X_REQUEST_ID.clone(), id)?;
+        if let (
+            Some(snapshot),
+            Some(Admission {
+                verdict: Some(v),
+                class,
+                ..
+            }),
+        ) = (&ctx.snapshot, &ctx.admission)
+        {
+            for (name, value) in guard::rate_headers(snapshot, *class, v) {
+                response.insert_header(name, value)?;
+            }
+        }
         Ok(())
+    }
+
+    /// Feeds the outcome of the last attempt to its backend's breaker.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if ctx.permit.is_none() {
+            return;
+        }
+        let failed = match e {
+            Some(e) => upstream_failure(e),
+            None => {
+                let status = session.response_written().map(|r| r.status.as_u16());
+                let statuses = ctx
+                    .route()
+                    .and_then(|(s, r)| s.pools.get(r.upstream))
+                    .map(|p| p.breaker.failure_statuses.as_slice())
+                    .unwrap_or_default();
+                status.is_some_and(|s| statuses.contains(&s))
+            }
+        };
+        record_outcome(ctx, failed);
     }
 
     /// The one place errors become responses (JSON envelope, request id).
@@ -409,7 +642,12 @@ impl ProxyHttp for Gateway {
                 // so, or clients reuse it and see a reset.
                 session.set_keepalive(None);
                 let id = ctx.request_id().clone();
-                if let Err(write_err) = r.write(session, &id, &[]).await {
+                let mut extra = Vec::new();
+                if let Some(wait) = ctx.retry_after.filter(|_| r.status.as_u16() == 503) {
+                    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+                    extra.push(("retry-after", HeaderValue::from(secs.max(1))));
+                }
+                if let Err(write_err) = r.write(session, &id, &extra).await {
                     tracing::debug!(error = %write_err, "could not send error response");
                 }
                 r.status.as_u16()

@@ -31,25 +31,6 @@ impl ErrorResponse {
         Bytes::from(v.to_string())
     }
 
-    /// Builds the header: status, JSON content type, length, request id,
-    /// `Cache-Control: no-store`, plus `extra` headers.
-    pub fn header(
-        &self,
-        request_id: &HeaderValue,
-        body_len: usize,
-        extra: &[(&'static str, HeaderValue)],
-    ) -> Result<ResponseHeader> {
-        let mut h = ResponseHeader::build(self.status, Some(5 + extra.len()))?;
-        h.insert_header("content-type", "application/json")?;
-        h.insert_header("content-length", body_len.to_string())?;
-        h.insert_header("cache-control", "no-store")?;
-        h.insert_header("x-request-id", request_id.clone())?;
-        for (name, value) in extra {
-            h.insert_header(*name, value.clone())?;
-        }
-        Ok(h)
-    }
-
     /// Writes the whole response to the client.
     pub async fn write(
         &self,
@@ -58,15 +39,7 @@ impl ErrorResponse {
         extra: &[(&'static str, HeaderValue)],
     ) -> Result<()> {
         let body = self.body(request_id.to_str().unwrap_or(""));
-        let header = self.header(request_id, body.len(), extra)?;
-        let head_only = session.req_header().method == http::Method::HEAD;
-        session
-            .write_response_header(Box::new(header), head_only)
-            .await?;
-        if !head_only {
-            session.write_response_body(Some(body), true).await?;
-        }
-        Ok(())
+        write_json(session, self.status, request_id, body, extra).await
     }
 }
 
@@ -132,3 +105,31 @@ pub const INTERNAL: ErrorResponse = ErrorResponse {
     code: "internal_error",
     message: "the gateway failed to handle this request",
 };
+
+/// Writes a JSON response the gateway produced itself: status, JSON
+/// content type, length, request id, `Cache-Control: no-store`, plus `extra`
+/// headers; no body for `HEAD`.
+pub async fn write_json(
+    session: &mut Session,
+    status: StatusCode,
+    request_id: &HeaderValue,
+    body: Bytes,
+    extra: &[(&'static str, HeaderValue)],
+) -> Result<()> {
+    let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    h.insert_header("content-type", "application/json")?;
+    h.insert_header("content-length", body.len().to_string())?;
+    h.insert_header("cache-control", "no-store")?;
+    h.insert_header("x-request-id", request_id.clone())?;
+    for (name, value) in extra {
+        h.insert_header(*name, value.clone())?;
+    }
+    let head_only = session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(h), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}

@@ -11,14 +11,17 @@ use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch}
 
 use tokio::sync::Notify;
 
+use crate::background::Background;
 use crate::config::Config;
 use crate::error::GatewayError;
 use crate::proxy::Gateway;
+use crate::secret::Environment;
 use crate::snapshot::Snapshot;
 
 /// A built, not yet running gateway.
 pub struct GatewayServer {
     server: Server,
+    background: Background,
     state: Arc<ArcSwap<Snapshot>>,
     listen: Vec<SocketAddr>,
 }
@@ -32,10 +35,21 @@ impl std::fmt::Debug for GatewayServer {
 }
 
 impl GatewayServer {
-    /// Compiles the config and prepares the Pingora server. Fails when a
-    /// listener address cannot be bound or a backend name does not resolve.
+    /// Compiles the config and prepares the Pingora server, with secrets
+    /// and overrides from the process environment ([`Environment`]). Fails
+    /// when a listener address cannot be bound or a backend name does not
+    /// resolve.
     pub fn build(config: &Config) -> Result<Self, GatewayError> {
-        let snapshot = Snapshot::build(config)?;
+        let env = Environment::from_env().map_err(GatewayError::Server)?;
+        Self::build_with_env(config, &env)
+    }
+
+    /// [`GatewayServer::build`] with an explicit environment.
+    pub fn build_with_env(config: &Config, env: &Environment) -> Result<Self, GatewayError> {
+        let background = Background::start().map_err(|e| {
+            GatewayError::Server(format!("cannot start the background thread: {e}"))
+        })?;
+        let snapshot = Snapshot::build(config, env, Some(&background))?;
         for addr in &config.server.listen {
             // Pingora binds later and exits on failure; check now so the
             // operator gets a clear error instead.
@@ -66,6 +80,7 @@ impl GatewayServer {
         server.add_service(service);
         Ok(Self {
             server,
+            background,
             state,
             listen: s.listen.clone(),
         })
@@ -80,6 +95,7 @@ impl GatewayServer {
     /// let in-flight requests finish for `grace_period`, then stop.
     pub fn run(self) {
         tracing::info!(listen = ?self.listen, "tiergate gateway listening");
+        let _background = self.background;
         self.server.run(RunArgs {
             shutdown_signal: Box::new(SignalShutdown),
         });
@@ -92,10 +108,12 @@ impl GatewayServer {
         let listen = self.listen.clone();
         let state = self.state.clone();
         let server = self.server;
+        let background = self.background;
         let thread = std::thread::spawn(move || {
             server.run(RunArgs {
                 shutdown_signal: Box::new(watch),
-            })
+            });
+            drop(background);
         });
         RunningGateway {
             notify,

@@ -1,12 +1,17 @@
-//! The immutable runtime state built from one config: compiled routes and
-//! pools. Requests read it through an `ArcSwap`; a reload builds a new one and
-//! swaps it in, and each request keeps the snapshot it started with.
+//! The immutable runtime state built from one config: compiled routes,
+//! pools, the token verifier and the rate limiter. Requests read it through
+//! an `ArcSwap`; a reload builds a new one and swaps it in, and each request
+//! keeps the snapshot it started with.
 
 use std::sync::Arc;
 
+use crate::auth::Authenticator;
+use crate::background::Background;
 use crate::config::{Config, RouteSpec};
 use crate::error::GatewayError;
+use crate::ratelimit::RateLimiter;
 use crate::router::Router;
+use crate::secret::Environment;
 use crate::upstream::Pool;
 
 /// One compiled config.
@@ -18,11 +23,23 @@ pub struct Snapshot {
     pub routes: Vec<RouteSpec>,
     /// Pools, indexed by [`RouteSpec::upstream`].
     pub pools: Vec<Arc<Pool>>,
+    /// Bearer-token verification.
+    pub auth: Authenticator,
+    /// Tiers and rate limits.
+    pub limiter: Arc<RateLimiter>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl Snapshot {
-    /// Compiles a validated config (resolving backend host names).
-    pub fn build(config: &Config) -> Result<Self, GatewayError> {
+    /// Compiles a validated config (resolving backend host names). Tasks
+    /// (JWKS refresh, Redis leases, key eviction) run on `bg`; without it
+    /// nothing runs in the background (tests of the pure parts).
+    pub fn build(
+        config: &Config,
+        env: &Environment,
+        bg: Option<&Background>,
+    ) -> Result<Self, GatewayError> {
         let pools = config
             .upstreams
             .iter()
@@ -32,6 +49,9 @@ impl Snapshot {
             router: Router::new(&config.routes),
             routes: config.routes.clone(),
             pools,
+            auth: Authenticator::new(&config.auth, env.dev_jwt_secret.as_ref(), bg),
+            limiter: RateLimiter::new(&config.rate_limit, env.redis_url.as_ref(), bg),
+            trusted_proxies: config.server.trusted_proxies.clone(),
         })
     }
 }

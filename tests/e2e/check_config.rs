@@ -56,7 +56,7 @@ fn test_shipped_default_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/tiergate.yaml");
     let (code, out) = run(&[path]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("ok (7 routes, 5 upstreams)"), "{out}");
+    assert!(out.contains("ok (9 routes, 5 upstreams)"), "{out}");
 }
 
 #[test]
@@ -281,4 +281,77 @@ routes:
         out.contains("routes[0].match.path.prefix (line 12): `api` must start with `/`"),
         "{out}"
     );
+}
+
+#[test]
+fn test_auth_and_rate_limit_errors_are_all_reported() {
+    let extra = [
+        "    auth: none",
+        "    min_tier: GOLD",
+        "    roles: [\"bad role\"]",
+        "auth:",
+        "  algorithms: [none, HS999]",
+        "  jwks: { url: \"ftp://keys\", timeout: 0s }",
+        "  max_token_bytes: 10",
+        "rate_limit:",
+        "  tiers:",
+        "    - { name: FREE, per_minute: 0 }",
+        "    - { name: free, per_hour: lots }",
+        "  redis: { url: \"http://cache:6379\", expected_instances: 0, colour: blue }",
+    ];
+    let yaml = format!("{VALID}{}\n", extra.join("\n"));
+    let (code, out) = check(&yaml);
+    assert_eq!(code, 64, "{out}");
+    // A type error stops parsing, so it is reported alone; fix it first.
+    assert!(out.contains("rate_limit.tiers[1].per_hour"), "{out}");
+    assert!(out.contains("expected a number or `unlimited`"), "{out}");
+
+    let (code, out) = check(&yaml.replace("per_hour: lots", "per_hour: unlimited"));
+    assert_eq!(code, 64, "{out}");
+    for expected in [
+        "rate_limit.redis.colour (line 22): unknown key `colour`",
+        "routes[0].min_tier (line 12): unknown tier `GOLD`",
+        "routes[0].auth (line 11): `min_tier` and `roles` need `auth: required` or `auth: optional`",
+        "routes[0].roles[0]",
+        "auth.algorithms[0] (line 15): `none` (unsigned tokens) is never accepted",
+        "auth.algorithms[1] (line 15): unknown algorithm `HS999`",
+        "auth.jwks.url (line 16): `ftp://keys` is not an http(s) URL",
+        "auth.jwks.timeout (line 16): must be greater than 0",
+        "auth.max_token_bytes (line 17): must be at least 64",
+        "rate_limit.tiers[0].per_minute (line 20): must be at least 1 (or `unlimited`)",
+        "rate_limit.tiers[1].name (line 21): duplicate tier `free`",
+        "rate_limit.redis.url (line 22): a Redis URL starts with `redis://`",
+        "rate_limit.redis.expected_instances (line 22): must be at least 1",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
+}
+
+#[test]
+fn test_redis_password_never_appears_in_errors() {
+    let yaml = format!(
+        "{VALID}rate_limit:\n  redis: {{ url: \"redis://:hunter2@cache:6379\", cluster: [\"redis://:hunter2@a:1\"] }}\n"
+    );
+    let (code, out) = check(&yaml);
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("give either `url` or `cluster`"), "{out}");
+    assert!(!out.contains("hunter2"), "{out}");
+}
+
+#[test]
+fn test_circuit_breaker_errors_are_reported() {
+    let yaml = VALID.replace(
+        "      - address: 127.0.0.1:8021",
+        "      - address: 127.0.0.1:8021\n    circuit_breaker: { failure_ratio: 1.5, open_for: 10s, max_open_for: 1s, failure_statuses: [999], colour: red }",
+    );
+    let (code, out) = check(&yaml);
+    assert_eq!(code, 64, "{out}");
+    for expected in [
+        "upstreams.users.circuit_breaker.colour",
+        "upstreams.users.circuit_breaker.failure_ratio (line 6): must be greater than 0 and at most 1",
+        "upstreams.users.circuit_breaker.max_open_for (line 6): must be at least `open_for`",
+        "upstreams.users.circuit_breaker.failure_statuses[0] (line 6): 999 is not an HTTP status",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
 }

@@ -10,6 +10,7 @@ use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
+use gateway::secret::Environment;
 use gateway::server::{GatewayServer, RunningGateway};
 use serde_json::{json, Value};
 
@@ -115,10 +116,15 @@ async fn echo(name: &'static str, req: Request) -> Response {
 /// A gateway running in this process on an ephemeral port.
 pub struct TestGateway {
     pub addr: SocketAddr,
-    _running: RunningGateway,
+    running: RunningGateway,
 }
 
 impl TestGateway {
+    /// The snapshot requests currently use.
+    pub fn snapshot(&self) -> std::sync::Arc<gateway::snapshot::Snapshot> {
+        self.running.state.load_full()
+    }
+
     /// `http://127.0.0.1:PORT` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
@@ -126,24 +132,31 @@ impl TestGateway {
 }
 
 /// Starts the gateway with `body` (upstreams + routes YAML) and a listener
-/// on a free port.
+/// on a free port; no secrets, no Redis override from the environment.
 pub fn gateway(body: &str) -> TestGateway {
+    gateway_with_env(body, &Environment::default())
+}
+
+/// [`gateway`] with the given environment (dev JWT secret, Redis URL).
+pub fn gateway_with_env(body: &str, env: &Environment) -> TestGateway {
+    gateway_with_server("", body, env)
+}
+
+/// [`gateway_with_env`] with extra `server:` lines (indented two spaces).
+pub fn gateway_with_server(server_extra: &str, body: &str, env: &Environment) -> TestGateway {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("warn")
         .with_test_writer()
         .try_init();
     let port = free_port();
     let src = format!(
-        "server:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 0s\n{body}"
+        "server:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 0s\n{server_extra}{body}"
     );
     let config = gateway::config::parse(&src).unwrap_or_else(|e| panic!("{e}"));
-    let running = GatewayServer::build(&config).unwrap().spawn();
+    let running = GatewayServer::build_with_env(&config, env).unwrap().spawn();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_for_port(addr);
-    TestGateway {
-        addr,
-        _running: running,
-    }
+    TestGateway { addr, running }
 }
 
 /// An HTTP client that never uses a proxy from the environment.

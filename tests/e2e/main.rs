@@ -6,10 +6,14 @@
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod auth;
 mod balancing;
 mod check_config;
 mod common;
 mod errors;
 mod process;
+mod ratelimit;
+mod resilience;
 mod routing;
 mod streaming;
+mod tokens;

@@ -20,6 +20,10 @@ pub struct ConfigDto {
     pub upstreams: BTreeMap<String, UpstreamDto>,
     /// Routes, in file order.
     pub routes: Vec<RouteDto>,
+    /// JWT verification.
+    pub auth: AuthDto,
+    /// Tiers and rate limits.
+    pub rate_limit: RateLimitDto,
 }
 
 /// `server:` — listeners and Pingora runtime tuning.
@@ -42,6 +46,9 @@ pub struct ServerDto {
     pub graceful_shutdown_timeout: Duration,
     /// Idle upstream connections kept for reuse, per worker thread.
     pub upstream_keepalive_pool_size: usize,
+    /// Peers (IPs or CIDRs) whose `X-Forwarded-For` is believed when
+    /// working out the client's address.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerDto {
@@ -53,6 +60,7 @@ impl Default for ServerDto {
             grace_period: Duration::from_secs(1),
             graceful_shutdown_timeout: Duration::from_secs(1),
             upstream_keepalive_pool_size: 256,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -69,6 +77,54 @@ pub struct UpstreamDto {
     pub hash_header: Option<String>,
     /// The backends.
     pub backends: Vec<BackendDto>,
+    /// Per-backend circuit breaker.
+    pub circuit_breaker: BreakerDto,
+    /// Cap on status-triggered retries to this pool.
+    pub retry_budget: RetryBudgetDto,
+}
+
+/// `upstreams.<name>.circuit_breaker`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct BreakerDto {
+    /// Whether the breaker acts.
+    pub enabled: bool,
+    /// Consecutive failures that open it.
+    pub consecutive_failures: u32,
+    /// Failure ratio over `window` that opens it (0 < r ≤ 1).
+    pub failure_ratio: f64,
+    /// The rolling window of the ratio.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Requests needed in the window before the ratio counts.
+    pub min_requests: u32,
+    /// How long it stays open the first time.
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+    /// Longest open time (it doubles on each failed probe round).
+    #[serde(with = "humantime_serde")]
+    pub max_open_for: Duration,
+    /// Successful probes that close it (also the most probes at once).
+    pub half_open_probes: u32,
+    /// Upstream statuses counted as failures.
+    pub failure_statuses: Vec<u16>,
+}
+
+impl Default for BreakerDto {
+    fn default() -> Self {
+        let d = crate::upstream::breaker::BreakerSettings::default();
+        Self {
+            enabled: d.enabled,
+            consecutive_failures: d.consecutive_failures,
+            failure_ratio: d.failure_ratio,
+            window: d.window,
+            min_requests: d.min_requests,
+            open_for: d.open_for,
+            max_open_for: d.max_open_for,
+            half_open_probes: d.half_open_probes,
+            failure_statuses: d.failure_statuses,
+        }
+    }
 }
 
 /// `upstreams.<name>.algorithm`.
@@ -135,6 +191,286 @@ pub struct RouteDto {
     /// Upstream timeouts.
     #[serde(default)]
     pub timeouts: TimeoutsDto,
+    /// Retries of idempotent requests on upstream error statuses.
+    #[serde(default)]
+    pub retry: RetryDto,
+    /// Whether a bearer token is needed: `none` (default), `optional`, `required`.
+    #[serde(default)]
+    pub auth: AuthModeDto,
+    /// Lowest tier allowed (by order in `rate_limit.tiers`).
+    #[serde(default)]
+    pub min_tier: Option<String>,
+    /// The caller needs at least one of these roles.
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// Count requests to this route against the caller's limits.
+    #[serde(default = "default_true")]
+    pub rate_limit: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `routes[i].retry`.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(default)]
+pub struct RetryDto {
+    /// Retries after an upstream answered one of `on_statuses` (0 = never).
+    pub attempts: u32,
+    /// Upstream statuses that are retried on another backend.
+    pub on_statuses: Vec<u16>,
+}
+
+impl Default for RetryDto {
+    fn default() -> Self {
+        Self {
+            attempts: 1,
+            on_statuses: vec![502, 503, 504],
+        }
+    }
+}
+
+/// `upstreams.<name>.retry_budget`.
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(default)]
+pub struct RetryBudgetDto {
+    /// Retries allowed per request sent to the pool (0.2 = 20% extra load).
+    pub ratio: f64,
+    /// Retries that may be spent at once (the budget's cap).
+    pub burst: u32,
+}
+
+impl Default for RetryBudgetDto {
+    fn default() -> Self {
+        Self {
+            ratio: 0.2,
+            burst: 10,
+        }
+    }
+}
+
+/// `routes[i].auth`.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthModeDto {
+    /// Tokens are not looked at; callers are anonymous (limited by IP).
+    #[default]
+    None,
+    /// A valid token identifies the caller; no token means anonymous; an
+    /// invalid token is refused.
+    Optional,
+    /// A valid token is needed.
+    Required,
+}
+
+/// `auth:` — how bearer tokens are verified.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct AuthDto {
+    /// Where the public keys come from (EdDSA, RS256, ...).
+    pub jwks: Option<JwksDto>,
+    /// Accepted `alg` values. `HS256` works only when the
+    /// `TIERGATE_DEV_JWT_SECRET` environment variable is set.
+    pub algorithms: Vec<String>,
+    /// Required `iss` claim, when set.
+    pub issuer: Option<String>,
+    /// Required `aud` claim (one of the token's audiences), when set.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf` (whole seconds).
+    #[serde(with = "humantime_serde")]
+    pub leeway: Duration,
+    /// Longer tokens are refused without being parsed.
+    pub max_token_bytes: usize,
+    /// Verified tokens remembered (each until it expires).
+    pub cache_capacity: usize,
+}
+
+impl Default for AuthDto {
+    fn default() -> Self {
+        Self {
+            jwks: None,
+            algorithms: vec!["EdDSA".into(), "RS256".into(), "HS256".into()],
+            issuer: None,
+            audience: None,
+            leeway: Duration::from_secs(30),
+            max_token_bytes: 8192,
+            cache_capacity: 65_536,
+        }
+    }
+}
+
+/// `auth.jwks`.
+#[derive(Debug, Deserialize)]
+pub struct JwksDto {
+    /// `http://` or `https://` URL of the JSON Web Key Set.
+    pub url: String,
+    /// How often the set is fetched again.
+    #[serde(default = "default_jwks_refresh", with = "humantime_serde")]
+    pub refresh_interval: Duration,
+    /// A token with an unknown `kid` triggers a fetch at most this often.
+    #[serde(default = "default_jwks_refetch", with = "humantime_serde")]
+    pub min_refetch_interval: Duration,
+    /// Timeout of one fetch.
+    #[serde(default = "default_jwks_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_jwks_refresh() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_jwks_refetch() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_jwks_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// `rate_limit:` — the tier table, the anonymous class and Redis.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct RateLimitDto {
+    /// Tiers from lowest to highest (the order `min_tier` compares by).
+    pub tiers: Vec<TierDto>,
+    /// The tier of tokens whose `tier` claim is missing or unknown
+    /// (default: `FREE` when defined, else the first tier).
+    pub default_tier: Option<String>,
+    /// Limits of callers without a token, per client IP.
+    pub anonymous: LimitsDto,
+    /// Shared limits across gateway instances.
+    pub redis: Option<RedisDto>,
+}
+
+impl Default for RateLimitDto {
+    fn default() -> Self {
+        let tier = |name: &str, m, h, d: LimitDto| TierDto {
+            name: name.to_owned(),
+            per_minute: LimitDto::Count(m),
+            per_hour: LimitDto::Count(h),
+            per_day: d,
+        };
+        Self {
+            tiers: vec![
+                tier("FREE", 10, 100, LimitDto::Count(1_000)),
+                tier("BASIC", 50, 1_000, LimitDto::Count(10_000)),
+                tier("PREMIUM", 200, 5_000, LimitDto::Count(50_000)),
+                tier("ENTERPRISE", 1_000, 25_000, LimitDto::Unlimited),
+            ],
+            default_tier: None,
+            anonymous: LimitsDto::default(),
+            redis: None,
+        }
+    }
+}
+
+/// `rate_limit.tiers[i]`.
+#[derive(Debug, Deserialize)]
+pub struct TierDto {
+    /// Name, as carried in the token's `tier` claim (case-insensitive).
+    pub name: String,
+    /// Requests per minute.
+    #[serde(default)]
+    pub per_minute: LimitDto,
+    /// Requests per hour.
+    #[serde(default)]
+    pub per_hour: LimitDto,
+    /// Requests per day.
+    #[serde(default)]
+    pub per_day: LimitDto,
+}
+
+/// `rate_limit.anonymous`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct LimitsDto {
+    /// Requests per minute.
+    pub per_minute: LimitDto,
+    /// Requests per hour.
+    pub per_hour: LimitDto,
+    /// Requests per day.
+    pub per_day: LimitDto,
+}
+
+/// A count, or `unlimited` (also the default when the key is absent).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum LimitDto {
+    /// No limit in this window.
+    #[default]
+    Unlimited,
+    /// At most this many requests per window.
+    Count(u64),
+}
+
+impl<'de> Deserialize<'de> for LimitDto {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = LimitDto;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a non-negative number or `unlimited`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<LimitDto, E> {
+                Ok(LimitDto::Count(v))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<LimitDto, E> {
+                u64::try_from(v)
+                    .map(LimitDto::Count)
+                    .map_err(|_| E::custom("a limit cannot be negative"))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<LimitDto, E> {
+                if v == "unlimited" {
+                    Ok(LimitDto::Unlimited)
+                } else {
+                    Err(E::custom(format!(
+                        "expected a number or `unlimited`, found `{v}`"
+                    )))
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `rate_limit.redis`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct RedisDto {
+    /// `redis://[user:password@]host:port[/db]`; the `TIERGATE_REDIS_URL`
+    /// environment variable overrides it.
+    pub url: Option<String>,
+    /// Redis Cluster seed node URLs (instead of `url`).
+    pub cluster: Vec<String>,
+    /// Prefix of every key the gateway writes.
+    pub key_prefix: String,
+    /// Gateway instances sharing the limits; when Redis is unreachable each
+    /// instance admits `limit / expected_instances`.
+    pub expected_instances: u32,
+    /// Longest a request for a key with no leased tokens waits on Redis
+    /// before deciding locally.
+    #[serde(with = "humantime_serde")]
+    pub cold_wait: Duration,
+    /// A Redis call slower than this counts as a failure.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Leased tokens unused this long go back to Redis.
+    #[serde(with = "humantime_serde")]
+    pub lease_idle: Duration,
+}
+
+impl Default for RedisDto {
+    fn default() -> Self {
+        Self {
+            url: None,
+            cluster: Vec::new(),
+            key_prefix: "tiergate:rl:".to_owned(),
+            expected_instances: 1,
+            cold_wait: Duration::from_millis(5),
+            timeout: Duration::from_millis(100),
+            lease_idle: Duration::from_secs(2),
+        }
+    }
 }
 
 /// `routes[i].match`.

@@ -4,6 +4,7 @@
 //! Validation never stops at the first problem: [`parse`] returns every error
 //! it finds, each with its path in the file (`routes[2].upstream`) and line.
 
+mod access;
 pub mod dto;
 mod lines;
 pub(crate) mod validate;
@@ -16,6 +17,10 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 
+pub use access::{
+    AuthMode, AuthSettings, JwksSettings, Limits, RateLimitSettings, RedisSettings, RedisTarget,
+    RedisUrl, TierSpec,
+};
 use lines::{join_key, LineMap};
 
 /// One problem in a config file.
@@ -67,6 +72,10 @@ pub struct Config {
     pub upstreams: Vec<UpstreamSpec>,
     /// Routes in file order.
     pub routes: Vec<RouteSpec>,
+    /// Token verification.
+    pub auth: AuthSettings,
+    /// Tiers and limits.
+    pub rate_limit: RateLimitSettings,
 }
 
 /// Validated `server:` section.
@@ -84,6 +93,8 @@ pub struct ServerSettings {
     pub graceful_shutdown_timeout: Duration,
     /// Idle upstream connections kept per thread.
     pub upstream_keepalive_pool_size: usize,
+    /// Proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// A validated upstream pool.
@@ -95,6 +106,19 @@ pub struct UpstreamSpec {
     pub algorithm: Algorithm,
     /// Backends as written (host names are resolved when the pool is built).
     pub backends: Vec<BackendSpec>,
+    /// Circuit breaker of each backend.
+    pub breaker: crate::upstream::breaker::BreakerSettings,
+    /// Status-triggered retries allowed per request (ratio) and at once (burst).
+    pub retry_budget: (f64, u32),
+}
+
+/// A route's retry policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetrySpec {
+    /// Most retries after an error status.
+    pub attempts: u32,
+    /// Statuses retried.
+    pub on_statuses: Vec<u16>,
 }
 
 /// Backend selection algorithm.
@@ -172,6 +196,16 @@ pub struct RouteSpec {
     pub upstream_host: UpstreamHost,
     /// Upstream timeouts.
     pub timeouts: Timeouts,
+    /// Retries on upstream statuses (idempotent requests only).
+    pub retry: RetrySpec,
+    /// Token requirement.
+    pub auth: AuthMode,
+    /// Lowest tier allowed (index into `rate_limit.tiers`).
+    pub min_tier: Option<usize>,
+    /// Roles of which the caller needs one (empty = no role needed).
+    pub roles: Vec<String>,
+    /// Whether requests count against the caller's limits.
+    pub rate_limit: bool,
 }
 
 /// Host matcher, lower-cased.

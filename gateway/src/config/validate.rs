@@ -7,6 +7,8 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use regex::{Regex, RegexBuilder};
 
+use super::access::{self, AuthMode, RateLimitSettings};
+use super::dto::AuthModeDto;
 use super::dto::{
     AlgorithmDto, BackendDto, ConfigDto, HashOnDto, PathMatchDto, RouteDto, TimeoutsDto,
     UpstreamDto,
@@ -24,11 +26,13 @@ pub(crate) const MAX_WEIGHT: u32 = 1000;
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
 /// Errors as (path, message).
-type Errors = Vec<(String, String)>;
+pub(super) type Errors = Vec<(String, String)>;
 
 pub(super) fn validate(dto: ConfigDto) -> Result<Config, Errors> {
     let mut errors = Errors::new();
     let server = server(&dto, &mut errors);
+    let auth = access::auth(&dto.auth, &mut errors);
+    let rate_limit = access::rate_limit(&dto.rate_limit, &mut errors);
     let upstreams: Vec<UpstreamSpec> = dto
         .upstreams
         .iter()
@@ -53,7 +57,7 @@ pub(super) fn validate(dto: ConfigDto) -> Result<Config, Errors> {
                 format!("duplicate route name `{}` (also routes[{first}])", r.name),
             ));
         }
-        if let Some(route) = route(&at, r, &pool_index, &mut errors) {
+        if let Some(route) = route(&at, r, &pool_index, &rate_limit, &mut errors) {
             routes.push(route);
         }
     }
@@ -63,6 +67,8 @@ pub(super) fn validate(dto: ConfigDto) -> Result<Config, Errors> {
             server,
             upstreams,
             routes,
+            auth,
+            rate_limit,
         }),
         _ => Err(errors),
     }
@@ -105,6 +111,19 @@ fn server(dto: &ConfigDto, errors: &mut Errors) -> Option<ServerSettings> {
             "must be at least 1".into(),
         ));
     }
+    let mut trusted_proxies = Vec::new();
+    for (i, p) in s.trusted_proxies.iter().enumerate() {
+        let net = p
+            .parse::<ipnet::IpNet>()
+            .or_else(|_| p.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+        match net {
+            Ok(n) => trusted_proxies.push(n.trunc()),
+            Err(_) => errors.push((
+                format!("server.trusted_proxies[{i}]"),
+                format!("`{p}` is not an IP address or CIDR (`10.0.0.0/8`)"),
+            )),
+        }
+    }
     (errors.len() == before).then_some(ServerSettings {
         listen,
         threads,
@@ -112,10 +131,11 @@ fn server(dto: &ConfigDto, errors: &mut Errors) -> Option<ServerSettings> {
         grace_period: s.grace_period,
         graceful_shutdown_timeout: s.graceful_shutdown_timeout,
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+        trusted_proxies,
     })
 }
 
-fn valid_name(name: &str) -> bool {
+pub(super) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name
@@ -206,11 +226,75 @@ fn upstream(name: &str, u: &UpstreamDto, errors: &mut Errors) -> Option<Upstream
             backends.push(spec);
         }
     }
+    let breaker = breaker(&at, &u.circuit_breaker, errors);
+    let budget = u.retry_budget;
+    if !(0.0..=10.0).contains(&budget.ratio) {
+        errors.push((
+            format!("{at}.retry_budget.ratio"),
+            "must be between 0 and 10".into(),
+        ));
+    }
     (errors.len() == before).then(|| UpstreamSpec {
         name: name.to_owned(),
         algorithm,
         backends,
+        breaker,
+        retry_budget: (budget.ratio, budget.burst),
     })
+}
+
+fn breaker(
+    at: &str,
+    b: &super::dto::BreakerDto,
+    errors: &mut Errors,
+) -> crate::upstream::breaker::BreakerSettings {
+    let at = format!("{at}.circuit_breaker");
+    let mut positive = |key: &str, ok: bool, what: &str| {
+        if !ok {
+            errors.push((format!("{at}.{key}"), what.to_owned()));
+        }
+    };
+    positive(
+        "consecutive_failures",
+        b.consecutive_failures >= 1,
+        "must be at least 1",
+    );
+    positive(
+        "failure_ratio",
+        b.failure_ratio > 0.0 && b.failure_ratio <= 1.0,
+        "must be greater than 0 and at most 1",
+    );
+    positive("window", !b.window.is_zero(), "must be greater than 0");
+    positive("open_for", !b.open_for.is_zero(), "must be greater than 0");
+    positive(
+        "max_open_for",
+        b.max_open_for >= b.open_for,
+        "must be at least `open_for`",
+    );
+    positive(
+        "half_open_probes",
+        b.half_open_probes >= 1,
+        "must be at least 1",
+    );
+    for (i, code) in b.failure_statuses.iter().enumerate() {
+        if !(100..=599).contains(code) {
+            errors.push((
+                format!("{at}.failure_statuses[{i}]"),
+                format!("{code} is not an HTTP status"),
+            ));
+        }
+    }
+    crate::upstream::breaker::BreakerSettings {
+        enabled: b.enabled,
+        consecutive_failures: b.consecutive_failures,
+        failure_ratio: b.failure_ratio,
+        window: b.window,
+        min_requests: b.min_requests,
+        open_for: b.open_for,
+        max_open_for: b.max_open_for,
+        half_open_probes: b.half_open_probes,
+        failure_statuses: b.failure_statuses.clone(),
+    }
 }
 
 fn algorithm_name(a: AlgorithmDto) -> &'static str {
@@ -287,6 +371,7 @@ fn route(
     at: &str,
     r: &RouteDto,
     pools: &HashMap<&str, usize>,
+    limits: &RateLimitSettings,
     errors: &mut Errors,
 ) -> Option<RouteSpec> {
     let before = errors.len();
@@ -366,6 +451,50 @@ fn route(
         },
     };
     let timeouts = timeouts(at, &r.timeouts, errors);
+    for (i, code) in r.retry.on_statuses.iter().enumerate() {
+        if !(500..=599).contains(code) {
+            errors.push((
+                format!("{at}.retry.on_statuses[{i}]"),
+                format!("{code}: only 5xx statuses can be retried"),
+            ));
+        }
+    }
+    if r.retry.attempts > 5 {
+        errors.push((format!("{at}.retry.attempts"), "at most 5".into()));
+    }
+    let auth = match r.auth {
+        AuthModeDto::None => AuthMode::None,
+        AuthModeDto::Optional => AuthMode::Optional,
+        AuthModeDto::Required => AuthMode::Required,
+    };
+    let min_tier = r
+        .min_tier
+        .as_ref()
+        .and_then(|t| match limits.tier_index(t) {
+            Some(i) => Some(i),
+            None => {
+                let known: Vec<&str> = limits.tiers.iter().map(|t| t.name.as_str()).collect();
+                errors.push((
+                    format!("{at}.min_tier"),
+                    format!("unknown tier `{t}` (defined: {})", known.join(", ")),
+                ));
+                None
+            }
+        });
+    if auth == AuthMode::None && (r.min_tier.is_some() || !r.roles.is_empty()) {
+        errors.push((
+            format!("{at}.auth"),
+            "`min_tier` and `roles` need `auth: required` or `auth: optional`".into(),
+        ));
+    }
+    for (i, role) in r.roles.iter().enumerate() {
+        if !valid_name(role) {
+            errors.push((
+                format!("{at}.roles[{i}]"),
+                format!("role `{role}` must be 1-64 characters of A-Z a-z 0-9 - _"),
+            ));
+        }
+    }
     if errors.len() != before {
         return None;
     }
@@ -379,6 +508,14 @@ fn route(
         rewrite,
         upstream_host,
         timeouts,
+        retry: super::RetrySpec {
+            attempts: r.retry.attempts,
+            on_statuses: r.retry.on_statuses.clone(),
+        },
+        auth,
+        min_tier,
+        roles: r.roles.clone(),
+        rate_limit: r.rate_limit,
     })
 }
 

@@ -95,6 +95,8 @@ pub struct KeyState {
 /// Where one window stands after a decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowStatus {
+    /// The window's position in the policy.
+    pub index: usize,
     /// The window's limit.
     pub limit: u64,
     /// Its period.
@@ -118,6 +120,17 @@ pub struct Decision {
 }
 
 impl Policy {
+    /// How long until a request on `state` would be admitted (zero: now),
+    /// without counting anything.
+    pub fn wait_time(&self, state: &KeyState, now_ns: u64) -> Duration {
+        let mut wait = 0u64;
+        for (i, w) in self.windows.iter().enumerate() {
+            let next = state.tat[i].load(Ordering::Acquire).max(now_ns) + w.interval;
+            wait = wait.max((next - now_ns).saturating_sub(w.tolerance));
+        }
+        Duration::from_nanos(wait)
+    }
+
     /// Decides one request for `state` at `now_ns` (any monotonic clock in
     /// nanoseconds, the same for every call on this state) and, when it is
     /// admitted, counts it in every window.
@@ -195,9 +208,11 @@ impl Policy {
         self.windows
             .iter()
             .zip(tats)
-            .map(|(w, &tat)| {
+            .enumerate()
+            .map(|(index, (w, &tat))| {
                 let debt = tat.saturating_sub(now_ns);
                 WindowStatus {
+                    index,
                     limit: w.limit,
                     period: w.period,
                     remaining: w.tolerance.saturating_sub(debt) / w.interval,

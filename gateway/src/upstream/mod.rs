@@ -1,9 +1,10 @@
 //! Upstream pools: backends, their prebuilt peers, and selection.
 
+pub mod breaker;
 pub mod select;
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use pingora_core::upstreams::peer::HttpPeer;
@@ -26,6 +27,8 @@ pub struct Backend {
     inflight: AtomicUsize,
     /// A template peer; cloned per request and given the route's timeouts.
     peer: HttpPeer,
+    /// Its circuit breaker.
+    pub breaker: breaker::Breaker,
 }
 
 impl Backend {
@@ -36,6 +39,7 @@ impl Backend {
             weight,
             inflight: AtomicUsize::new(0),
             peer: HttpPeer::new(addr, false, String::new()),
+            breaker: breaker::Breaker::default(),
         }
     }
 
@@ -47,6 +51,45 @@ impl Backend {
     /// A fresh peer for one attempt.
     pub fn peer(&self) -> HttpPeer {
         self.peer.clone()
+    }
+}
+
+/// A token bucket of retries: every request sent to the pool adds `ratio`
+/// of a retry, every retry takes one, and at most `burst` can be saved up.
+/// So over any period retries ≤ `ratio` × requests + `burst`.
+#[derive(Debug)]
+pub struct RetryBudget {
+    /// In thousandths of a retry.
+    balance: AtomicU64,
+    per_request: u64,
+    cap: u64,
+}
+
+impl RetryBudget {
+    /// A full budget.
+    pub fn new(ratio: f64, burst: u32) -> Self {
+        let cap = u64::from(burst) * 1000;
+        Self {
+            balance: AtomicU64::new(cap),
+            per_request: (ratio * 1000.0).round() as u64,
+            cap,
+        }
+    }
+
+    /// A request was sent: earn `ratio` of a retry.
+    pub fn deposit(&self) {
+        let _ = self
+            .balance
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b < self.cap).then(|| (b + self.per_request).min(self.cap))
+            });
+    }
+
+    /// Takes one retry, if the budget has it.
+    pub fn try_withdraw(&self) -> bool {
+        self.balance
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| b.checked_sub(1000))
+            .is_ok()
     }
 }
 
@@ -83,6 +126,10 @@ pub struct Pool {
     pub name: String,
     /// Its backends.
     pub backends: Vec<Arc<Backend>>,
+    /// Their breakers' settings.
+    pub breaker: breaker::BreakerSettings,
+    /// Caps status-triggered retries to this pool.
+    pub retry_budget: RetryBudget,
     weights: Vec<u32>,
     selector: Selector,
 }
@@ -124,7 +171,10 @@ impl Pool {
                 }
             }
         }
-        Self::from_backends(&spec.name, &spec.algorithm, backends)
+        let mut pool = Self::from_backends(&spec.name, &spec.algorithm, backends)?;
+        pool.breaker = spec.breaker.clone();
+        pool.retry_budget = RetryBudget::new(spec.retry_budget.0, spec.retry_budget.1);
+        Ok(pool)
     }
 
     /// Builds a pool over already-resolved backends.
@@ -152,6 +202,8 @@ impl Pool {
         Ok(Self {
             name: name.to_owned(),
             backends: backends.into_iter().map(Arc::new).collect(),
+            breaker: breaker::BreakerSettings::default(),
+            retry_budget: RetryBudget::new(0.2, 10),
             weights,
             selector,
         })

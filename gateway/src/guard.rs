@@ -1,0 +1,282 @@
+//! Admission of a routed request, in order: who is calling (bearer token
+//! per the route's `auth` mode), may they use this route (`min_tier`,
+//! `roles`), and are they within their tier's limits. Also the headers
+//! these steps add: identity headers upstream, rate-limit headers down.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use ipnet::IpNet;
+
+use crate::auth::{AuthError, Authenticator, Identity};
+use crate::config::{AuthMode, RouteSpec};
+use crate::ratelimit::{key_of, Verdict};
+use crate::respond::ErrorResponse;
+use crate::snapshot::Snapshot;
+
+/// `X-User-Id`.
+pub static X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
+/// `X-User-Tier`.
+pub static X_USER_TIER: HeaderName = HeaderName::from_static("x-user-tier");
+/// `X-User-Roles`.
+pub static X_USER_ROLES: HeaderName = HeaderName::from_static("x-user-roles");
+/// `X-User-Tenant`.
+pub static X_USER_TENANT: HeaderName = HeaderName::from_static("x-user-tenant");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Who the request was admitted as.
+#[derive(Debug, Default)]
+pub struct Admission {
+    /// The verified caller; `None` = anonymous.
+    pub identity: Option<Arc<Identity>>,
+    /// The caller's class in the limiter (tier index, or anonymous).
+    pub class: usize,
+    /// The rate-limit decision, when the route is limited.
+    pub verdict: Option<Verdict>,
+}
+
+/// A refusal: the response and its extra headers.
+#[derive(Debug)]
+pub struct Denial {
+    /// Status, code, message.
+    pub response: ErrorResponse,
+    /// Headers such as `WWW-Authenticate` or `Retry-After`.
+    pub headers: Vec<(&'static str, HeaderValue)>,
+}
+
+/// The client's address: the peer, or — when the peer is a trusted proxy —
+/// the right-most address in `X-Forwarded-For` that is not a trusted proxy.
+pub fn client_ip(peer: Option<IpAddr>, headers: &HeaderMap, trusted: &[IpNet]) -> Option<IpAddr> {
+    let peer = peer?;
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if trusted.is_empty() || !is_trusted(&peer) {
+        return Some(peer);
+    }
+    let mut candidate = peer;
+    // Right to left: each proxy appends the address it saw.
+    let all: Vec<&str> = headers
+        .get_all(&X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    for hop in all.iter().rev() {
+        match hop.trim().parse::<IpAddr>() {
+            Ok(ip) if is_trusted(&ip) => candidate = ip,
+            Ok(ip) => return Some(ip),
+            // Garbage: stop believing anything further left.
+            Err(_) => return Some(candidate),
+        }
+    }
+    Some(candidate)
+}
+
+/// Runs authentication, tier/role access and rate limiting for `route`.
+pub async fn admit(
+    snapshot: &Snapshot,
+    route: &RouteSpec,
+    headers: &HeaderMap,
+    client: Option<IpAddr>,
+) -> Result<Admission, Denial> {
+    let limiter = &snapshot.limiter;
+    let ip_key = || match client.unwrap_or(IpAddr::from([0, 0, 0, 0])) {
+        IpAddr::V4(v4) => key_of(&[b"ip", &v4.octets()]),
+        IpAddr::V6(v6) => key_of(&[b"ip", &v6.octets()]),
+    };
+    let identity = match route.auth {
+        AuthMode::None => None,
+        AuthMode::Optional | AuthMode::Required => {
+            match Authenticator::bearer(headers.get(http::header::AUTHORIZATION)) {
+                Some(token) => Some(match snapshot.auth.cached(token) {
+                    Some(id) => id,
+                    None => verify_new_token(snapshot, token, ip_key()).await?,
+                }),
+                None if route.auth == AuthMode::Required => {
+                    return Err(unauthorized(AuthError::Missing))
+                }
+                None => None,
+            }
+        }
+    };
+    let class = match &identity {
+        Some(id) => limiter.tier_of(id.tier.as_deref()),
+        None => limiter.anonymous(),
+    };
+    if route.min_tier.is_some() || !route.roles.is_empty() {
+        let Some(id) = &identity else {
+            return Err(unauthorized(AuthError::Missing));
+        };
+        if route.min_tier.is_some_and(|min| class < min) {
+            return Err(Denial {
+                response: ErrorResponse {
+                    status: StatusCode::FORBIDDEN,
+                    code: "insufficient_tier",
+                    message: "your subscription tier does not include this endpoint",
+                },
+                headers: Vec::new(),
+            });
+        }
+        if !route.roles.is_empty() && !route.roles.iter().any(|r| id.has_role(r)) {
+            return Err(Denial {
+                response: ErrorResponse {
+                    status: StatusCode::FORBIDDEN,
+                    code: "insufficient_role",
+                    message: "this endpoint needs a role you do not have",
+                },
+                headers: Vec::new(),
+            });
+        }
+    }
+    let verdict = if route.rate_limit {
+        let verdict = match &identity {
+            Some(id) => {
+                let sub = id.subject.as_bytes();
+                limiter
+                    .check(class, id.key, || {
+                        format!("u:{}", String::from_utf8_lossy(sub))
+                    })
+                    .await
+            }
+            None => {
+                let ip = client.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+                limiter.check(class, ip_key(), || format!("ip:{ip}")).await
+            }
+        };
+        if let Some(v) = &verdict {
+            if !v.allowed {
+                let mut headers = rate_headers(snapshot, class, v);
+                headers.push((
+                    "retry-after",
+                    HeaderValue::from(ceil_secs(v.retry_after).max(1)),
+                ));
+                return Err(Denial {
+                    response: ErrorResponse {
+                        status: StatusCode::TOO_MANY_REQUESTS,
+                        code: "rate_limited",
+                        message: "too many requests for your tier; see Retry-After",
+                    },
+                    headers,
+                });
+            }
+        }
+        verdict
+    } else {
+        None
+    };
+    Ok(Admission {
+        identity,
+        class,
+        verdict,
+    })
+}
+
+/// Verifies a token not in the cache. A client whose recent tokens failed
+/// more often than the anonymous limits allow gets 429 without the
+/// (expensive) signature check.
+async fn verify_new_token(
+    snapshot: &Snapshot,
+    token: &[u8],
+    ip_key: u64,
+) -> Result<Arc<Identity>, Denial> {
+    if let Err(wait) = snapshot.limiter.verification_allowed(ip_key) {
+        return Err(Denial {
+            response: ErrorResponse {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                code: "too_many_invalid_tokens",
+                message: "too many invalid tokens from this address; see Retry-After",
+            },
+            headers: vec![("retry-after", HeaderValue::from(ceil_secs(wait).max(1)))],
+        });
+    }
+    snapshot.auth.verify(token).await.map_err(|e| {
+        snapshot.limiter.record_failed_verification(ip_key);
+        unauthorized(e)
+    })
+}
+
+fn unauthorized(e: AuthError) -> Denial {
+    let (code, challenge) = match e {
+        AuthError::Missing => (
+            "missing_token",
+            HeaderValue::from_static("Bearer realm=\"tiergate\""),
+        ),
+        AuthError::Invalid(why) => (
+            "invalid_token",
+            HeaderValue::from_str(&format!(
+                "Bearer realm=\"tiergate\", error=\"invalid_token\", error_description=\"{why}\""
+            ))
+            .unwrap_or_else(|_| HeaderValue::from_static("Bearer error=\"invalid_token\"")),
+        ),
+    };
+    Denial {
+        response: ErrorResponse {
+            status: StatusCode::UNAUTHORIZED,
+            code,
+            message: e.message(),
+        },
+        headers: vec![("www-authenticate", challenge)],
+    }
+}
+
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// `X-RateLimit-*` and the IETF draft `RateLimit-Policy` / `RateLimit`.
+pub fn rate_headers(
+    snapshot: &Snapshot,
+    class: usize,
+    v: &Verdict,
+) -> Vec<(&'static str, HeaderValue)> {
+    let policy = snapshot.limiter.class(class);
+    let reset = ceil_secs(v.reset);
+    let mut h = Vec::with_capacity(6);
+    h.push(("x-ratelimit-limit", HeaderValue::from(v.limit)));
+    h.push(("x-ratelimit-remaining", HeaderValue::from(v.remaining)));
+    h.push(("x-ratelimit-reset", HeaderValue::from(reset)));
+    if let Some(p) = &policy.policy_header {
+        h.push(("ratelimit-policy", p.clone()));
+    }
+    let name = policy
+        .window_names
+        .get(v.window)
+        .copied()
+        .unwrap_or("minute");
+    if let Ok(value) = HeaderValue::from_str(&format!("\"{name}\";r={};t={reset}", v.remaining)) {
+        h.push(("ratelimit", value));
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_client_ip_believes_only_trusted_proxies() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut h = HeaderMap::new();
+        h.insert(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("1.1.1.1, 203.0.113.9, 10.0.0.7"),
+        );
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let stranger: IpAddr = "198.51.100.1".parse().unwrap();
+        // Through a trusted proxy: the right-most untrusted hop.
+        assert_eq!(
+            client_ip(Some(proxy), &h, &trusted),
+            Some("203.0.113.9".parse().unwrap())
+        );
+        // Anyone else's X-Forwarded-For is ignored.
+        assert_eq!(client_ip(Some(stranger), &h, &trusted), Some(stranger));
+        assert_eq!(client_ip(Some(proxy), &h, &[]), Some(proxy));
+        // Garbage stops the walk at the last trusted hop.
+        h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("junk, 10.0.0.9"));
+        assert_eq!(
+            client_ip(Some(proxy), &h, &trusted),
+            Some("10.0.0.9".parse().unwrap())
+        );
+    }
+}
