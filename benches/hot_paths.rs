@@ -99,12 +99,14 @@ fn bench_selection(c: &mut Criterion) {
     let Some(spec) = config.upstreams.first() else {
         panic!("no pool");
     };
-    let Ok(pool) = Pool::build(spec) else {
+    let resolver = gateway::upstream::discovery::Resolver::new(&config.dns);
+    let Ok(pool) = Pool::build(spec, &resolver) else {
         panic!("pool did not build");
     };
     let tried = Tried::default();
+    // What a request does: load the current members, then pick.
     c.bench_function("select_weighted_round_robin", |b| {
-        b.iter(|| pool.select(black_box(&tried), None))
+        b.iter(|| pool.members().select(black_box(&tried), None))
     });
     c.bench_function("request_id_uuidv7", |b| {
         b.iter(gateway::proxy::new_request_id)

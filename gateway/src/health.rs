@@ -1,14 +1,21 @@
 //! `/health` (liveness) and `/health/services` (every pool and backend)
 //! on the public listener, as the seed report's commands expect.
 //!
-//! `/health/services` reports each backend's circuit state and failures.
-//! Active health checks do not exist yet, so `health` is `"unchecked"` and
-//! `last_check` / `latency_ms` are `null` until they do.
+//! `/health/services` reports each pool's backends: address, weight,
+//! health-check state (`unchecked` without a health check, else `unknown`
+//! until the first check, `healthy` or `unhealthy`), circuit state,
+//! consecutive failures, the last check's time, latency and error, and
+//! backends draining after discovery removed them. Pools with `host:port`
+//! backends also list each name's addresses, when it last resolved and why
+//! the last resolution failed. The admin listener serves the same document.
 
 use serde_json::{json, Value};
 
+use std::time::{Duration, UNIX_EPOCH};
+
 use crate::snapshot::Snapshot;
 use crate::upstream::breaker::BreakerState;
+use crate::upstream::{Backend, Pool};
 
 /// Liveness path.
 pub const LIVENESS_PATH: &str = "/health";
@@ -45,42 +52,41 @@ impl Overall {
     }
 }
 
+/// The answer to a GET/HEAD of `path` if it is one of the health paths:
+/// its HTTP status and JSON document.
+pub fn answer(snapshot: &Snapshot, path: &str) -> Option<(http::StatusCode, Value)> {
+    let (status, doc) = match path {
+        LIVENESS_PATH => (200, json!({"status": "ok"})),
+        SERVICES_PATH => {
+            let (overall, doc) = services(snapshot);
+            (overall.http_status(), doc)
+        }
+        _ => return None,
+    };
+    Some((
+        http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK),
+        doc,
+    ))
+}
+
 /// The `/health/services` document and its overall status.
 pub fn services(snapshot: &Snapshot) -> (Overall, Value) {
     let mut overall = Overall::Ok;
     let mut pools = Vec::with_capacity(snapshot.pools.len());
     for pool in &snapshot.pools {
+        let members = pool.members();
         let mut usable = 0;
-        let backends: Vec<Value> = pool
+        let backends: Vec<Value> = members
             .backends
             .iter()
             .map(|b| {
-                let state = if pool.breaker.enabled {
-                    b.breaker.state()
-                } else {
-                    BreakerState::Closed
-                };
-                let circuit = match state {
-                    BreakerState::Closed => "closed",
-                    BreakerState::Open => "open",
-                    BreakerState::HalfOpen => "half_open",
-                };
-                if state == BreakerState::Closed {
-                    usable += 1;
-                }
-                json!({
-                    "address": b.addr_text,
-                    "weight": b.weight,
-                    "health": "unchecked",
-                    "circuit": circuit,
-                    "consecutive_failures": b.breaker.consecutive_failures(),
-                    "inflight": b.inflight(),
-                    "last_check": Value::Null,
-                    "latency_ms": Value::Null,
-                })
+                let (doc, ok) = backend(pool, b, false);
+                usable += usize::from(ok);
+                doc
             })
+            .chain(pool.draining().iter().map(|b| backend(pool, b, true).0))
             .collect();
-        let status = if usable == pool.backends.len() {
+        let status = if usable == members.backends.len() {
             Overall::Ok
         } else if usable == 0 {
             Overall::Down
@@ -92,14 +98,74 @@ pub fn services(snapshot: &Snapshot) -> (Overall, Value) {
             (Overall::Degraded, _) | (_, Overall::Degraded) => Overall::Degraded,
             _ => Overall::Ok,
         };
-        pools.push(json!({
+        let mut doc = json!({
             "name": pool.name,
             "status": status.as_str(),
             "backends": backends,
-        }));
+        });
+        let names = pool.discovery.snapshot();
+        if !names.is_empty() {
+            doc["names"] = names
+                .iter()
+                .map(|n| {
+                    json!({
+                        "name": format!("{}:{}", n.host, n.port),
+                        "addresses": n.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        "resolved_at": timestamp(Some(n.resolved_at_ms)),
+                        "error": n.error,
+                    })
+                })
+                .collect();
+        }
+        pools.push(doc);
     }
     (
         overall,
         json!({ "status": overall.as_str(), "pools": pools }),
     )
+}
+
+/// One backend's entry, and whether it takes traffic normally.
+fn backend(pool: &Pool, b: &Backend, draining: bool) -> (Value, bool) {
+    let state = if pool.breaker.enabled {
+        b.breaker.state()
+    } else {
+        BreakerState::Closed
+    };
+    let circuit = match state {
+        BreakerState::Closed => "closed",
+        BreakerState::Open => "open",
+        BreakerState::HalfOpen => "half_open",
+    };
+    let health = if pool.health_check.is_some() {
+        b.health.state().as_str()
+    } else {
+        "unchecked"
+    };
+    let ok = state == BreakerState::Closed && b.health.routable();
+    let doc = json!({
+        "address": b.addr_text,
+        "weight": b.weight,
+        "health": health,
+        "circuit": circuit,
+        "consecutive_failures": b.breaker.consecutive_failures(),
+        "failed_checks": b.health.failures(),
+        "last_check": timestamp(b.health.last_check_ms()),
+        "latency_ms": b.health.latency_ms(),
+        "last_error": b.health.last_error(),
+        "inflight": b.inflight(),
+        "draining": draining,
+    });
+    (doc, ok)
+}
+
+/// Unix milliseconds as RFC 3339 (UTC, milliseconds), or null.
+fn timestamp(ms: Option<u64>) -> Value {
+    match ms {
+        Some(ms) if ms > 0 => {
+            let t = UNIX_EPOCH + Duration::from_millis(ms);
+            Value::String(humantime::format_rfc3339_millis(t).to_string())
+        }
+        _ => Value::Null,
+    }
 }

@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use http::header::HOST;
 use http::{HeaderValue, Uri};
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
@@ -32,7 +32,7 @@ use crate::router::RouteMatch;
 use crate::snapshot::Snapshot;
 use crate::upstream::breaker::{self, Permit};
 use crate::upstream::select::Tried;
-use crate::upstream::{HashInput, InflightGuard};
+use crate::upstream::{Backend, HashInput, InflightGuard, Members};
 
 /// Most attempts (first try + retries) for one request.
 const MAX_ATTEMPTS: usize = 3;
@@ -74,7 +74,10 @@ pub struct RequestCtx {
     attempts: usize,
     /// Counts this request against its current backend.
     inflight: Option<InflightGuard>,
-    /// Index of the current backend in the pool.
+    /// The pool's backends as of the first attempt (indices below are
+    /// into these).
+    members: Option<Arc<Members>>,
+    /// Index of the current backend in `members`.
     backend: Option<usize>,
     /// End of the route's `total` budget.
     deadline: Option<Instant>,
@@ -84,7 +87,8 @@ pub struct RequestCtx {
     permit: Option<Permit>,
     /// When every backend's circuit is open: when the first reopens.
     retry_after: Option<Duration>,
-    /// Retries made because of an upstream error status.
+    /// Retries made because of an upstream error status or an error after
+    /// the upstream connection was made.
     status_retries: u32,
     /// The request body is kept for a retry.
     body_buffered: bool,
@@ -99,6 +103,16 @@ impl RequestCtx {
         let snapshot = self.snapshot.as_deref()?;
         let route = snapshot.routes.get(self.route?)?;
         Some((snapshot, route))
+    }
+
+    /// The backend of the current attempt.
+    fn current_backend(&self) -> Option<&Arc<Backend>> {
+        self.members.as_ref()?.backends.get(self.backend?)
+    }
+
+    /// How many backends this request can choose from.
+    fn pool_size(&self) -> usize {
+        self.members.as_ref().map_or(0, |m| m.backends.len())
     }
 }
 
@@ -184,12 +198,44 @@ fn record_outcome(ctx: &mut RequestCtx, failed: bool) {
         return;
     };
     let pool = ctx.route().and_then(|(s, r)| s.pools.get(r.upstream));
-    if let (Some(pool), Some(i)) = (pool, ctx.backend) {
-        if let Some(b) = pool.backends.get(i) {
-            b.breaker
-                .record(&pool.breaker, permit, failed, breaker::now_ns());
-        }
+    if let (Some(pool), Some(b)) = (pool, ctx.current_backend()) {
+        b.breaker
+            .record(&pool.breaker, permit, failed, breaker::now_ns());
     }
+}
+
+/// Whether the current attempt, which would answer `status`, may be
+/// retried on another backend: the status is in the route's
+/// `retry.on_statuses`, its `attempts` are not used up, the method is
+/// idempotent, the body can be resent (none, or all of it kept), an untried
+/// backend is left and the pool's retry budget has a token. When it may,
+/// the retry is booked (backend marked tried, budget spent).
+fn book_retry(session: &Session, ctx: &mut RequestCtx, status: u16) -> bool {
+    let Some((snapshot, route)) = ctx.route() else {
+        return false;
+    };
+    let req = session.req_header();
+    if !route.retry.on_statuses.contains(&status)
+        || ctx.status_retries >= route.retry.attempts
+        || !req.method.is_idempotent()
+        || session.retry_buffer_truncated()
+        || (request_has_body(&req.headers) && !ctx.body_buffered)
+    {
+        return false;
+    }
+    let Some(pool) = snapshot.pools.get(route.upstream) else {
+        return false;
+    };
+    let mut tried = ctx.failed;
+    if let Some(i) = ctx.backend {
+        tried.insert(i);
+    }
+    if tried.len() >= ctx.pool_size() || !pool.retry_budget.try_withdraw() {
+        return false;
+    }
+    ctx.failed = tried;
+    ctx.status_retries += 1;
+    true
 }
 
 /// Whether an error is the upstream's fault (counts against its breaker).
@@ -265,6 +311,7 @@ impl ProxyHttp for Gateway {
             retry_after: None,
             status_retries: 0,
             body_buffered: false,
+            members: None,
         }
     }
 
@@ -278,18 +325,8 @@ impl ProxyHttp for Gateway {
         });
         let snapshot = self.state.load_full();
         if req.method == http::Method::GET || req.method == http::Method::HEAD {
-            let path = req.uri.path();
-            let doc = if path == health::LIVENESS_PATH {
-                Some((200, serde_json::json!({"status": "ok"})))
-            } else if path == health::SERVICES_PATH {
-                let (overall, doc) = health::services(&snapshot);
-                Some((overall.http_status(), doc))
-            } else {
-                None
-            };
-            if let Some((status, doc)) = doc {
+            if let Some((status, doc)) = health::answer(&snapshot, req.uri.path()) {
                 let id = ctx.request_id().clone();
-                let status = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
                 respond::write_json(session, status, &id, doc.to_string().into(), &[]).await?;
                 return Ok(true);
             }
@@ -357,7 +394,13 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let Some((snapshot, route)) = ctx.route() else {
+        if ctx.members.is_none() {
+            ctx.members = ctx
+                .route()
+                .and_then(|(s, r)| s.pools.get(r.upstream))
+                .map(|p| p.members());
+        }
+        let (Some((snapshot, route)), Some(members)) = (ctx.route(), ctx.members.as_deref()) else {
             return Error::e_explain(ErrorType::InternalError, "upstream_peer without a route");
         };
         let Some(pool) = snapshot.pools.get(route.upstream) else {
@@ -391,29 +434,30 @@ impl ProxyHttp for Gateway {
         if ctx.attempts == 0 {
             pool.retry_budget.deposit();
         }
-        // Backends whose circuit is open are skipped like failed ones; when
-        // nothing is left because of them, answer 503 at once.
+        // Backends whose circuit is open or that fail their health checks
+        // are skipped like failed ones; when nothing is left because of
+        // them, answer 503 at once.
         let now = breaker::now_ns();
         let mut skip = ctx.failed;
         let mut open_wait: Option<Duration> = None;
-        for (i, b) in pool.backends.iter().enumerate() {
-            if let Err(wait) = b.breaker.available(&pool.breaker, now) {
+        for (i, b) in members.backends.iter().enumerate() {
+            if let Err(wait) = b.available(pool, now) {
                 skip.insert(i);
                 open_wait = Some(open_wait.map_or(wait, |w| w.min(wait)));
             }
         }
         let (i, permit) = loop {
-            let Some(i) = pool.select(&skip, hash) else {
+            let Some(i) = members.select(&skip, hash) else {
                 if let Some(wait) = open_wait {
                     ctx.retry_after = Some(wait);
                     return Error::e_explain(
                         ErrorType::HTTPStatus(503),
-                        "every backend's circuit is open",
+                        "every backend is unhealthy or its circuit is open",
                     );
                 }
                 return Error::e_explain(ErrorType::HTTPStatus(503), "every backend failed");
             };
-            match pool.backends[i].breaker.acquire(&pool.breaker, now) {
+            match members.backends[i].breaker.acquire(&pool.breaker, now) {
                 Some(permit) => break (i, permit),
                 None => {
                     // Lost the last probe slot to another request.
@@ -422,7 +466,7 @@ impl ProxyHttp for Gateway {
                 }
             }
         };
-        let backend = &pool.backends[i];
+        let backend = &members.backends[i];
         let cap = |d: Duration| Some(remaining.map_or(d, |left| d.min(left)));
         let mut peer = Box::new(backend.peer());
         peer.options.connection_timeout = cap(route.timeouts.connect);
@@ -449,11 +493,7 @@ impl ProxyHttp for Gateway {
             ctx.failed.insert(i);
         }
         record_outcome(ctx, true);
-        let pool_size = ctx
-            .route()
-            .and_then(|(s, r)| s.pools.get(r.upstream))
-            .map_or(0, |p| p.backends.len());
-        if ctx.attempts < MAX_ATTEMPTS && ctx.failed.len() < pool_size {
+        if ctx.attempts < MAX_ATTEMPTS && ctx.failed.len() < ctx.pool_size() {
             e.set_retry(true);
         }
         e
@@ -501,10 +541,7 @@ impl ProxyHttp for Gateway {
         match &route.upstream_host {
             UpstreamHost::Preserve => {}
             UpstreamHost::Backend => {
-                let backend = ctx
-                    .backend
-                    .and_then(|i| snapshot.pools.get(route.upstream)?.backends.get(i));
-                if let Some(b) = backend {
+                if let Some(b) = ctx.current_backend() {
                     upstream.insert_header(HOST, b.addr_text.as_str())?;
                 }
             }
@@ -530,9 +567,8 @@ impl ProxyHttp for Gateway {
 
     /// An upstream status listed in the route's `retry.on_statuses` is
     /// retried on another backend (by failing this attempt with a retryable
-    /// error) when the method is idempotent, the body can be resent, the
-    /// route's attempts and the pool's retry budget allow, and an untried
-    /// backend is left. Otherwise the response goes to the client as is.
+    /// error) when [`book_retry`] allows it. Otherwise the response goes to
+    /// the client as is.
     async fn upstream_response_filter(
         &self,
         session: &mut Session,
@@ -540,29 +576,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let status = upstream.status.as_u16();
-        let Some((snapshot, route)) = ctx.route() else {
-            return Ok(());
-        };
-        if !route.retry.on_statuses.contains(&status)
-            || ctx.status_retries >= route.retry.attempts
-            || !session.req_header().method.is_idempotent()
-            || session.retry_buffer_truncated()
-            || (request_has_body(&session.req_header().headers) && !ctx.body_buffered)
-        {
+        if !book_retry(session, ctx, status) {
             return Ok(());
         }
-        let Some(pool) = snapshot.pools.get(route.upstream) else {
-            return Ok(());
-        };
-        let mut tried = ctx.failed;
-        if let Some(i) = ctx.backend {
-            tried.insert(i);
-        }
-        if tried.len() >= pool.backends.len() || !pool.retry_budget.try_withdraw() {
-            return Ok(());
-        }
-        ctx.failed = tried;
-        ctx.status_retries += 1;
         record_outcome(ctx, true);
         let mut e = Error::explain(
             ErrorType::HTTPStatus(status),
@@ -570,6 +586,38 @@ impl ProxyHttp for Gateway {
         );
         e.set_retry(true);
         Err(e)
+    }
+
+    /// An error after the upstream connection was made (reset, read
+    /// timeout, bad response) counts against the backend's breaker and is
+    /// retried on another backend like the status it becomes (502 or 504),
+    /// as long as nothing was sent to the client yet. A stale pooled
+    /// connection is retried as Pingora does (not the backend's fault).
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        if matches!(e.etype(), ErrorType::HTTPStatus(_)) && e.retry() {
+            // A status retry `upstream_response_filter` already booked.
+            return e;
+        }
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let resendable = session.req_header().method.is_idempotent()
+            && !session.retry_buffer_truncated()
+            && session.response_written().is_none();
+        if matches!(e.retry, RetryType::ReusedOnly) && client_reused && resendable {
+            record_outcome(ctx, false);
+            e.set_retry(true);
+            return e;
+        }
+        record_outcome(ctx, upstream_failure(&e));
+        let status = error_response(&e).map_or(502, |r| r.status.as_u16());
+        e.set_retry(resendable && book_retry(session, ctx, status));
+        e
     }
 
     /// Our own status-triggered retries are expected: no warning per retry.

@@ -11,6 +11,7 @@ use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch}
 
 use tokio::sync::Notify;
 
+use crate::admin::Admin;
 use crate::background::Background;
 use crate::config::Config;
 use crate::error::GatewayError;
@@ -24,6 +25,7 @@ pub struct GatewayServer {
     background: Background,
     state: Arc<ArcSwap<Snapshot>>,
     listen: Vec<SocketAddr>,
+    admin: Vec<SocketAddr>,
 }
 
 impl std::fmt::Debug for GatewayServer {
@@ -50,7 +52,7 @@ impl GatewayServer {
             GatewayError::Server(format!("cannot start the background thread: {e}"))
         })?;
         let snapshot = Snapshot::build(config, env, Some(&background))?;
-        for addr in &config.server.listen {
+        for addr in config.server.listen.iter().chain(&config.admin.listen) {
             // Pingora binds later and exits on failure; check now so the
             // operator gets a clear error instead.
             std::net::TcpListener::bind(addr)
@@ -78,11 +80,25 @@ impl GatewayServer {
             service.add_tcp(&addr.to_string());
         }
         server.add_service(service);
+        if !config.admin.listen.is_empty() {
+            let mut admin = pingora_proxy::http_proxy_service_with_name(
+                &server.configuration,
+                Admin::new(state.clone()),
+                "tiergate admin",
+            );
+            // Operator traffic: one thread is plenty.
+            admin.threads = Some(1);
+            for addr in &config.admin.listen {
+                admin.add_tcp(&addr.to_string());
+            }
+            server.add_service(admin);
+        }
         Ok(Self {
             server,
             background,
             state,
             listen: s.listen.clone(),
+            admin: config.admin.listen.clone(),
         })
     }
 
@@ -94,7 +110,7 @@ impl GatewayServer {
     /// Runs until SIGINT, SIGTERM or SIGQUIT, all graceful: stop accepting,
     /// let in-flight requests finish for `grace_period`, then stop.
     pub fn run(self) {
-        tracing::info!(listen = ?self.listen, "tiergate gateway listening");
+        tracing::info!(listen = ?self.listen, admin = ?self.admin, "tiergate gateway listening");
         let _background = self.background;
         self.server.run(RunArgs {
             shutdown_signal: Box::new(SignalShutdown),

@@ -12,7 +12,8 @@ use crate::error::GatewayError;
 use crate::ratelimit::RateLimiter;
 use crate::router::Router;
 use crate::secret::Environment;
-use crate::upstream::Pool;
+use crate::upstream::discovery::{self, Resolver};
+use crate::upstream::{check, Pool};
 
 /// One compiled config.
 #[derive(Debug)]
@@ -33,18 +34,37 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Compiles a validated config (resolving backend host names). Tasks
-    /// (JWKS refresh, Redis leases, key eviction) run on `bg`; without it
+    /// (JWKS refresh, Redis leases, key eviction, health checks, DNS
+    /// re-resolution) run on `bg`; without it
     /// nothing runs in the background (tests of the pure parts).
     pub fn build(
         config: &Config,
         env: &Environment,
         bg: Option<&Background>,
     ) -> Result<Self, GatewayError> {
+        let resolver = Resolver::new(&config.dns);
         let pools = config
             .upstreams
             .iter()
-            .map(|u| Pool::build(u).map(Arc::new))
+            .map(|u| Pool::build(u, &resolver).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
+        if let Some(bg) = bg {
+            for pool in &pools {
+                // The tasks hold the pool weakly: they end when a reload
+                // drops it.
+                if let Some(spec) = &pool.health_check {
+                    bg.spawn(check::run(Arc::downgrade(pool), spec.clone()));
+                }
+                let interval = pool.discovery.interval;
+                if !interval.is_zero() && !pool.discovery.snapshot().is_empty() {
+                    bg.spawn(discovery::run(
+                        Arc::downgrade(pool),
+                        resolver.clone(),
+                        interval,
+                    ));
+                }
+            }
+        }
         Ok(Self {
             router: Router::new(&config.routes),
             routes: config.routes.clone(),

@@ -355,3 +355,35 @@ fn test_circuit_breaker_errors_are_reported() {
         assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
     }
 }
+
+#[test]
+fn test_health_check_dns_and_admin_errors_are_reported() {
+    let yaml = VALID.replace(
+        "      - address: 127.0.0.1:8021",
+        "      - address: 127.0.0.1:8021\n    health_check: { type: http, method: POST, path: health, expected_statuses: [99], interval: 50ms, timeout: 1s, unhealthy_threshold: 0, port: 9 }",
+    );
+    let yaml = format!(
+        "{yaml}admin:\n  listen: [\"127.0.0.1:8090\", \"127.0.0.1:8090\", \"nowhere\"]\ndns:\n  nameservers: [\"8.8.8.8\", \"dns.example\"]\n  timeout: 0s\n"
+    );
+    let (code, out) = check(&yaml);
+    assert_eq!(code, 64, "{out}");
+    for expected in [
+        "upstreams.users.health_check.port (line 6): unknown key",
+        "upstreams.users.health_check.method (line 6): `POST` is not GET, HEAD or OPTIONS",
+        "upstreams.users.health_check.path (line 6): `health` must start with `/`",
+        "upstreams.users.health_check.expected_statuses[0] (line 6): 99 is not an HTTP status",
+        "upstreams.users.health_check.interval (line 6): must be between 100ms and 1h",
+        "upstreams.users.health_check.timeout (line 6): must be greater than 0 and at most `interval`",
+        "upstreams.users.health_check.unhealthy_threshold (line 6): must be between 1 and 100",
+        "admin.listen[1]",
+        "duplicate listener `127.0.0.1:8090`",
+        "admin.listen[2]",
+        "`nowhere` is not an `ip:port` address",
+        "dns.nameservers[1]",
+        "`dns.example` is not an IP address or `ip:port`",
+        "dns.timeout",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
+    assert!(!out.contains("nameservers[0]"), "8.8.8.8 is fine:\n{out}");
+}

@@ -55,11 +55,84 @@ impl Drop for Upstream {
 pub async fn upstream(name: &'static str) -> Upstream {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = axum::Router::new().fallback(move |req: Request| echo(name, req));
+    let app = echo_app(name);
     let task = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
     Upstream { addr, task }
+}
+
+/// An echo upstream that can be killed (listener and every open
+/// connection dropped at once, as when its process dies) and restarted on
+/// the same port.
+pub struct KillableUpstream {
+    pub addr: SocketAddr,
+    name: &'static str,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl KillableUpstream {
+    /// Starts on an ephemeral port.
+    pub async fn start(name: &'static str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut up = Self {
+            addr,
+            name,
+            task: None,
+        };
+        up.serve(listener);
+        up
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let app = echo_app(self.name);
+        self.task = Some(tokio::spawn(async move {
+            // Connections live in this set: aborting the task drops them.
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app.clone());
+                conns.spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        }));
+    }
+
+    /// Closes the listener and resets every open connection.
+    pub async fn kill(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn restart(&mut self) {
+        let listener = tokio::net::TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+}
+
+impl Drop for KillableUpstream {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+/// The echo app of [`upstream`], answering as `name`.
+pub fn echo_app(name: &'static str) -> axum::Router {
+    axum::Router::new().fallback(move |req: Request| echo(name, req))
 }
 
 fn query_param(req: &Request, key: &str) -> Option<u64> {
@@ -116,6 +189,8 @@ async fn echo(name: &'static str, req: Request) -> Response {
 /// A gateway running in this process on an ephemeral port.
 pub struct TestGateway {
     pub addr: SocketAddr,
+    /// The admin listener.
+    pub admin: SocketAddr,
     running: RunningGateway,
 }
 
@@ -128,6 +203,11 @@ impl TestGateway {
     /// `http://127.0.0.1:PORT` + `path`.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The admin listener's `http://127.0.0.1:PORT` + `path`.
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
     }
 }
 
@@ -149,14 +229,21 @@ pub fn gateway_with_server(server_extra: &str, body: &str, env: &Environment) ->
         .with_test_writer()
         .try_init();
     let port = free_port();
+    let admin_port = free_port();
     let src = format!(
-        "server:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 0s\n{server_extra}{body}"
+        "admin:\n  listen: [\"127.0.0.1:{admin_port}\"]\nserver:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 0s\n{server_extra}{body}"
     );
     let config = gateway::config::parse(&src).unwrap_or_else(|e| panic!("{e}"));
     let running = GatewayServer::build_with_env(&config, env).unwrap().spawn();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin_port}").parse().unwrap();
     wait_for_port(addr);
-    TestGateway { addr, running }
+    wait_for_port(admin);
+    TestGateway {
+        addr,
+        admin,
+        running,
+    }
 }
 
 /// An HTTP client that never uses a proxy from the environment.
@@ -193,7 +280,7 @@ pub fn write_config(port: u16, threads: usize, upstream: SocketAddr) -> PathBuf 
     std::fs::write(
         &file,
         format!(
-            "server:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: {threads}\nupstreams:\n  svc: {{ backends: [{{ address: \"{upstream}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\n"
+            "admin: {{ listen: [] }}\nserver:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: {threads}\nupstreams:\n  svc: {{ backends: [{{ address: \"{upstream}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\n"
         ),
     )
     .unwrap();

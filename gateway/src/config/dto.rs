@@ -24,6 +24,47 @@ pub struct ConfigDto {
     pub auth: AuthDto,
     /// Tiers and rate limits.
     pub rate_limit: RateLimitDto,
+    /// The admin listener.
+    pub admin: AdminDto,
+    /// How backend host names are resolved.
+    pub dns: DnsDto,
+}
+
+/// `admin:` — the operator listener (`/health/services`).
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct AdminDto {
+    /// Admin listener addresses (`ip:port`); empty turns it off.
+    pub listen: Vec<String>,
+}
+
+impl Default for AdminDto {
+    fn default() -> Self {
+        Self {
+            listen: vec!["127.0.0.1:8090".to_owned()],
+        }
+    }
+}
+
+/// `dns:` — the resolver for backend host names.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct DnsDto {
+    /// DNS servers (`ip` or `ip:port`) asked directly; empty means the
+    /// system resolver (`/etc/hosts`, `/etc/resolv.conf`).
+    pub nameservers: Vec<String>,
+    /// How long one resolution may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for DnsDto {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 /// `server:` — listeners and Pingora runtime tuning.
@@ -66,7 +107,7 @@ impl Default for ServerDto {
 }
 
 /// `upstreams.<name>:` — one pool of backends.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(default)]
 pub struct UpstreamDto {
     /// Load-balancing algorithm.
@@ -81,6 +122,80 @@ pub struct UpstreamDto {
     pub circuit_breaker: BreakerDto,
     /// Cap on status-triggered retries to this pool.
     pub retry_budget: RetryBudgetDto,
+    /// Active health checks; none when absent.
+    pub health_check: Option<HealthCheckDto>,
+    /// How often `host:port` backends are resolved again (`0s`: never).
+    #[serde(with = "humantime_serde")]
+    pub resolve_interval: Duration,
+}
+
+/// `upstreams.<name>.health_check`.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct HealthCheckDto {
+    /// `http` or `tcp` (connect only).
+    #[serde(rename = "type")]
+    pub kind: CheckTypeDto,
+    /// HTTP method of the check.
+    pub method: String,
+    /// HTTP path of the check.
+    pub path: String,
+    /// `Host` header of the check; the backend's address when absent.
+    pub host: Option<String>,
+    /// Statuses that count as healthy.
+    pub expected_statuses: Vec<u16>,
+    /// Time between two checks of a backend.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long one check may take.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive passes that make an unhealthy backend healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthCheckDto {
+    fn default() -> Self {
+        Self {
+            kind: CheckTypeDto::Http,
+            method: "GET".to_owned(),
+            path: "/health".to_owned(),
+            host: None,
+            expected_statuses: vec![200],
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+        }
+    }
+}
+
+/// `upstreams.<name>.health_check.type`.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum CheckTypeDto {
+    /// An HTTP request; healthy when the status is expected.
+    #[default]
+    Http,
+    /// A TCP connect; healthy when it succeeds.
+    Tcp,
+}
+
+impl Default for UpstreamDto {
+    fn default() -> Self {
+        Self {
+            algorithm: AlgorithmDto::default(),
+            hash_on: None,
+            hash_header: None,
+            backends: Vec::new(),
+            circuit_breaker: BreakerDto::default(),
+            retry_budget: RetryBudgetDto::default(),
+            health_check: None,
+            resolve_interval: Duration::from_secs(30),
+        }
+    }
 }
 
 /// `upstreams.<name>.circuit_breaker`.

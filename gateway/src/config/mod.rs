@@ -76,6 +76,59 @@ pub struct Config {
     pub auth: AuthSettings,
     /// Tiers and limits.
     pub rate_limit: RateLimitSettings,
+    /// The admin listener.
+    pub admin: AdminSettings,
+    /// How backend host names are resolved.
+    pub dns: DnsSettings,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSettings {
+    /// Its addresses; empty when off.
+    pub listen: Vec<SocketAddr>,
+}
+
+/// The resolver of backend host names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsSettings {
+    /// Servers asked directly; empty for the system resolver.
+    pub nameservers: Vec<SocketAddr>,
+    /// Longest time one resolution may take.
+    pub timeout: Duration,
+}
+
+/// A pool's active health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheckSpec {
+    /// What a check does.
+    pub kind: CheckKind,
+    /// Time between two checks of a backend.
+    pub interval: Duration,
+    /// Longest time one check may take.
+    pub timeout: Duration,
+    /// Consecutive passes that make a backend healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a backend unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+/// What a health check does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckKind {
+    /// Connect only.
+    Tcp,
+    /// Send one HTTP/1.1 request and read the status line.
+    Http {
+        /// Request method.
+        method: Method,
+        /// Request path (with query, if any).
+        path: String,
+        /// `Host` header; the backend's `ip:port` when `None`.
+        host: Option<String>,
+        /// Statuses that pass.
+        expected_statuses: Vec<u16>,
+    },
 }
 
 /// Validated `server:` section.
@@ -110,6 +163,10 @@ pub struct UpstreamSpec {
     pub breaker: crate::upstream::breaker::BreakerSettings,
     /// Status-triggered retries allowed per request (ratio) and at once (burst).
     pub retry_budget: (f64, u32),
+    /// Active health checks, when configured.
+    pub health_check: Option<HealthCheckSpec>,
+    /// How often host names are resolved again; zero for never.
+    pub resolve_interval: Duration,
 }
 
 /// A route's retry policy.

@@ -10,12 +10,13 @@ use regex::{Regex, RegexBuilder};
 use super::access::{self, AuthMode, RateLimitSettings};
 use super::dto::AuthModeDto;
 use super::dto::{
-    AlgorithmDto, BackendDto, ConfigDto, HashOnDto, PathMatchDto, RouteDto, TimeoutsDto,
-    UpstreamDto,
+    AlgorithmDto, BackendDto, CheckTypeDto, ConfigDto, HashOnDto, HealthCheckDto, PathMatchDto,
+    RouteDto, TimeoutsDto, UpstreamDto,
 };
 use super::{
-    Algorithm, BackendAddress, BackendSpec, Config, HashKey, HostMatch, PathMatch, PathRewrite,
-    RouteSpec, ServerSettings, Timeouts, UpstreamHost, UpstreamSpec,
+    AdminSettings, Algorithm, BackendAddress, BackendSpec, CheckKind, Config, DnsSettings, HashKey,
+    HealthCheckSpec, HostMatch, PathMatch, PathRewrite, RouteSpec, ServerSettings, Timeouts,
+    UpstreamHost, UpstreamSpec,
 };
 
 /// Most backends one pool may have (after DNS expansion too).
@@ -33,6 +34,8 @@ pub(super) fn validate(dto: ConfigDto) -> Result<Config, Errors> {
     let server = server(&dto, &mut errors);
     let auth = access::auth(&dto.auth, &mut errors);
     let rate_limit = access::rate_limit(&dto.rate_limit, &mut errors);
+    let admin = admin(&dto, &mut errors);
+    let dns = dns(&dto, &mut errors);
     let upstreams: Vec<UpstreamSpec> = dto
         .upstreams
         .iter()
@@ -69,6 +72,8 @@ pub(super) fn validate(dto: ConfigDto) -> Result<Config, Errors> {
             routes,
             auth,
             rate_limit,
+            admin,
+            dns,
         }),
         _ => Err(errors),
     }
@@ -234,13 +239,162 @@ fn upstream(name: &str, u: &UpstreamDto, errors: &mut Errors) -> Option<Upstream
             "must be between 0 and 10".into(),
         ));
     }
+    let health_check = u
+        .health_check
+        .as_ref()
+        .map(|h| health_check(&format!("{at}.health_check"), h, errors));
     (errors.len() == before).then(|| UpstreamSpec {
         name: name.to_owned(),
         algorithm,
         backends,
         breaker,
         retry_budget: (budget.ratio, budget.burst),
+        health_check,
+        resolve_interval: u.resolve_interval,
     })
+}
+
+/// Longest time between two checks, and longest check.
+const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
+/// Largest health-check threshold.
+const MAX_THRESHOLD: u32 = 100;
+
+fn health_check(at: &str, h: &HealthCheckDto, errors: &mut Errors) -> HealthCheckSpec {
+    let mut check = |key: &str, ok: bool, what: &str| {
+        if !ok {
+            errors.push((format!("{at}.{key}"), what.to_owned()));
+        }
+    };
+    check(
+        "interval",
+        h.interval >= Duration::from_millis(100) && h.interval <= MAX_CHECK_INTERVAL,
+        "must be between 100ms and 1h",
+    );
+    check(
+        "timeout",
+        !h.timeout.is_zero() && h.timeout <= h.interval,
+        "must be greater than 0 and at most `interval`",
+    );
+    for (key, v) in [
+        ("healthy_threshold", h.healthy_threshold),
+        ("unhealthy_threshold", h.unhealthy_threshold),
+    ] {
+        check(
+            key,
+            (1..=MAX_THRESHOLD).contains(&v),
+            "must be between 1 and 100",
+        );
+    }
+    let kind = match h.kind {
+        CheckTypeDto::Tcp => CheckKind::Tcp,
+        CheckTypeDto::Http => {
+            let method = match h.method.to_ascii_uppercase().as_str() {
+                "GET" => Method::GET,
+                "HEAD" => Method::HEAD,
+                "OPTIONS" => Method::OPTIONS,
+                _ => {
+                    errors.push((
+                        format!("{at}.method"),
+                        format!("`{}` is not GET, HEAD or OPTIONS", h.method),
+                    ));
+                    Method::GET
+                }
+            };
+            if !h.path.starts_with('/')
+                || h.path.len() > 2048
+                || !h.path.bytes().all(|b| b.is_ascii_graphic())
+            {
+                errors.push((
+                    format!("{at}.path"),
+                    format!(
+                        "`{}` must start with `/` and be visible ASCII without spaces",
+                        h.path
+                    ),
+                ));
+            }
+            if let Some(host) = &h.host {
+                if host.is_empty() || !host.bytes().all(|b| b.is_ascii_graphic()) {
+                    errors.push((
+                        format!("{at}.host"),
+                        format!("`{host}` is not a valid Host header"),
+                    ));
+                }
+            }
+            if h.expected_statuses.is_empty() {
+                errors.push((
+                    format!("{at}.expected_statuses"),
+                    "at least one status is needed".into(),
+                ));
+            }
+            for (i, code) in h.expected_statuses.iter().enumerate() {
+                if !(100..=599).contains(code) {
+                    errors.push((
+                        format!("{at}.expected_statuses[{i}]"),
+                        format!("{code} is not an HTTP status"),
+                    ));
+                }
+            }
+            CheckKind::Http {
+                method,
+                path: h.path.clone(),
+                host: h.host.clone(),
+                expected_statuses: h.expected_statuses.clone(),
+            }
+        }
+    };
+    HealthCheckSpec {
+        kind,
+        interval: h.interval,
+        timeout: h.timeout,
+        healthy_threshold: h.healthy_threshold,
+        unhealthy_threshold: h.unhealthy_threshold,
+    }
+}
+
+fn admin(dto: &ConfigDto, errors: &mut Errors) -> AdminSettings {
+    let mut listen = Vec::new();
+    for (i, l) in dto.admin.listen.iter().enumerate() {
+        let at = format!("admin.listen[{i}]");
+        match l.parse::<SocketAddr>() {
+            Ok(a) if listen.contains(&a) => {
+                errors.push((at, format!("duplicate listener `{l}`")));
+            }
+            Ok(a) if dto.server.listen.iter().any(|p| p.parse() == Ok(a)) => {
+                errors.push((at, format!("`{l}` is also a public listener")));
+            }
+            Ok(a) => listen.push(a),
+            Err(_) => errors.push((at, format!("`{l}` is not an `ip:port` address"))),
+        }
+    }
+    AdminSettings { listen }
+}
+
+fn dns(dto: &ConfigDto, errors: &mut Errors) -> DnsSettings {
+    let d = &dto.dns;
+    let mut nameservers = Vec::new();
+    for (i, n) in d.nameservers.iter().enumerate() {
+        let addr = n.parse::<SocketAddr>().or_else(|_| {
+            n.parse::<std::net::IpAddr>()
+                .map(|ip| SocketAddr::new(ip, 53))
+        });
+        match addr {
+            Ok(a) if a.port() != 0 => nameservers.push(a),
+            _ => errors.push((
+                format!("dns.nameservers[{i}]"),
+                format!("`{n}` is not an IP address or `ip:port`"),
+            )),
+        }
+    }
+    if d.timeout.is_zero() || d.timeout > Duration::from_secs(60) {
+        errors.push((
+            "dns.timeout".into(),
+            "must be greater than 0 and at most 60s".into(),
+        ));
+    }
+    DnsSettings {
+        nameservers,
+        timeout: d.timeout,
+    }
 }
 
 fn breaker(

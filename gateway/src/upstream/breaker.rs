@@ -285,6 +285,16 @@ impl Breaker {
         })
     }
 
+    /// Ends an open period now, so the next requests are half-open probes
+    /// (a backend that passed its health checks again after failing them).
+    /// The back-off starts over: a failed probe reopens for `open_for`.
+    pub fn end_open_period(&self, now: u64) {
+        if self.state.load(Ordering::Acquire) == OPEN {
+            self.open_for.store(0, Ordering::Release);
+            self.opened_at.store(now, Ordering::Release);
+        }
+    }
+
     /// Until when it stays open (for `Retry-After`), if open.
     pub fn open_remaining(&self, now: u64) -> Option<Duration> {
         (self.state.load(Ordering::Acquire) == OPEN).then(|| {
@@ -400,6 +410,27 @@ mod tests {
         }
         send(&b, &s, true, 20_000 * MS + 20 * MS);
         assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn test_ending_the_open_period_starts_probes_at_once() {
+        let s = settings();
+        let b = Breaker::default();
+        for i in 0..5 {
+            send(&b, &s, true, i * MS);
+        }
+        assert!(b.available(&s, 10 * MS).is_err());
+        // Early in the process's clock too (now < open_for).
+        b.end_open_period(10 * MS);
+        assert_eq!(b.available(&s, 10 * MS), Ok(()));
+        assert_eq!(b.acquire(&s, 10 * MS), Some(Permit::Probe));
+        // A failed probe reopens for the base duration, not a doubled one.
+        b.record(&s, Permit::Probe, true, 20 * MS);
+        assert_eq!(b.available(&s, 20 * MS), Err(Duration::from_millis(100)));
+        // A closed breaker is left alone.
+        let closed = Breaker::default();
+        closed.end_open_period(5 * MS);
+        assert_eq!(closed.state(), BreakerState::Closed);
     }
 
     #[test]
