@@ -69,17 +69,33 @@ impl HealthState {
     }
 }
 
+/// `latency_us` before any check passed.
+const NO_LATENCY: u64 = u64::MAX;
+
 /// One backend's check results. Written only by its pool's check task.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Health {
     state: AtomicU8,
     passes: AtomicU32,
     failures: AtomicU32,
     /// Unix milliseconds of the last check; 0 before the first.
     last_check_ms: AtomicU64,
-    /// Microseconds the last passing check took.
+    /// Microseconds the last passing check took; [`NO_LATENCY`] before one.
     latency_us: AtomicU64,
     last_error: Mutex<Option<String>>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self {
+            state: AtomicU8::new(0),
+            passes: AtomicU32::new(0),
+            failures: AtomicU32::new(0),
+            last_check_ms: AtomicU64::new(0),
+            latency_us: AtomicU64::new(NO_LATENCY),
+            last_error: Mutex::new(None),
+        }
+    }
 }
 
 /// The next state after a check, given the streak counts *including* it.
@@ -122,10 +138,11 @@ impl Health {
         Some(self.last_check_ms.load(Ordering::Relaxed)).filter(|&t| t > 0)
     }
 
-    /// How long the last passing check took, in milliseconds.
+    /// How long the last passing check took, in milliseconds; `None`
+    /// until one passed.
     pub fn latency_ms(&self) -> Option<f64> {
-        self.last_check_ms()?;
-        Some(self.latency_us.load(Ordering::Relaxed) as f64 / 1000.0)
+        let us = self.latency_us.load(Ordering::Relaxed);
+        (us != NO_LATENCY).then(|| us as f64 / 1000.0)
     }
 
     /// Why the last check failed, if it did.
@@ -150,8 +167,9 @@ impl Health {
         self.last_check_ms.store(unix_ms(), Ordering::Relaxed);
         let error = match outcome {
             Ok(took) => {
+                let us = u64::try_from(took.as_micros()).unwrap_or(NO_LATENCY - 1);
                 self.latency_us
-                    .store(took.as_micros() as u64, Ordering::Relaxed);
+                    .store(us.min(NO_LATENCY - 1), Ordering::Relaxed);
                 None
             }
             Err(e) => Some(e),
@@ -307,6 +325,7 @@ mod tests {
         assert_eq!(h.state(), HealthState::Unknown);
         assert!(h.routable());
         assert_eq!(h.record(&s, fail()), Some(HealthState::Unhealthy));
+        assert_eq!(h.latency_ms(), None, "no check passed yet");
         assert!(!h.routable());
         // One pass is not enough to come back: healthy_threshold is 2.
         assert_eq!(h.record(&s, Ok(Duration::from_millis(1))), None);
