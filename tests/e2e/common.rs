@@ -53,13 +53,18 @@ impl Drop for Upstream {
 /// body as a stream (counting bytes, never buffering it) and answers JSON:
 /// `{backend, method, path, headers, body_bytes}`.
 pub async fn upstream(name: &'static str) -> Upstream {
+    let (addr, task) = serve(echo_app(name)).await;
+    Upstream { addr, task }
+}
+
+/// Serves `app` on an ephemeral 127.0.0.1 port until the task is aborted.
+pub async fn serve(app: axum::Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let app = echo_app(name);
     let task = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
-    Upstream { addr, task }
+    (addr, task)
 }
 
 /// An echo upstream that can be killed (listener and every open

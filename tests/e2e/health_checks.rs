@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{
-    backend_of, client, free_port, gateway, get_json, upstream, KillableUpstream, TestGateway,
+    backend_of, client, free_port, gateway, get_json, serve, upstream, KillableUpstream,
+    TestGateway,
 };
 
 /// The admin listener's `/health/services` entry for the backend at `addr`.
@@ -203,9 +204,7 @@ async fn test_http_check_uses_method_path_host_and_expected_statuses() {
             }
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (addr, server) = serve(app).await;
     let gw = gateway(&format!(
         "upstreams:\n  good:\n    backends: [{{address: \"{addr}\"}}]\n    health_check: {{method: HEAD, path: /ready, host: ready.internal, expected_statuses: [200, 204], interval: 100ms, timeout: 100ms}}\n  bad:\n    backends: [{{address: \"{addr}\"}}]\n    health_check: {{path: /ready, interval: 100ms, timeout: 100ms}}\nroutes:\n  - {{name: g, match: {{path: {{prefix: /g}}}}, upstream: good}}\n  - {{name: b, match: {{path: {{prefix: /b}}}}, upstream: bad}}\n"
     ));
@@ -250,9 +249,7 @@ async fn slow(delay: Duration) -> (SocketAddr, Arc<AtomicUsize>, tokio::task::Jo
             "late"
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let (addr, task) = serve(app).await;
     (addr, hits, task)
 }
 

@@ -40,11 +40,7 @@ async fn flaky() -> Flaky {
             }
         }
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
+    let (addr, task) = crate::common::serve(app).await;
     Flaky {
         addr,
         failing,

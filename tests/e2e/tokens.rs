@@ -152,11 +152,7 @@ pub async fn jwks_server() -> JwksServer {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        axum::serve(listener, app).await.unwrap();
-    });
+    let (addr, task) = crate::common::serve(app).await;
     JwksServer {
         addr,
         hits,
