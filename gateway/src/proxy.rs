@@ -85,7 +85,8 @@ pub struct RequestCtx {
     admission: Option<Admission>,
     /// The current backend's breaker permit, until its outcome is recorded.
     permit: Option<Permit>,
-    /// When every backend's circuit is open: when the first reopens.
+    /// When every backend is unhealthy or its circuit open: when one may
+    /// be tried again.
     retry_after: Option<Duration>,
     /// Retries made because of an upstream error status or an error after
     /// the upstream connection was made.
