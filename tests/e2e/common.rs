@@ -277,6 +277,14 @@ pub async fn json_of(req: reqwest::RequestBuilder) -> Value {
     req.send().await.unwrap().json().await.unwrap()
 }
 
+/// Upstreams and routes YAML: pool `svc` of one backend, one route `all`
+/// sending every path to it.
+pub fn one_route(upstream: SocketAddr) -> String {
+    format!(
+        "upstreams:\n  svc: {{ backends: [{{ address: \"{upstream}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\n"
+    )
+}
+
 /// Writes a one-route config (everything → `upstream`) for the real binary.
 pub fn write_config(port: u16, threads: usize, upstream: SocketAddr) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("tiergate-e2e-{port}"));
@@ -285,7 +293,8 @@ pub fn write_config(port: u16, threads: usize, upstream: SocketAddr) -> PathBuf 
     std::fs::write(
         &file,
         format!(
-            "admin: {{ listen: [] }}\nserver:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: {threads}\nupstreams:\n  svc: {{ backends: [{{ address: \"{upstream}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\n"
+            "admin: {{ listen: [] }}\nserver:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: {threads}\n{}",
+            one_route(upstream)
         ),
     )
     .unwrap();

@@ -103,10 +103,7 @@ routes:
 async fn test_malformed_request_is_a_400_not_a_500() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = upstream("svc").await;
-    let gw = gateway(&format!(
-        "upstreams:\n  svc: {{ backends: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\n",
-        up.addr
-    ));
+    let gw = gateway(&one_route(up.addr));
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n")
         .await

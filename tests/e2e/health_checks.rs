@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::common::{
-    backend_of, client, free_port, gateway, get_json, serve, upstream, KillableUpstream,
+    backend_of, client, free_port, gateway, get_json, one_route, serve, upstream, KillableUpstream,
     TestGateway,
 };
 
@@ -302,10 +302,7 @@ async fn test_slow_backends_give_504_at_the_read_timeout_and_the_budget_caps_ret
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_admin_listener_serves_health_services_only() {
     let up = upstream("up").await;
-    let gw = gateway(&format!(
-        "upstreams:\n  svc: {{backends: [{{address: \"{}\"}}]}}\nroutes:\n  - {{name: all, match: {{path: {{prefix: /}}}}, upstream: svc}}\n",
-        up.addr
-    ));
+    let gw = gateway(&one_route(up.addr));
     let c = client();
     let (status, doc) = get_json(&c, &gw.admin_url("/health/services")).await;
     assert_eq!(status, 200);

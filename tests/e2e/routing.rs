@@ -173,10 +173,7 @@ routes:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_request_id_and_forwarding_headers() {
     let up = upstream("svc").await;
-    let gw = gateway(&format!(
-        "upstreams:\n  svc: {{ backends: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\n",
-        up.addr
-    ));
+    let gw = gateway(&one_route(up.addr));
     let c = client();
     // Generated: a UUIDv7, the same upstream and back.
     let resp = c.get(gw.url("/x")).send().await.unwrap();
