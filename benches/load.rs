@@ -57,6 +57,29 @@ fn main() -> Result<()> {
     }
 }
 
+/// The dev HS256 secret the full-chain tiergate target verifies tokens with.
+const BENCH_SECRET: &str = "tiergate-load-bench-secret";
+
+/// A day-long token of tier BENCH, signed with [`BENCH_SECRET`]; the same
+/// for the whole run.
+fn bench_token() -> &'static str {
+    static TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TOKEN.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let claims = serde_json::json!({
+            "sub": "bench-user", "tier": "BENCH", "iat": now, "exp": now + 86_400,
+        });
+        jsonwebtoken::encode(
+            &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(BENCH_SECRET.as_bytes()),
+        )
+        .unwrap_or_default()
+    })
+}
+
 /// Reads a numeric environment variable, falling back to `default` when unset or empty.
 fn env_num<T>(name: &str, default: T) -> Result<T>
 where
@@ -444,8 +467,14 @@ mod fixed {
         }
     }
 
+    /// The benchmark request, the same for every target: a bearer token
+    /// (which only tiergate's full chain checks) and nothing else unusual.
     pub fn get_request(addr: SocketAddr) -> Vec<u8> {
-        format!("GET / HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tiergate-load\r\n\r\n").into_bytes()
+        format!(
+            "GET / HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tiergate-load\r\nAuthorization: Bearer {}\r\n\r\n",
+            super::bench_token()
+        )
+        .into_bytes()
     }
 
     #[derive(Default)]
@@ -643,19 +672,54 @@ mod harness {
     use super::wrk::{self, WrkResult};
     use super::*;
 
-    const TARGETS: [&str; 5] = [
+    const TARGETS: [&str; 6] = [
         "direct",
         "tiergate",
+        "tiergate-plain",
         "pingora-bare",
         "pingora-default",
         "nginx",
     ];
 
-    /// `{port}`, `{up}`, `{n}` are substituted.
+    /// The full chain as a production config runs it: bearer token required
+    /// (HS256 with the dev secret; a cached token costs the same whatever
+    /// its algorithm), tier rate limits shared through Redis (leases; limits
+    /// far above the load so nothing is refused), metrics (always on; the
+    /// admin listener serves them), JSON access log of every request to a
+    /// file, request ids and trace context.
+    /// `{port}`, `{n}`, `{admin}`, `{dir}` are substituted; followed by
+    /// [`TIERGATE_ROUTE_YAML`].
     const TIERGATE_YAML: &str = r#"server:
   listen: ["127.0.0.1:{port}"]
   threads: {n}
-upstreams:
+admin:
+  listen: ["127.0.0.1:{admin}"]
+auth:
+  algorithms: [HS256]
+rate_limit:
+  tiers:
+    - { name: BENCH, per_minute: 1000000000, per_hour: 10000000000, per_day: 100000000000 }
+  redis: { url: "redis://127.0.0.1:6379" }
+access_log:
+  path: "{dir}/access.log"
+"#;
+
+    /// tiergate with every optional filter off: no auth, no limits, no
+    /// access log, no admin listener (request ids, trace context and
+    /// request metrics stay: they cannot be turned off).
+    /// `{port}`, `{n}` are substituted; followed by [`TIERGATE_ROUTE_YAML`].
+    const TIERGATE_PLAIN_YAML: &str = r#"server:
+  listen: ["127.0.0.1:{port}"]
+  threads: {n}
+admin:
+  listen: []
+access_log:
+  enabled: false
+"#;
+
+    /// The pool and the one route of both tiergate targets; the route's
+    /// last key (`auth`/`rate_limit`) is appended per target.
+    const TIERGATE_ROUTE_YAML: &str = r#"upstreams:
   bench:
     backends:
       - address: "127.0.0.1:{up}"
@@ -731,7 +795,12 @@ http {
         fn wrk_args(&self, secs: u64) -> Vec<String> {
             let (t, c) = (self.wrk_threads, self.connections.max(self.wrk_threads));
             let args = format!("-t{t} -c{c} -d{secs}s --latency --timeout 2s");
-            args.split(' ').map(String::from).collect()
+            let mut args: Vec<String> = args.split(' ').map(String::from).collect();
+            args.extend([
+                "-H".to_owned(),
+                format!("Authorization: Bearer {}", bench_token()),
+            ]);
+            args
         }
 
         fn command(&self) -> String {
@@ -964,7 +1033,10 @@ http {
         ) -> Result<ChildGuard> {
             let mut cmd = Command::new(std::env::current_exe().context("current_exe")?);
             cmd.env(ROLE_ENV, "supervise")
-                .env("BENCH_STOP_SIGNAL", signal);
+                .env("BENCH_STOP_SIGNAL", signal)
+                .env("TIERGATE_DEV_JWT_SECRET", BENCH_SECRET)
+                .env_remove("TIERGATE_REDIS_URL")
+                .env("RUST_LOG", "warn");
             cmd.arg(program).args(args);
             ChildGuard::spawn(name, cmd, self.tmp.join(format!("{name}.log")))
         }
@@ -980,9 +1052,17 @@ http {
         fn start(&self, target: &str, port: u16) -> Result<ChildGuard> {
             match target {
                 "pingora-bare" | "pingora-default" => self.spawn_role(target, port, self.s.threads),
-                "tiergate" => {
-                    let yaml = self.tmp.join("tiergate.yaml");
-                    fs::write(&yaml, self.fill(TIERGATE_YAML, port, self.tmp))?;
+                "tiergate" | "tiergate-plain" => {
+                    let yaml = self.tmp.join(format!("{target}.yaml"));
+                    let template = if target == "tiergate" {
+                        format!("{TIERGATE_YAML}{TIERGATE_ROUTE_YAML}    auth: required\n")
+                    } else {
+                        format!("{TIERGATE_PLAIN_YAML}{TIERGATE_ROUTE_YAML}    rate_limit: false\n")
+                    };
+                    let config = self
+                        .fill(&template, port, self.tmp)
+                        .replace("{admin}", &free_port()?.to_string());
+                    fs::write(&yaml, config)?;
                     let bin = Path::new(env!("CARGO_BIN_EXE_tiergate"));
                     let args = [OsStr::new("gateway"), OsStr::new("-c"), yaml.as_os_str()];
                     self.supervised(target, bin, &args, "KILL")
@@ -1061,6 +1141,13 @@ http {
                 .block_on(fixed::run(addr, self.s.rate, self.s.rate_conns, dur))?;
             if let Some(g) = guard.as_mut() {
                 g.ensure_alive()?;
+            }
+            if target == "tiergate" {
+                // Proof the chain was on: one access-log line per request.
+                let lines = fs::read(self.tmp.join("access.log"))
+                    .map(|b| b.iter().filter(|&&c| c == b'\n').count())
+                    .unwrap_or(0);
+                eprintln!("   tiergate access log: {lines} lines");
             }
             Ok(Outcome::Done(w, f))
         }

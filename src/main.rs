@@ -31,8 +31,22 @@ const EXIT_START_FAILED: u8 = 70;
     about = "A Pingora-based programmable edge gateway"
 )]
 struct Cli {
+    /// Log format of the gateway's own logs: `json` (default for `gateway`,
+    /// the production mode) or `text` (default for `up` and `check-config`).
+    /// Also `TIERGATE_LOG_FORMAT`.
+    #[arg(long, global = true, env = "TIERGATE_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How the gateway's own log lines look.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// One JSON object per line (for log shippers).
+    Json,
+    /// Human-readable lines.
+    Text,
 }
 
 #[derive(Debug, Subcommand)]
@@ -57,8 +71,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    init_logging();
     let cli = Cli::parse();
+    let production = matches!(cli.command, Command::Gateway { .. });
+    init_logging(cli.log_format.unwrap_or(if production {
+        LogFormat::Json
+    } else {
+        LogFormat::Text
+    }));
     match cli.command {
         Command::Up { config } => {
             let loaded = match config {
@@ -133,11 +152,27 @@ fn serve(config: &Config) -> ExitCode {
     }
 }
 
-fn init_logging() {
+/// The default log filter (`RUST_LOG` replaces it). Pingora logs an
+/// ERROR "failed to acquire reusable stream" when two requests race for one
+/// pooled upstream connection; it then opens a new one, so nothing failed.
+/// That module logs nothing else at error level, so it is silenced; its
+/// submodules (connect errors and the like) keep the default level.
+const DEFAULT_LOG_FILTER: &str = "info,pingora_core::connectors=off,\
+     pingora_core::connectors::http=info,pingora_core::connectors::l4=info,\
+     pingora_core::connectors::offload=info";
+
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
 }

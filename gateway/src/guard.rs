@@ -44,6 +44,9 @@ pub struct Denial {
     pub response: ErrorResponse,
     /// Headers such as `WWW-Authenticate` or `Retry-After`.
     pub headers: Vec<(&'static str, HeaderValue)>,
+    /// What was known of the caller when refused (identity and class for
+    /// a 403, also the verdict for a 429); `None` for a 401.
+    pub admission: Option<Admission>,
 }
 
 /// The client's address: the peer, or — when the peer is a trusted proxy —
@@ -108,25 +111,30 @@ pub async fn admit(
         let Some(id) = &identity else {
             return Err(unauthorized(AuthError::Missing));
         };
+        let refused = |code, message| Denial {
+            response: ErrorResponse {
+                status: StatusCode::FORBIDDEN,
+                code,
+                message,
+            },
+            headers: Vec::new(),
+            admission: Some(Admission {
+                identity: Some(id.clone()),
+                class,
+                verdict: None,
+            }),
+        };
         if route.min_tier.is_some_and(|min| class < min) {
-            return Err(Denial {
-                response: ErrorResponse {
-                    status: StatusCode::FORBIDDEN,
-                    code: "insufficient_tier",
-                    message: "your subscription tier does not include this endpoint",
-                },
-                headers: Vec::new(),
-            });
+            return Err(refused(
+                "insufficient_tier",
+                "your subscription tier does not include this endpoint",
+            ));
         }
         if !route.roles.is_empty() && !route.roles.iter().any(|r| id.has_role(r)) {
-            return Err(Denial {
-                response: ErrorResponse {
-                    status: StatusCode::FORBIDDEN,
-                    code: "insufficient_role",
-                    message: "this endpoint needs a role you do not have",
-                },
-                headers: Vec::new(),
-            });
+            return Err(refused(
+                "insufficient_role",
+                "this endpoint needs a role you do not have",
+            ));
         }
     }
     let verdict = if route.rate_limit {
@@ -158,6 +166,11 @@ pub async fn admit(
                         message: "too many requests for your tier; see Retry-After",
                     },
                     headers,
+                    admission: Some(Admission {
+                        identity,
+                        class,
+                        verdict,
+                    }),
                 });
             }
         }
@@ -188,6 +201,7 @@ async fn verify_new_token(
                 message: "too many invalid tokens from this address; see Retry-After",
             },
             headers: vec![("retry-after", HeaderValue::from(ceil_secs(wait).max(1)))],
+            admission: None,
         });
     }
     snapshot.auth.verify(token).await.map_err(|e| {
@@ -217,6 +231,7 @@ fn unauthorized(e: AuthError) -> Denial {
             message: e.message(),
         },
         headers: vec![("www-authenticate", challenge)],
+        admission: None,
     }
 }
 

@@ -127,11 +127,7 @@ pub fn services(snapshot: &Snapshot) -> (Overall, Value) {
 
 /// One backend's entry, and whether it takes traffic normally.
 fn backend(pool: &Pool, b: &Backend, draining: bool) -> (Value, bool) {
-    let state = if pool.breaker.enabled {
-        b.breaker.state()
-    } else {
-        BreakerState::Closed
-    };
+    let state = circuit(pool, b);
     let circuit = match state {
         BreakerState::Closed => "closed",
         BreakerState::Open => "open",
@@ -157,6 +153,15 @@ fn backend(pool: &Pool, b: &Backend, draining: bool) -> (Value, bool) {
         "draining": draining,
     });
     (doc, ok)
+}
+
+/// A backend's circuit state (always closed when the pool has no breaker).
+pub fn circuit(pool: &Pool, b: &Backend) -> BreakerState {
+    if pool.breaker.enabled {
+        b.breaker.state()
+    } else {
+        BreakerState::Closed
+    }
 }
 
 /// Unix milliseconds as RFC 3339 (UTC, milliseconds), or null.

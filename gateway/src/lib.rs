@@ -11,6 +11,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod access_log;
 pub mod admin;
 pub mod auth;
 pub mod background;
@@ -18,6 +19,7 @@ pub mod config;
 pub mod error;
 pub mod guard;
 pub mod health;
+pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
 pub mod respond;
@@ -25,4 +27,5 @@ pub mod router;
 pub mod secret;
 pub mod server;
 pub mod snapshot;
+pub mod trace;
 pub mod upstream;

@@ -9,11 +9,14 @@
 //! * `upstream_request_filter`: path rewrite, `Host`, forwarding headers,
 //!   identity headers (client-sent copies always removed first);
 //! * `response_filter`: `X-Request-Id` and rate-limit headers;
-//! * `fail_to_proxy`: the one place errors become JSON responses.
+//! * `fail_to_proxy`: the one place errors become JSON responses;
+//! * `logging`: breaker feedback, metrics, the access log.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prometheus::IntGauge;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -24,12 +27,15 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::access_log::Entry;
 use crate::config::{PathMatch, PathRewrite, RouteSpec, UpstreamHost};
 use crate::guard::{self, Admission, X_USER_ID, X_USER_ROLES, X_USER_TENANT, X_USER_TIER};
 use crate::health;
+use crate::metrics::{Metrics, RetryReason};
 use crate::respond::{self, ErrorResponse};
 use crate::router::RouteMatch;
 use crate::snapshot::Snapshot;
+use crate::trace::{TraceContext, TRACEPARENT};
 use crate::upstream::breaker::{self, Permit};
 use crate::upstream::select::Tried;
 use crate::upstream::{Backend, HashInput, InflightGuard, Members};
@@ -50,18 +56,51 @@ static X_FORWARDED_HOST: http::HeaderName = http::HeaderName::from_static("x-for
 #[derive(Debug, Clone)]
 pub struct Gateway {
     state: Arc<ArcSwap<Snapshot>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Gateway {
-    /// A proxy reading routes and pools from `state`.
-    pub fn new(state: Arc<ArcSwap<Snapshot>>) -> Self {
-        Self { state }
+    /// A proxy reading routes and pools from `state`, counting in `metrics`.
+    pub fn new(state: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Self {
+        Self { state, metrics }
+    }
+}
+
+/// Counts a request in `tiergate_requests_in_flight` while it lives.
+#[derive(Debug)]
+struct InFlight(IntGauge);
+
+impl InFlight {
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
 /// Per-request state.
 #[derive(Debug)]
 pub struct RequestCtx {
+    /// When the request header had been read.
+    started: Instant,
+    /// Counts the request as in flight.
+    _in_flight: InFlight,
+    /// Its trace (continued or started in `request_filter`).
+    trace: Option<TraceContext>,
+    /// The client's address (after trusted proxies), once routed.
+    client: Option<IpAddr>,
+    /// Start of the current upstream attempt, until it got a response
+    /// header or failed.
+    attempt_started: Option<Instant>,
+    /// Duration of the last finished upstream attempt.
+    upstream_time: Option<Duration>,
+    /// Code of the error response the gateway wrote, if it wrote one.
+    error_code: Option<&'static str>,
     /// The snapshot this request was routed with (kept for its lifetime).
     snapshot: Option<Arc<Snapshot>>,
     /// Index of the matched route.
@@ -98,6 +137,11 @@ pub struct RequestCtx {
 impl RequestCtx {
     fn request_id(&mut self) -> &HeaderValue {
         self.request_id.get_or_insert_with(new_request_id)
+    }
+
+    /// The trace id as hex, for bodies and logs.
+    fn trace_hex(&self) -> Option<[u8; 32]> {
+        self.trace.as_ref().map(TraceContext::trace_id_hex)
     }
 
     fn route(&self) -> Option<(&Snapshot, &RouteSpec)> {
@@ -205,6 +249,28 @@ fn record_outcome(ctx: &mut RequestCtx, failed: bool) {
     }
 }
 
+/// Ends the current upstream attempt's clock (once) and records its
+/// duration for its backend.
+fn end_attempt(ctx: &mut RequestCtx) {
+    let Some(start) = ctx.attempt_started.take() else {
+        return;
+    };
+    let took = start.elapsed();
+    ctx.upstream_time = Some(took);
+    if let (Some((snapshot, route)), Some(b)) = (ctx.route(), ctx.current_backend()) {
+        if let Some(pool) = snapshot.pools.get(route.upstream) {
+            snapshot.metrics.upstream(&pool.name, b, took.as_secs_f64());
+        }
+    }
+}
+
+/// Counts a retry of the current request's pool.
+fn count_retry(ctx: &RequestCtx, reason: RetryReason) {
+    if let Some((snapshot, route)) = ctx.route() {
+        snapshot.metrics.retry(route.upstream, reason);
+    }
+}
+
 /// Whether the current attempt, which would answer `status`, may be
 /// retried on another backend: the status is in the route's
 /// `retry.on_statuses`, its `attempts` are not used up, the method is
@@ -299,6 +365,13 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
+            started: Instant::now(),
+            _in_flight: InFlight::new(&self.metrics.in_flight),
+            trace: None,
+            client: None,
+            attempt_started: None,
+            upstream_time: None,
+            error_code: None,
             snapshot: None,
             route: None,
             request_id: None,
@@ -316,15 +389,19 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// Assigns the request id and the route; answers 404/405 itself
-    /// (`Ok(true)` = response already sent).
+    /// Assigns the request id, the trace and the route; answers 404/405
+    /// and refusals itself (`Ok(true)` = response already sent).
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
         ctx.request_id = Some(match req.headers.get(&X_REQUEST_ID) {
             Some(v) if acceptable_request_id(v) => v.clone(),
             _ => new_request_id(),
         });
+        ctx.trace = Some(TraceContext::continue_or_start(
+            req.headers.get(&TRACEPARENT),
+        ));
         let snapshot = self.state.load_full();
+        ctx.snapshot = Some(snapshot.clone());
         if req.method == http::Method::GET || req.method == http::Method::HEAD {
             if let Some((status, doc)) = health::answer(&snapshot, req.uri.path()) {
                 let id = ctx.request_id().clone();
@@ -332,6 +409,8 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         }
+        let trace = ctx.trace_hex();
+        let trace = trace.as_ref().and_then(|t| std::str::from_utf8(t).ok());
         let req = session.req_header();
         let host = req
             .headers
@@ -349,13 +428,20 @@ impl ProxyHttp for Gateway {
                 };
                 let client =
                     guard::client_ip(client_ip(session), &req.headers, &snapshot.trusted_proxies);
+                ctx.client = client;
+                ctx.route = Some(i);
                 let has_body = request_has_body(&req.headers);
                 let idempotent = req.method.is_idempotent();
                 match guard::admit(&snapshot, route, &req.headers, client).await {
                     Ok(admission) => ctx.admission = Some(admission),
                     Err(denial) => {
+                        ctx.admission = denial.admission;
+                        ctx.error_code = Some(denial.response.code);
                         let id = ctx.request_id().clone();
-                        denial.response.write(session, &id, &denial.headers).await?;
+                        denial
+                            .response
+                            .write(session, &id, trace, &denial.headers)
+                            .await?;
                         return Ok(true);
                     }
                 }
@@ -366,22 +452,22 @@ impl ProxyHttp for Gateway {
                     ctx.body_buffered = true;
                 }
                 ctx.deadline = route.timeouts.total.map(|t| Instant::now() + t);
-                ctx.route = Some(i);
-                ctx.snapshot = Some(snapshot);
                 Ok(false)
             }
             RouteMatch::NotFound => {
+                ctx.error_code = Some(respond::NOT_FOUND.code);
                 let id = ctx.request_id().clone();
-                respond::NOT_FOUND.write(session, &id, &[]).await?;
+                respond::NOT_FOUND.write(session, &id, trace, &[]).await?;
                 Ok(true)
             }
             RouteMatch::MethodNotAllowed(methods) => {
                 let allow: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
                 let allow = HeaderValue::from_str(&allow.join(", "))
                     .unwrap_or_else(|_| HeaderValue::from_static(""));
+                ctx.error_code = Some(respond::METHOD_NOT_ALLOWED.code);
                 let id = ctx.request_id().clone();
                 respond::METHOD_NOT_ALLOWED
-                    .write(session, &id, &[("allow", allow)])
+                    .write(session, &id, trace, &[("allow", allow)])
                     .await?;
                 Ok(true)
             }
@@ -479,6 +565,7 @@ impl ProxyHttp for Gateway {
         ctx.backend = Some(i);
         ctx.inflight = Some(guard);
         ctx.permit = Some(permit);
+        ctx.attempt_started = Some(Instant::now());
         Ok(peer)
     }
 
@@ -490,17 +577,20 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        end_attempt(ctx);
         if let Some(i) = ctx.backend {
             ctx.failed.insert(i);
         }
         record_outcome(ctx, true);
         if ctx.attempts < MAX_ATTEMPTS && ctx.failed.len() < ctx.pool_size() {
             e.set_retry(true);
+            count_retry(ctx, RetryReason::Connect);
         }
         e
     }
 
-    /// Path rewrite, `Host`, `X-Forwarded-*` and `X-Request-Id`.
+    /// Path rewrite, `Host`, `X-Forwarded-*`, `X-Request-Id` and
+    /// `traceparent`.
     async fn upstream_request_filter(
         &self,
         session: &mut Session,
@@ -509,6 +599,9 @@ impl ProxyHttp for Gateway {
     ) -> Result<()> {
         let id = ctx.request_id().clone();
         upstream.insert_header(X_REQUEST_ID.clone(), id)?;
+        if let Some(trace) = &ctx.trace {
+            upstream.insert_header(TRACEPARENT.clone(), trace.header())?;
+        }
         for name in [&X_USER_ID, &X_USER_TIER, &X_USER_ROLES, &X_USER_TENANT] {
             upstream.remove_header(name);
         }
@@ -576,10 +669,12 @@ impl ProxyHttp for Gateway {
         upstream: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        end_attempt(ctx);
         let status = upstream.status.as_u16();
         if !book_retry(session, ctx, status) {
             return Ok(());
         }
+        count_retry(ctx, RetryReason::Status);
         record_outcome(ctx, true);
         let mut e = Error::explain(
             ErrorType::HTTPStatus(status),
@@ -606,19 +701,41 @@ impl ProxyHttp for Gateway {
             // A status retry `upstream_response_filter` already booked.
             return e;
         }
+        end_attempt(ctx);
         let mut e = e.more_context(format!("Peer: {peer}"));
         let resendable = session.req_header().method.is_idempotent()
             && !session.retry_buffer_truncated()
             && session.response_written().is_none();
         if matches!(e.retry, RetryType::ReusedOnly) && client_reused && resendable {
             record_outcome(ctx, false);
+            count_retry(ctx, RetryReason::StaleConnection);
             e.set_retry(true);
             return e;
         }
         record_outcome(ctx, upstream_failure(&e));
         let status = error_response(&e).map_or(502, |r| r.status.as_u16());
-        e.set_retry(resendable && book_retry(session, ctx, status));
+        let retry = resendable && book_retry(session, ctx, status);
+        if retry {
+            count_retry(ctx, RetryReason::Error);
+        }
+        e.set_retry(retry);
         e
+    }
+
+    /// Pingora's error log lines about a request carry its request and
+    /// trace ids, so they can be matched with the access log and the
+    /// client's error body.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let trace = ctx.trace_hex().unwrap_or([b'0'; 32]);
+        format!(
+            "{}, request_id: {}, trace_id: {}",
+            session.as_ref().request_summary(),
+            ctx.request_id
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-"),
+            std::str::from_utf8(&trace).unwrap_or("-"),
+        )
     }
 
     /// Our own status-triggered retries are expected: no warning per retry.
@@ -657,24 +774,14 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// Feeds the outcome of the last attempt to its backend's breaker.
+    /// Feeds the outcome of the last attempt to its backend's breaker, then
+    /// records the request's metrics and access-log line.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
-        if ctx.permit.is_none() {
-            return;
+        end_attempt(ctx);
+        if ctx.permit.is_some() {
+            breaker_feedback(session, e, ctx);
         }
-        let failed = match e {
-            Some(e) => upstream_failure(e),
-            None => {
-                let status = session.response_written().map(|r| r.status.as_u16());
-                let statuses = ctx
-                    .route()
-                    .and_then(|(s, r)| s.pools.get(r.upstream))
-                    .map(|p| p.breaker.failure_statuses.as_slice())
-                    .unwrap_or_default();
-                status.is_some_and(|s| statuses.contains(&s))
-            }
-        };
-        record_outcome(ctx, failed);
+        observe(session, ctx);
     }
 
     /// The one place errors become responses (JSON envelope, request id).
@@ -690,13 +797,16 @@ impl ProxyHttp for Gateway {
                 // Pingora closes the connection after a proxy failure; say
                 // so, or clients reuse it and see a reset.
                 session.set_keepalive(None);
+                ctx.error_code = Some(r.code);
                 let id = ctx.request_id().clone();
+                let trace = ctx.trace_hex();
+                let trace = trace.as_ref().and_then(|t| std::str::from_utf8(t).ok());
                 let mut extra = Vec::new();
                 if let Some(wait) = ctx.retry_after.filter(|_| r.status.as_u16() == 503) {
                     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                     extra.push(("retry-after", HeaderValue::from(secs.max(1))));
                 }
-                if let Err(write_err) = r.write(session, &id, &extra).await {
+                if let Err(write_err) = r.write(session, &id, trace, &extra).await {
                     tracing::debug!(error = %write_err, "could not send error response");
                 }
                 r.status.as_u16()
@@ -709,6 +819,77 @@ impl ProxyHttp for Gateway {
             can_reuse_downstream: false,
         }
     }
+}
+
+/// The breaker's view of a finished attempt: a Pingora error counts when
+/// it is the upstream's fault, a response when its status is one of the
+/// pool's `failure_statuses`.
+fn breaker_feedback(session: &Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+    let failed = match e {
+        Some(e) => upstream_failure(e),
+        None => {
+            let status = session.response_written().map(|r| r.status.as_u16());
+            let statuses = ctx
+                .route()
+                .and_then(|(s, r)| s.pools.get(r.upstream))
+                .map(|p| p.breaker.failure_statuses.as_slice())
+                .unwrap_or_default();
+            status.is_some_and(|s| statuses.contains(&s))
+        }
+    };
+    record_outcome(ctx, failed);
+}
+
+/// Records a finished request: request and rate-limit metrics, and its
+/// access-log line when the log wants it.
+fn observe(session: &Session, ctx: &RequestCtx) {
+    let Some(snapshot) = ctx.snapshot.as_deref() else {
+        return;
+    };
+    let took = ctx.started.elapsed();
+    let status = session.response_written().map_or(0, |r| r.status.as_u16());
+    let req = session.req_header();
+    let (class, verdict) = match &ctx.admission {
+        Some(a) => (a.class, a.verdict.as_ref()),
+        None => (snapshot.limiter.anonymous(), None),
+    };
+    let m = &snapshot.metrics;
+    m.request(ctx.route, &req.method, status, class, took.as_secs_f64());
+    if let Some(v) = verdict {
+        m.rate_limit(ctx.route, class, v.allowed, v.source);
+    }
+    let Some(log) = snapshot.access_log.as_ref().filter(|l| l.wants(status)) else {
+        return;
+    };
+    let route = ctx.route.and_then(|i| snapshot.routes.get(i));
+    let trace = ctx.trace_hex().unwrap_or([b'0'; 32]);
+    let identity = ctx.admission.as_ref().and_then(|a| a.identity.as_deref());
+    log.log(&Entry {
+        time: SystemTime::now(),
+        request_id: ctx
+            .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
+        trace_id: std::str::from_utf8(&trace).unwrap_or(""),
+        client_ip: ctx.client.or_else(|| client_ip(session)),
+        method: req.method.as_str(),
+        path: req.uri.path(),
+        route: route.map(|r| r.name.as_str()),
+        upstream: route
+            .and_then(|r| snapshot.pools.get(r.upstream))
+            .map(|p| p.name.as_str()),
+        backend: ctx.current_backend().map(|b| b.addr_text.as_str()),
+        status,
+        bytes: session.body_bytes_sent(),
+        duration_ms: took.as_secs_f64() * 1e3,
+        upstream_ms: ctx.upstream_time.map(|d| d.as_secs_f64() * 1e3),
+        attempts: ctx.attempts,
+        user_id: identity.and_then(|i| i.subject.to_str().ok()),
+        tier: snapshot.limiter.class(class).name.as_str(),
+        rate_limit: verdict.map(|v| if v.allowed { "allowed" } else { "rejected" }),
+        error: ctx.error_code,
+    });
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! Responses the gateway writes itself: the one JSON error envelope
-//! `{"error":{"code","message","request_id"}}`.
+//! `{"error":{"code","message","request_id","trace_id"}}` (`trace_id` only
+//! on the proxy listener, where requests belong to a trace).
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
@@ -19,15 +20,18 @@ pub struct ErrorResponse {
 }
 
 impl ErrorResponse {
-    /// Builds the JSON body.
-    pub fn body(&self, request_id: &str) -> Bytes {
-        let v = serde_json::json!({
+    /// Builds the JSON body; `trace_id` is included when known.
+    pub fn body(&self, request_id: &str, trace_id: Option<&str>) -> Bytes {
+        let mut v = serde_json::json!({
             "error": {
                 "code": self.code,
                 "message": self.message,
                 "request_id": request_id,
             }
         });
+        if let Some(t) = trace_id {
+            v["error"]["trace_id"] = t.into();
+        }
         Bytes::from(v.to_string())
     }
 
@@ -36,9 +40,10 @@ impl ErrorResponse {
         &self,
         session: &mut Session,
         request_id: &HeaderValue,
+        trace_id: Option<&str>,
         extra: &[(&'static str, HeaderValue)],
     ) -> Result<()> {
-        let body = self.body(request_id.to_str().unwrap_or(""));
+        let body = self.body(request_id.to_str().unwrap_or(""), trace_id);
         write_json(session, self.status, request_id, body, extra).await
     }
 }
@@ -116,8 +121,20 @@ pub async fn write_json(
     body: Bytes,
     extra: &[(&'static str, HeaderValue)],
 ) -> Result<()> {
+    write(session, status, "application/json", request_id, body, extra).await
+}
+
+/// [`write_json`] with another content type.
+pub async fn write(
+    session: &mut Session,
+    status: StatusCode,
+    content_type: &'static str,
+    request_id: &HeaderValue,
+    body: Bytes,
+    extra: &[(&'static str, HeaderValue)],
+) -> Result<()> {
     let mut h = ResponseHeader::build(status, Some(4 + extra.len()))?;
-    h.insert_header("content-type", "application/json")?;
+    h.insert_header("content-type", content_type)?;
     h.insert_header("content-length", body.len().to_string())?;
     h.insert_header("cache-control", "no-store")?;
     h.insert_header("x-request-id", request_id.clone())?;

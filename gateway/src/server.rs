@@ -15,6 +15,7 @@ use crate::admin::Admin;
 use crate::background::Background;
 use crate::config::Config;
 use crate::error::GatewayError;
+use crate::metrics::Metrics;
 use crate::proxy::Gateway;
 use crate::secret::Environment;
 use crate::snapshot::Snapshot;
@@ -51,7 +52,9 @@ impl GatewayServer {
         let background = Background::start().map_err(|e| {
             GatewayError::Server(format!("cannot start the background thread: {e}"))
         })?;
-        let snapshot = Snapshot::build(config, env, Some(&background))?;
+        let metrics = Metrics::new()
+            .map_err(|e| GatewayError::Server(format!("cannot register metrics: {e}")))?;
+        let snapshot = Snapshot::build(config, env, Some(&background), &metrics)?;
         for addr in config.server.listen.iter().chain(&config.admin.listen) {
             // Pingora binds later and exits on failure; check now so the
             // operator gets a clear error instead.
@@ -73,7 +76,7 @@ impl GatewayServer {
         let state = Arc::new(ArcSwap::from_pointee(snapshot));
         let mut service = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
-            Gateway::new(state.clone()),
+            Gateway::new(state.clone(), metrics.clone()),
             "tiergate proxy",
         );
         for addr in &s.listen {
@@ -83,7 +86,7 @@ impl GatewayServer {
         if !config.admin.listen.is_empty() {
             let mut admin = pingora_proxy::http_proxy_service_with_name(
                 &server.configuration,
-                Admin::new(state.clone()),
+                Admin::new(state.clone(), metrics.clone()),
                 "tiergate admin",
             );
             // Operator traffic: one thread is plenty.

@@ -8,14 +8,17 @@
 
 mod auth;
 mod balancing;
+mod browser;
 mod check_config;
 mod common;
 mod discovery;
 mod errors;
 mod health_checks;
+mod observability;
 mod process;
 mod ratelimit;
 mod resilience;
 mod routing;
+mod status_page;
 mod streaming;
 mod tokens;

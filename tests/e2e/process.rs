@@ -66,3 +66,67 @@ async fn test_busy_port_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_gateway_mode_logs_json_and_writes_the_access_log_to_stdout() {
+    let up = upstream("svc").await;
+    let port = free_port();
+    let file = write_config(port, 2, up.addr);
+    let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["gateway", "-c"])
+        .arg(&file)
+        .env_remove("TIERGATE_LOG_FORMAT")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for_port(addr);
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let resp = client()
+        .get(format!("http://{addr}/x"))
+        .header("traceparent", format!("00-{trace}-b7ad6b7169203331-01"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    // The access-log writer flushes as soon as its queue is empty; give it
+    // a moment before stopping.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(Instant::now() < deadline + Duration::from_secs(10));
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let mut messages = Vec::new();
+    for line in stderr.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+        messages.push(v["message"].as_str().unwrap_or("").to_owned());
+    }
+    assert!(
+        messages.iter().any(|m| m == "tiergate gateway listening"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 1, "{stdout}");
+    assert_eq!(lines[0]["request_id"], id.as_str());
+    assert_eq!(lines[0]["trace_id"], trace);
+    assert_eq!(lines[0]["status"], 200);
+}

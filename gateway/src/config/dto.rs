@@ -28,6 +28,36 @@ pub struct ConfigDto {
     pub admin: AdminDto,
     /// How backend host names are resolved.
     pub dns: DnsDto,
+    /// The per-request JSON log.
+    pub access_log: AccessLogDto,
+}
+
+/// `access_log:` — one JSON line per request, written by a background thread.
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+pub struct AccessLogDto {
+    /// Whether requests are logged at all.
+    pub enabled: bool,
+    /// `stdout`, `stderr`, or a file path (appended to, created if missing).
+    pub path: String,
+    /// Share of requests logged, 0.0 to 1.0.
+    pub sample: f64,
+    /// Log every 5xx (and every request that got no response) whatever `sample` says.
+    pub always_log_errors: bool,
+    /// Lines queued for the writer before new ones are dropped.
+    pub buffer: usize,
+}
+
+impl Default for AccessLogDto {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "stdout".to_owned(),
+            sample: 1.0,
+            always_log_errors: true,
+            buffer: 16 * 1024,
+        }
+    }
 }
 
 /// `admin:` — the operator listener (`/health/services`).

@@ -80,6 +80,34 @@ pub struct Config {
     pub admin: AdminSettings,
     /// How backend host names are resolved.
     pub dns: DnsSettings,
+    /// The access log.
+    pub access_log: AccessLogSettings,
+}
+
+/// The access log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogSettings {
+    /// Whether requests are logged.
+    pub enabled: bool,
+    /// Where lines go.
+    pub target: LogTarget,
+    /// Share of requests logged.
+    pub sample: f64,
+    /// 5xx and response-less requests are always logged.
+    pub always_log_errors: bool,
+    /// Queue length before lines are dropped.
+    pub buffer: usize,
+}
+
+/// Where the access log goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Standard output.
+    Stdout,
+    /// Standard error.
+    Stderr,
+    /// A file, appended to.
+    File(std::path::PathBuf),
 }
 
 /// The admin listener.

@@ -14,9 +14,9 @@ use super::dto::{
     RouteDto, TimeoutsDto, UpstreamDto,
 };
 use super::{
-    AdminSettings, Algorithm, BackendAddress, BackendSpec, CheckKind, Config, DnsSettings, HashKey,
-    HealthCheckSpec, HostMatch, PathMatch, PathRewrite, RouteSpec, ServerSettings, Timeouts,
-    UpstreamHost, UpstreamSpec,
+    AccessLogSettings, AdminSettings, Algorithm, BackendAddress, BackendSpec, CheckKind, Config,
+    DnsSettings, HashKey, HealthCheckSpec, HostMatch, LogTarget, PathMatch, PathRewrite, RouteSpec,
+    ServerSettings, Timeouts, UpstreamHost, UpstreamSpec,
 };
 
 /// Most backends one pool may have (after DNS expansion too).
@@ -36,6 +36,7 @@ pub(super) fn validate(dto: ConfigDto) -> Result<Config, Errors> {
     let rate_limit = access::rate_limit(&dto.rate_limit, &mut errors);
     let admin = admin(&dto, &mut errors);
     let dns = dns(&dto, &mut errors);
+    let access_log = access_log(&dto, &mut errors);
     let upstreams: Vec<UpstreamSpec> = dto
         .upstreams
         .iter()
@@ -74,6 +75,7 @@ pub(super) fn validate(dto: ConfigDto) -> Result<Config, Errors> {
             rate_limit,
             admin,
             dns,
+            access_log,
         }),
         _ => Err(errors),
     }
@@ -367,6 +369,41 @@ fn admin(dto: &ConfigDto, errors: &mut Errors) -> AdminSettings {
         }
     }
     AdminSettings { listen }
+}
+
+fn access_log(dto: &ConfigDto, errors: &mut Errors) -> AccessLogSettings {
+    let a = &dto.access_log;
+    let target = match a.path.as_str() {
+        "stdout" => LogTarget::Stdout,
+        "stderr" => LogTarget::Stderr,
+        "" => {
+            errors.push((
+                "access_log.path".into(),
+                "must be `stdout`, `stderr` or a file path".into(),
+            ));
+            LogTarget::Stdout
+        }
+        path => LogTarget::File(path.into()),
+    };
+    if !(0.0..=1.0).contains(&a.sample) {
+        errors.push((
+            "access_log.sample".into(),
+            format!("{} is not between 0.0 and 1.0", a.sample),
+        ));
+    }
+    if a.buffer == 0 || a.buffer > 1_000_000 {
+        errors.push((
+            "access_log.buffer".into(),
+            "must be between 1 and 1000000 lines".into(),
+        ));
+    }
+    AccessLogSettings {
+        enabled: a.enabled,
+        target,
+        sample: a.sample,
+        always_log_errors: a.always_log_errors,
+        buffer: a.buffer,
+    }
 }
 
 fn dns(dto: &ConfigDto, errors: &mut Errors) -> DnsSettings {

@@ -493,7 +493,8 @@ impl Shared {
         }
     }
 
-    fn target_name(&self) -> String {
+    /// The Redis node(s) as configured, for logs and the status page.
+    pub fn target_name(&self) -> String {
         match &self.target {
             RedisTarget::Single(u) => u.to_string(),
             RedisTarget::Cluster(nodes) => nodes

@@ -35,6 +35,8 @@ pub struct Backend {
     pub breaker: breaker::Breaker,
     /// Its active health-check results.
     pub health: check::Health,
+    /// Its `tiergate_upstream_duration_seconds` histogram, once used.
+    pub metric: std::sync::OnceLock<prometheus::Histogram>,
 }
 
 impl Backend {
@@ -48,6 +50,7 @@ impl Backend {
             peer: HttpPeer::new(addr, false, String::new()),
             breaker: breaker::Breaker::default(),
             health: check::Health::default(),
+            metric: std::sync::OnceLock::new(),
         }
     }
 
