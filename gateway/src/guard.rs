@@ -154,7 +154,10 @@ pub async fn admit(
         };
         if let Some(v) = &verdict {
             if !v.allowed {
-                let mut headers = rate_headers(snapshot, class, v);
+                let mut headers = Vec::with_capacity(6);
+                rate_headers(snapshot, class, v, |name, value| {
+                    headers.push((name, value))
+                });
                 headers.push((
                     "retry-after",
                     HeaderValue::from(ceil_secs(v.retry_after).max(1)),
@@ -239,30 +242,39 @@ fn ceil_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
-/// `X-RateLimit-*` and the IETF draft `RateLimit-Policy` / `RateLimit`.
+/// `X-RateLimit-*` and the IETF draft `RateLimit-Policy` / `RateLimit`,
+/// handed to `emit` one by one (no list is built: this runs for every
+/// limited response).
 pub fn rate_headers(
     snapshot: &Snapshot,
     class: usize,
     v: &Verdict,
-) -> Vec<(&'static str, HeaderValue)> {
+    mut emit: impl FnMut(&'static str, HeaderValue),
+) {
     let policy = snapshot.limiter.class(class);
     let reset = ceil_secs(v.reset);
-    let mut h = Vec::with_capacity(6);
-    h.push(("x-ratelimit-limit", HeaderValue::from(v.limit)));
-    h.push(("x-ratelimit-remaining", HeaderValue::from(v.remaining)));
-    h.push(("x-ratelimit-reset", HeaderValue::from(reset)));
+    emit("x-ratelimit-limit", HeaderValue::from(v.limit));
+    emit("x-ratelimit-remaining", HeaderValue::from(v.remaining));
+    emit("x-ratelimit-reset", HeaderValue::from(reset));
     if let Some(p) = &policy.policy_header {
-        h.push(("ratelimit-policy", p.clone()));
+        emit("ratelimit-policy", p.clone());
     }
     let name = policy
         .window_names
         .get(v.window)
         .copied()
         .unwrap_or("minute");
-    if let Ok(value) = HeaderValue::from_str(&format!("\"{name}\";r={};t={reset}", v.remaining)) {
-        h.push(("ratelimit", value));
+    let mut n = itoa::Buffer::new();
+    let mut value = String::with_capacity(name.len() + 32);
+    value.push('"');
+    value.push_str(name);
+    value.push_str("\";r=");
+    value.push_str(n.format(v.remaining));
+    value.push_str(";t=");
+    value.push_str(n.format(reset));
+    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+        emit("ratelimit", value);
     }
-    h
 }
 
 #[cfg(test)]
