@@ -4,14 +4,20 @@
 //! upstream (`200`, `Content-Length: 2`, body `ok`; HTTP/1.1 keep-alive):
 //!
 //! * `direct`          – the load generator hitting the upstream itself (the added-latency baseline);
-//! * `tiergate`        – the real gateway binary, `tiergate gateway -c <yaml>`;
+//! * `tiergate`        – the real gateway binary, `tiergate gateway -c <yaml>`, with the full
+//!   chain on: bearer token required (HS256 dev secret, cached after the first request),
+//!   tier rate limit shared through Redis at 127.0.0.1:6379 (limits far above the load),
+//!   metrics, JSON access log of every request to a file, request id, trace context;
+//! * `tiergate-plain`  – the same binary with auth, limits, access log and admin listener off
+//!   (request ids, trace context and request metrics cannot be turned off);
 //! * `pingora-bare`    – a minimal Pingora `ProxyHttp` (only `upstream_peer`) with tiergate's
 //!   `ServerConf` tuning (`threads = N`, `work_stealing = false`), mimalloc allocator;
 //! * `pingora-default` – the same proxy with Pingora's default `ServerConf` except `threads = N`
 //!   (also mimalloc: the allocator is per binary and switching it at runtime needs `unsafe`);
 //! * `nginx`           – nginx as a plain keep-alive reverse proxy, `worker_processes N`.
 //!
-//! Two measurements per target:
+//! Every target gets the same request, `GET /` with the bearer token (only `tiergate`
+//! checks it). Two measurements per target:
 //! 1. closed-loop throughput: `wrk -t1 -c32 -d5s --latency` after a discarded 1 s warm-up
 //!    (req/s, p50, p99; non-2xx responses and socket errors are reported, never hidden);
 //! 2. open-loop latency at a fixed moderate rate (default 2000 req/s over 16 keep-alive
@@ -1268,7 +1274,15 @@ http {
         println!("Command: `{}`\n", s.command());
         println!(
             "- closed loop: `wrk {} http://127.0.0.1:<port>/`, after a discarded 1 s warm-up",
-            s.wrk_args(s.duration).join(" ")
+            s.wrk_args(s.duration)
+                .iter()
+                .map(|a| if a.starts_with("Authorization") {
+                    "'Authorization: Bearer <HS256 token, tier BENCH>'"
+                } else {
+                    a
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
         );
         println!(
             "- open loop: {} req/s over {} keep-alive connections for {} s (built-in client)",
