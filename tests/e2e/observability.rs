@@ -477,3 +477,70 @@ async fn test_traceparent_is_continued_or_started_and_reaches_upstream_and_error
     assert_eq!(body["error"]["request_id"], id.as_str());
     assert_eq!(body["error"]["trace_id"], trace);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_grafana_dashboard_queries_only_exported_metrics() {
+    let up = upstream("svc").await;
+    let jwks = jwks_server().await;
+    jwks.serve_only(&["rsa-1"]);
+    let gw = gateway(&format!(
+        "upstreams:\n  svc: {{ backends: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\n\
+rate_limit:\n  anonymous: {{ per_minute: 1000 }}\n  redis: {{ url: \"redis://127.0.0.1:6379\", key_prefix: \"dash:\" }}\n{}",
+        up.addr,
+        auth_yaml(&jwks)
+    ));
+    assert_eq!(
+        client().get(gw.url("/x")).send().await.unwrap().status(),
+        200
+    );
+    let exported: std::collections::BTreeSet<String> = scrape_after(&gw, 1.0)
+        .await
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect();
+    let dashboard: Value =
+        serde_json::from_str(include_str!("../../conf/grafana-dashboard.json")).unwrap();
+    let mut exprs = Vec::new();
+    collect_exprs(&dashboard, &mut exprs);
+    assert!(exprs.len() >= 20, "{} queries", exprs.len());
+    let mut used = std::collections::BTreeSet::new();
+    for e in &exprs {
+        let mut rest = e.as_str();
+        while let Some(i) = rest.find("tiergate_") {
+            let name: String = rest[i..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[i + name.len()..];
+            used.insert(name);
+        }
+    }
+    for name in &used {
+        assert!(
+            exported.contains(name),
+            "the dashboard queries `{name}`, which /metrics does not export"
+        );
+    }
+}
+
+/// Every `expr` and `query` string in a Grafana dashboard.
+fn collect_exprs(v: &Value, out: &mut Vec<String>) {
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match (k.as_str(), v) {
+                    ("expr", Value::String(s)) => out.push(s.clone()),
+                    ("query", Value::String(s)) => out.push(s.clone()),
+                    ("query", Value::Object(q)) => {
+                        if let Some(Value::String(s)) = q.get("query") {
+                            out.push(s.clone());
+                        }
+                    }
+                    _ => collect_exprs(v, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_exprs(v, out)),
+        _ => {}
+    }
+}
