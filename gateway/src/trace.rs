@@ -11,6 +11,9 @@ pub static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("tracep
 
 /// The sampled flag.
 const SAMPLED: u8 = 0x01;
+/// The flags defined so far (sampled; random trace id, Trace Context
+/// level 2). Others are reserved and must be propagated as zero.
+const KNOWN_FLAGS: u8 = 0x03;
 
 /// One request's place in a trace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +31,7 @@ impl TraceContext {
     /// else starts a new sampled one. Either way the span id is new.
     pub fn continue_or_start(header: Option<&HeaderValue>) -> Self {
         let (trace_id, flags) = match header.and_then(|h| parse(h.as_bytes())) {
-            Some((trace_id, _parent, flags)) => (trace_id, flags),
+            Some((trace_id, _parent, flags)) => (trace_id, flags & KNOWN_FLAGS),
             None => (random_nonzero(), SAMPLED),
         };
         Self {
@@ -151,6 +154,13 @@ mod tests {
         let t = TraceContext::continue_or_start(Some(&h));
         assert_eq!(t.flags, 0);
         assert!(t.header().to_str().unwrap().ends_with("-00"));
+        // Reserved flags are not passed on.
+        let h = HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-ff");
+        assert!(TraceContext::continue_or_start(Some(&h))
+            .header()
+            .to_str()
+            .unwrap()
+            .ends_with("-03"));
     }
 
     #[test]
