@@ -203,3 +203,50 @@ async fn test_request_id_and_forwarding_headers() {
         .unwrap();
     assert_ne!(resp.headers()["x-request-id"], "has \"quotes\"");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_repeated_headers_survive_both_ways() {
+    // The header filters move the `http` parts out of Pingora's header
+    // type and back: repeated headers must stay repeated in both
+    // directions, and the gateway's own headers must be added once.
+    use axum::http::{HeaderMap, HeaderValue};
+    let app = axum::Router::new().fallback(|headers: HeaderMap| async move {
+        let seen: Vec<String> = headers
+            .get_all("x-multi")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect();
+        let mut out = HeaderMap::new();
+        out.append("set-cookie", HeaderValue::from_static("a=1"));
+        out.append("set-cookie", HeaderValue::from_static("b=2"));
+        out.insert("x-request-id", HeaderValue::from_static("from-upstream"));
+        (out, seen.join("|"))
+    });
+    let (addr, task) = serve(app).await;
+    let gw = gateway(&one_route(addr));
+    let resp = client()
+        .get(gw.url("/x"))
+        .header("x-multi", "one")
+        .header("x-multi", "two")
+        .header("x-request-id", "mine-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let cookies: Vec<&str> = resp
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(cookies, ["a=1", "b=2"]);
+    let ids: Vec<&str> = resp
+        .headers()
+        .get_all("x-request-id")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["mine-1"], "the gateway's id replaces the upstream's");
+    assert_eq!(resp.text().await.unwrap(), "one|two");
+    task.abort();
+}
