@@ -35,7 +35,7 @@ use crate::metrics::{Metrics, RetryReason};
 use crate::respond::{self, ErrorResponse};
 use crate::router::RouteMatch;
 use crate::snapshot::Snapshot;
-use crate::trace::{TraceContext, TRACEPARENT};
+use crate::trace::{TraceContext, TraceIdHex, TRACEPARENT};
 use crate::upstream::breaker::{self, Permit};
 use crate::upstream::select::Tried;
 use crate::upstream::{Backend, HashInput, InflightGuard, Members};
@@ -139,9 +139,14 @@ impl RequestCtx {
         self.request_id.get_or_insert_with(new_request_id)
     }
 
-    /// The trace id as hex, for bodies and logs.
-    fn trace_hex(&self) -> Option<[u8; 32]> {
+    /// The trace id as text, for bodies and logs.
+    fn trace_id(&self) -> Option<TraceIdHex> {
         self.trace.as_ref().map(TraceContext::trace_id_hex)
+    }
+
+    /// The request id as text, once assigned.
+    fn request_id_str(&self) -> Option<&str> {
+        self.request_id.as_ref().and_then(|v| v.to_str().ok())
     }
 
     fn route(&self) -> Option<(&Snapshot, &RouteSpec)> {
@@ -409,8 +414,6 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         }
-        let trace = ctx.trace_hex();
-        let trace = trace.as_ref().and_then(|t| std::str::from_utf8(t).ok());
         let req = session.req_header();
         let host = req
             .headers
@@ -438,9 +441,15 @@ impl ProxyHttp for Gateway {
                         ctx.admission = denial.admission;
                         ctx.error_code = Some(denial.response.code);
                         let id = ctx.request_id().clone();
+                        let trace = ctx.trace_id();
                         denial
                             .response
-                            .write(session, &id, trace, &denial.headers)
+                            .write(
+                                session,
+                                &id,
+                                trace.as_ref().map(TraceIdHex::as_str),
+                                &denial.headers,
+                            )
                             .await?;
                         return Ok(true);
                     }
@@ -457,7 +466,10 @@ impl ProxyHttp for Gateway {
             RouteMatch::NotFound => {
                 ctx.error_code = Some(respond::NOT_FOUND.code);
                 let id = ctx.request_id().clone();
-                respond::NOT_FOUND.write(session, &id, trace, &[]).await?;
+                let trace = ctx.trace_id();
+                respond::NOT_FOUND
+                    .write(session, &id, trace.as_ref().map(TraceIdHex::as_str), &[])
+                    .await?;
                 Ok(true)
             }
             RouteMatch::MethodNotAllowed(methods) => {
@@ -466,8 +478,14 @@ impl ProxyHttp for Gateway {
                     .unwrap_or_else(|_| HeaderValue::from_static(""));
                 ctx.error_code = Some(respond::METHOD_NOT_ALLOWED.code);
                 let id = ctx.request_id().clone();
+                let trace = ctx.trace_id();
                 respond::METHOD_NOT_ALLOWED
-                    .write(session, &id, trace, &[("allow", allow)])
+                    .write(
+                        session,
+                        &id,
+                        trace.as_ref().map(TraceIdHex::as_str),
+                        &[("allow", allow)],
+                    )
                     .await?;
                 Ok(true)
             }
@@ -668,15 +686,11 @@ impl ProxyHttp for Gateway {
     /// trace ids, so they can be matched with the access log and the
     /// client's error body.
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
-        let trace = ctx.trace_hex().unwrap_or([b'0'; 32]);
         format!(
             "{}, request_id: {}, trace_id: {}",
             session.as_ref().request_summary(),
-            ctx.request_id
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or("-"),
-            std::str::from_utf8(&trace).unwrap_or("-"),
+            ctx.request_id_str().unwrap_or("-"),
+            ctx.trace_id().unwrap_or(TraceIdHex::NONE).as_str(),
         )
     }
 
@@ -747,13 +761,13 @@ impl ProxyHttp for Gateway {
                 session.set_keepalive(None);
                 ctx.error_code = Some(r.code);
                 let id = ctx.request_id().clone();
-                let trace = ctx.trace_hex();
-                let trace = trace.as_ref().and_then(|t| std::str::from_utf8(t).ok());
+                let trace = ctx.trace_id();
                 let mut extra = Vec::new();
                 if let Some(wait) = ctx.retry_after.filter(|_| r.status.as_u16() == 503) {
                     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
                     extra.push(("retry-after", HeaderValue::from(secs.max(1))));
                 }
+                let trace = trace.as_ref().map(TraceIdHex::as_str);
                 if let Err(write_err) = r.write(session, &id, trace, &extra).await {
                     tracing::debug!(error = %write_err, "could not send error response");
                 }
@@ -916,16 +930,12 @@ fn observe(session: &Session, ctx: &RequestCtx) {
         return;
     };
     let route = ctx.route.and_then(|i| snapshot.routes.get(i));
-    let trace = ctx.trace_hex().unwrap_or([b'0'; 32]);
+    let trace = ctx.trace_id().unwrap_or(TraceIdHex::NONE);
     let identity = ctx.admission.as_ref().and_then(|a| a.identity.as_deref());
     log.log(&Entry {
         time: SystemTime::now(),
-        request_id: ctx
-            .request_id
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(""),
-        trace_id: std::str::from_utf8(&trace).unwrap_or(""),
+        request_id: ctx.request_id_str().unwrap_or(""),
+        trace_id: trace.as_str(),
         client_ip: ctx.client.or_else(|| client_ip(session)),
         method: req.method.as_str(),
         path: req.uri.path(),

@@ -42,10 +42,10 @@ impl TraceContext {
     }
 
     /// The trace id as 32 lowercase hex digits.
-    pub fn trace_id_hex(&self) -> [u8; 32] {
+    pub fn trace_id_hex(&self) -> TraceIdHex {
         let mut out = [0u8; 32];
         hex_into(&self.trace_id, &mut out);
-        out
+        TraceIdHex(out)
     }
 
     /// The `traceparent` to send upstream: version 00, this trace, the
@@ -59,6 +59,20 @@ impl TraceContext {
         out[52] = b'-';
         hex_into(&[self.flags], &mut out[53..55]);
         HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static(""))
+    }
+}
+
+/// A trace id as text, on the stack (for bodies and log lines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceIdHex([u8; 32]);
+
+impl TraceIdHex {
+    /// All zeros: the W3C "no trace" value, for logs of untraced requests.
+    pub const NONE: Self = Self([b'0'; 32]);
+
+    /// The 32 hex digits.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or("")
     }
 }
 
@@ -130,7 +144,7 @@ mod tests {
     fn test_valid_traceparent_is_continued_with_a_new_span() {
         let t = TraceContext::continue_or_start(Some(&HeaderValue::from_static(SAMPLE)));
         assert_eq!(
-            std::str::from_utf8(&t.trace_id_hex()).unwrap(),
+            t.trace_id_hex().as_str(),
             "4bf92f3577b34da6a3ce929d0e0e4736"
         );
         assert_eq!(t.flags, 1);
