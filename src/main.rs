@@ -51,7 +51,9 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run everything: the gateway with conf/tiergate.yaml (or the built-in default).
+    /// Run everything: the business services (conf/services.yaml, else
+    /// defaults: SQLite under ./data) and the gateway with conf/tiergate.yaml
+    /// (or the built-in default).
     Up {
         /// Config file; defaults to conf/tiergate.yaml, else the built-in default.
         #[arg(short, long)]
@@ -68,18 +70,119 @@ enum Command {
         /// Config file.
         file: PathBuf,
     },
+    /// Run one business service alone (production: one process per service).
+    Serve {
+        /// The service.
+        #[arg(value_enum)]
+        service: Service,
+        /// Services config; defaults to conf/services.yaml when present.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Apply every service's database migrations, then exit.
+    Migrate {
+        /// Services config; defaults to conf/services.yaml when present.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// The business services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Service {
+    /// Accounts and tokens (port 8021).
+    Users,
+}
+
+/// Where `serve`, `migrate` and `up` look for the services config.
+const DEFAULT_SERVICES_PATH: &str = "conf/services.yaml";
+
+fn services_file(explicit: Option<PathBuf>) -> Option<PathBuf> {
+    explicit.or_else(|| {
+        let p = PathBuf::from(DEFAULT_SERVICES_PATH);
+        p.exists().then_some(p)
+    })
+}
+
+fn users_settings(file: Option<&Path>) -> Result<users::UsersSettings, ExitCode> {
+    users::load_settings(file).map_err(|e| {
+        eprintln!("error: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+/// Starts the business services in this process (for `up`).
+fn start_services(
+    file: Option<&Path>,
+) -> Result<Vec<backend_common::app::RunningService>, ExitCode> {
+    let settings = users_settings(file)?;
+    let running = users::start(settings).map_err(|e| {
+        eprintln!("error: users service: {e}");
+        ExitCode::from(EXIT_START_FAILED)
+    })?;
+    tracing::info!(addr = %running.addr, "users service running");
+    Ok(vec![running])
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let production = matches!(cli.command, Command::Gateway { .. });
+    let production = matches!(cli.command, Command::Gateway { .. } | Command::Serve { .. });
     init_logging(cli.log_format.unwrap_or(if production {
         LogFormat::Json
     } else {
         LogFormat::Text
     }));
     match cli.command {
+        Command::Serve { service, config } => {
+            let file = services_file(config);
+            match service {
+                Service::Users => match users_settings(file.as_deref()) {
+                    Ok(settings) => match users::start(settings) {
+                        Ok(running) => {
+                            running.wait();
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("error: users service: {e}");
+                            ExitCode::from(EXIT_START_FAILED)
+                        }
+                    },
+                    Err(code) => code,
+                },
+            }
+        }
+        Command::Migrate { config } => {
+            let file = services_file(config);
+            let settings = match users_settings(file.as_deref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EXIT_START_FAILED);
+                }
+            };
+            match runtime.block_on(users::migrate(&settings)) {
+                Ok(()) => {
+                    println!("users: migrations applied");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: users: {e}");
+                    ExitCode::from(EXIT_START_FAILED)
+                }
+            }
+        }
         Command::Up { config } => {
+            let _services = match start_services(services_file(None).as_deref()) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
             let loaded = match config {
                 Some(path) => load(&path),
                 None if Path::new(DEFAULT_CONFIG_PATH).exists() => {

@@ -22,3 +22,4 @@ mod routing;
 mod status_page;
 mod streaming;
 mod tokens;
+mod users;

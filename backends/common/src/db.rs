@@ -1,0 +1,187 @@
+//! The database: one code path for SQLite (the embedded default) and
+//! PostgreSQL, through sqlx's `Any` driver.
+//!
+//! Portable SQL only: `$1`-style placeholders numbered in order of first
+//! use (SQLite reads `$N` as a named parameter and numbers them in order of
+//! appearance), `TEXT` ids, `BIGINT` integers (money in minor units, times
+//! in Unix milliseconds), no `RETURNING`-specific or vendor-only syntax.
+
+use std::path::Path;
+use std::time::Duration;
+
+use sqlx::any::AnyPoolOptions;
+use sqlx::migrate::Migrator;
+use sqlx::AnyPool;
+use sqlx::Executor;
+
+use crate::secret::{redact_url, Secret};
+
+/// Which server is behind the pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DbKind {
+    /// An SQLite file.
+    Sqlite,
+    /// A PostgreSQL server.
+    Postgres,
+}
+
+/// Why the database could not be opened or migrated.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The URL is neither `sqlite:` nor `postgres:`.
+    #[error("unsupported database URL `{0}` (use sqlite://PATH or postgres://...)")]
+    UnsupportedUrl(String),
+    /// The directory of an SQLite file could not be created.
+    #[error("cannot create {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Connecting failed.
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        /// The URL, password masked.
+        url: String,
+        /// The cause.
+        source: sqlx::Error,
+    },
+    /// A migration failed.
+    #[error("migrating {url}: {source}")]
+    Migrate {
+        /// The URL, password masked.
+        url: String,
+        /// The cause.
+        source: sqlx::migrate::MigrateError,
+    },
+}
+
+/// A connection pool and the kind of server behind it. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Db {
+    pool: AnyPool,
+    kind: DbKind,
+}
+
+/// The outbox and consumer tables every service has (`migrations/common`).
+static COMMON_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/common");
+
+impl Db {
+    /// Opens a pool. An SQLite file and its directory are created when
+    /// missing, and the file is switched to WAL so readers never block the
+    /// writer.
+    pub async fn connect(url: &Secret<String>, max_connections: u32) -> Result<Self, DbError> {
+        sqlx::any::install_default_drivers();
+        let raw = url.expose().as_str();
+        let shown = redact_url(raw);
+        let (kind, url) = if let Some(path) = raw
+            .strip_prefix("sqlite://")
+            .or_else(|| raw.strip_prefix("sqlite:"))
+        {
+            let file = path.split('?').next().unwrap_or(path);
+            if file != ":memory:" {
+                if let Some(dir) = Path::new(file)
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                {
+                    std::fs::create_dir_all(dir).map_err(|source| DbError::CreateDir {
+                        path: dir.display().to_string(),
+                        source,
+                    })?;
+                }
+            }
+            let url = if path.contains("mode=") {
+                format!("sqlite://{path}")
+            } else if path.contains('?') {
+                format!("sqlite://{path}&mode=rwc")
+            } else {
+                format!("sqlite://{path}?mode=rwc")
+            };
+            (DbKind::Sqlite, url)
+        } else if raw.starts_with("postgres://") || raw.starts_with("postgresql://") {
+            (DbKind::Postgres, raw.to_owned())
+        } else {
+            return Err(DbError::UnsupportedUrl(shown));
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(&url)
+            .await
+            .map_err(|source| DbError::Connect {
+                url: shown.clone(),
+                source,
+            })?;
+        if kind == DbKind::Sqlite {
+            pool.execute("PRAGMA journal_mode = WAL")
+                .await
+                .map_err(|source| DbError::Connect { url: shown, source })?;
+        }
+        Ok(Self { pool, kind })
+    }
+
+    /// Applies the common migrations (outbox, consumed events) and then
+    /// the service's own, in version order. Already applied ones are
+    /// skipped; an edited applied migration is an error (append-only).
+    pub async fn migrate(&self, service: &Migrator) -> Result<(), DbError> {
+        let migrations = COMMON_MIGRATIONS
+            .iter()
+            .chain(service.iter())
+            .cloned()
+            .collect();
+        let migrator = Migrator::with_migrations(migrations);
+        migrator
+            .run(&self.pool)
+            .await
+            .map_err(|source| DbError::Migrate {
+                url: self.kind_name().to_owned(),
+                source,
+            })
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// The kind of server.
+    pub fn kind(&self) -> DbKind {
+        self.kind
+    }
+
+    fn kind_name(&self) -> &'static str {
+        match self.kind {
+            DbKind::Sqlite => "sqlite",
+            DbKind::Postgres => "postgres",
+        }
+    }
+
+    /// Whether the database answers a trivial query within a second.
+    pub async fn ping(&self) -> bool {
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), self.pool.execute("SELECT 1")).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Closes the pool, waiting for connections in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Whether a query failed on a unique constraint (a duplicate email, an
+/// event already consumed): the caller turns it into a 409 or a no-op.
+pub fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+/// Now, in Unix milliseconds: the time type of every table.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

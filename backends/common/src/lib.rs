@@ -1,0 +1,50 @@
+//! The shared foundation of tiergate's business services.
+//!
+//! - [`app`]: run a service (Actix-web 4) with request ids, metrics, the
+//!   JSON error envelope, `/health`, `/metrics` and `/openapi.json`;
+//! - [`error`]: the envelope and the validation helper;
+//! - [`json`]: a JSON extractor whose failures are 4xx in the envelope;
+//! - [`db`]: SQLite or PostgreSQL through one sqlx `Any` code path, with
+//!   per-service migrations;
+//! - [`service_auth`]: short-lived service JWTs for `/internal` routes;
+//! - [`outbox`]: the transactional outbox, its dispatcher and the
+//!   consumers' dedupe;
+//! - [`config`], [`secret`]: settings from file and env, secrets that never
+//!   print.
+#![deny(missing_docs)]
+
+pub mod app;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod json;
+pub mod metrics;
+pub mod outbox;
+pub mod request_id;
+pub mod secret;
+pub mod service_auth;
+
+pub use error::{ApiError, FieldError, Validator};
+
+/// A random token of `bytes` bytes from the OS entropy source, base64url
+/// without padding (verification and refresh tokens, generated secrets).
+/// Fails only when the OS has no entropy source.
+pub fn random_token(bytes: usize) -> Result<String, getrandom::Error> {
+    use base64::Engine;
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf)?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf))
+}
+
+/// The SHA-256 of a token, hex: how tokens are stored (a database leak
+/// does not reveal usable tokens).
+pub fn token_hash(token: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(token.as_bytes());
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    out
+}

@@ -1,0 +1,98 @@
+//! Secrets in a redacting wrapper: `Debug` and `Display` print
+//! `[redacted]`, so a secret in a config struct never reaches a log line.
+
+use std::fmt;
+
+/// A value that must not be logged. Read it with [`Secret::expose`].
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    /// Wraps a secret value.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    /// The secret itself. Call it only where the value is used (to sign, to
+    /// connect), never to format it.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl<T> fmt::Display for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// Reads a secret from the environment: `NAME` itself, else the file named
+/// by `NAME_FILE` (trailing newline trimmed, as Docker and Kubernetes
+/// secrets are written). `Ok(None)` when neither is set.
+pub fn from_env(name: &str) -> Result<Option<Secret<String>>, String> {
+    if let Ok(value) = std::env::var(name) {
+        if !value.is_empty() {
+            return Ok(Some(Secret(value)));
+        }
+    }
+    let file_var = format!("{name}_FILE");
+    match std::env::var(&file_var) {
+        Ok(path) if !path.is_empty() => match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(Secret(text.trim_end_matches(['\n', '\r']).to_owned()))),
+            Err(e) => Err(format!("{file_var}: cannot read {path}: {e}")),
+        },
+        _ => Ok(None),
+    }
+}
+
+/// A database URL with its password (if any) masked, so that it can be
+/// logged.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_debug_and_display_never_show_the_value() {
+        let s = Secret::new("hunter2".to_owned());
+        assert_eq!(format!("{s:?}"), "[redacted]");
+        assert_eq!(format!("{s}"), "[redacted]");
+        assert_eq!(s.expose(), "hunter2");
+    }
+
+    #[test]
+    fn test_redact_url_hides_only_the_password() {
+        assert_eq!(
+            redact_url("postgres://app:pw@db:5432/users"),
+            "postgres://app:***@db:5432/users"
+        );
+        assert_eq!(
+            redact_url("sqlite://data/users.db"),
+            "sqlite://data/users.db"
+        );
+        assert_eq!(redact_url("postgres://db/users"), "postgres://db/users");
+    }
+}

@@ -1,0 +1,556 @@
+//! The users service's logic: no Actix types, SQL only through `storage`.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use backend_common::config::Environment;
+use backend_common::db::{is_unique_violation, now_ms, Db};
+use backend_common::metrics::HttpMetrics;
+use backend_common::outbox::{consume_once, Event, Outbox};
+use backend_common::{random_token, token_hash, ApiError, FieldError, Validator};
+
+use crate::config::UsersConfig;
+use crate::error::Error;
+use crate::keys::Signer;
+use crate::password::{policy_violation, Hasher};
+use crate::storage::{self, UserRow};
+
+/// The tiers a subscription can set.
+pub const TIERS: [&str; 4] = ["FREE", "BASIC", "PREMIUM", "ENTERPRISE"];
+/// The roles a user can have.
+pub const ROLES: [&str; 2] = ["user", "admin"];
+/// A kind of single-use link sent by e-mail.
+struct LinkKind {
+    /// `one_time_tokens.purpose`.
+    purpose: &'static str,
+    /// The page the link opens.
+    page: &'static str,
+    /// The event that carries it.
+    event: &'static str,
+    /// The event field holding the URL.
+    url_field: &'static str,
+    /// Its lifetime.
+    ttl: fn(&UsersConfig) -> std::time::Duration,
+}
+
+const VERIFY_EMAIL: LinkKind = LinkKind {
+    purpose: "verify_email",
+    page: "verify-email",
+    event: "user.registered",
+    url_field: "verification_url",
+    ttl: |c| c.verification_ttl,
+};
+
+const RESET_PASSWORD: LinkKind = LinkKind {
+    purpose: "reset_password",
+    page: "reset-password",
+    event: "user.password_reset_requested",
+    url_field: "reset_url",
+    ttl: |c| c.reset_ttl,
+};
+
+/// The consumer name under which events are deduplicated.
+const CONSUMER: &str = "users";
+
+/// Everything the handlers need. Shared by all workers.
+pub struct Users {
+    /// Database.
+    pub db: Db,
+    /// Access-token keys.
+    pub signer: Arc<Signer>,
+    /// Password hashing.
+    pub hasher: Hasher,
+    /// Outbox for `user.*` events.
+    pub outbox: Outbox,
+    /// Settings.
+    pub config: UsersConfig,
+    /// Base of links in e-mails.
+    pub public_url: String,
+    /// Development mode logs verification and reset links.
+    pub environment: Environment,
+    /// Metrics (consumed events).
+    pub metrics: HttpMetrics,
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct User {
+    /// Id.
+    pub id: String,
+    /// E-mail (lower-cased).
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// Whether the e-mail is verified.
+    pub email_verified: bool,
+    /// Current tier.
+    pub tier: String,
+    /// Roles.
+    pub roles: Vec<String>,
+    /// Created, Unix ms.
+    pub created_at: i64,
+}
+
+impl From<UserRow> for User {
+    fn from(u: UserRow) -> Self {
+        let roles = u.role_list();
+        Self {
+            id: u.id,
+            email: u.email,
+            name: u.name,
+            email_verified: u.email_verified_at.is_some(),
+            tier: u.tier,
+            roles,
+            created_at: u.created_at,
+        }
+    }
+}
+
+/// The result of a login or refresh.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct TokenPair {
+    /// EdDSA JWT for `Authorization: Bearer`.
+    pub access_token: String,
+    /// Opaque, single-use; exchange at `/api/auth/refresh`.
+    pub refresh_token: String,
+    /// Always `Bearer`.
+    pub token_type: &'static str,
+    /// Access-token lifetime in seconds.
+    pub expires_in: u64,
+}
+
+/// A page of users.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct UserPage {
+    /// The users, oldest first.
+    pub items: Vec<User>,
+    /// Pass as `after` for the next page; absent on the last page.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
+}
+
+fn invalid(e: ApiError) -> Error {
+    Error::Invalid(e)
+}
+
+fn field_error(field: &str, message: &str) -> Error {
+    Error::Invalid(ApiError::validation(vec![FieldError::new(field, message)]))
+}
+
+/// Lower-cases and trims; checks the shape (no deliverability check).
+pub fn normalize_email(raw: &str) -> Result<String, &'static str> {
+    let email = raw.trim().to_ascii_lowercase();
+    if email.len() > 254 {
+        return Err("must be at most 254 characters");
+    }
+    let Some((local, domain)) = email.split_once('@') else {
+        return Err("must be an email address");
+    };
+    let ok = !local.is_empty()
+        && local.len() <= 64
+        && !domain.contains('@')
+        && domain.contains('.')
+        && domain.split('.').all(|l| !l.is_empty())
+        && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(email)
+    } else {
+        Err("must be an email address")
+    }
+}
+
+fn check_name(v: &mut Validator, name: &str) -> String {
+    let name = name.trim();
+    v.check(!name.is_empty(), "name", "must not be empty")
+        .check(
+            name.chars().count() <= 100,
+            "name",
+            "must be at most 100 characters",
+        )
+        .check(
+            !name.chars().any(char::is_control),
+            "name",
+            "must not contain control characters",
+        );
+    name.to_owned()
+}
+
+impl Users {
+    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, Error> {
+        Ok(self.db.pool().acquire().await?)
+    }
+
+    fn link(&self, page: &str, token: &str) -> String {
+        format!("{}/{page}?token={token}", self.public_url)
+    }
+
+    /// Registers an account (unverified) and emits `user.registered` with
+    /// the verification link.
+    pub async fn register(&self, email: &str, password: &str, name: &str) -> Result<User, Error> {
+        let mut v = Validator::new();
+        let email = match normalize_email(email) {
+            Ok(e) => e,
+            Err(msg) => {
+                v.fail("email", msg);
+                String::new()
+            }
+        };
+        if let Some(msg) = policy_violation(password, &email) {
+            v.fail("password", msg);
+        }
+        let name = check_name(&mut v, name);
+        v.finish().map_err(invalid)?;
+        let hash = self
+            .hasher
+            .hash(password.to_owned())
+            .await
+            .map_err(Error::Internal)?;
+        let now = now_ms();
+        let admin = self
+            .config
+            .admin_emails
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(&email));
+        let user = UserRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            email: email.clone(),
+            name,
+            password_hash: hash,
+            email_verified_at: None,
+            roles: if admin { "user,admin" } else { "user" }.to_owned(),
+            tier: "FREE".to_owned(),
+            tier_changed_at: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        let mut tx = self.db.pool().begin().await?;
+        if let Err(e) = storage::insert_user(&mut tx, &user).await {
+            return Err(if is_unique_violation(&e) {
+                Error::EmailTaken
+            } else {
+                e.into()
+            });
+        }
+        self.send_link(tx, &user, &VERIFY_EMAIL).await?;
+        Ok(user.into())
+    }
+
+    /// Stores a single-use token for `user` and emits the event carrying
+    /// its link, in `tx`, then commits (in development the link is also
+    /// logged, since no mail goes out yet).
+    async fn send_link(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Any>,
+        user: &UserRow,
+        kind: &LinkKind,
+    ) -> Result<(), Error> {
+        let now = now_ms();
+        let token = random_token(32).map_err(|e| Error::Internal(e.to_string()))?;
+        let ttl = (kind.ttl)(&self.config);
+        let expires_at = now + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        storage::insert_one_time(
+            &mut tx,
+            &token_hash(&token),
+            &user.id,
+            kind.purpose,
+            expires_at,
+            now,
+        )
+        .await?;
+        let link = self.link(kind.page, &token);
+        let mut data = serde_json::json!({
+            "user_id": user.id, "email": user.email, "name": user.name, "expires_at": expires_at,
+        });
+        data[kind.url_field] = serde_json::Value::String(link.clone());
+        self.outbox.enqueue(&mut tx, kind.event, &data).await?;
+        tx.commit().await?;
+        self.outbox.notify();
+        if self.environment == Environment::Development {
+            tracing::info!(email = %user.email, link = %link, "development: {}", kind.event);
+        }
+        Ok(())
+    }
+
+    /// Verifies an e-mail with the single-use token from the link.
+    pub async fn verify_email(&self, token: &str) -> Result<(), Error> {
+        let now = now_ms();
+        let mut tx = self.db.pool().begin().await?;
+        let user_id = storage::use_one_time(&mut tx, &token_hash(token), "verify_email", now)
+            .await?
+            .ok_or(Error::InvalidOneTimeToken)?;
+        storage::mark_verified(&mut tx, &user_id, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Exchanges e-mail and password for a token pair.
+    pub async fn login(&self, email: &str, password: &str) -> Result<TokenPair, Error> {
+        let email = normalize_email(email).unwrap_or_default();
+        let user = if email.is_empty() {
+            None
+        } else {
+            storage::user_by_email(&mut *self.conn().await?, &email).await?
+        };
+        let hash = user.as_ref().map(|u| u.password_hash.clone());
+        if !self.hasher.verify(password.to_owned(), hash).await {
+            return Err(Error::InvalidCredentials);
+        }
+        let user = user.ok_or(Error::InvalidCredentials)?;
+        if user.email_verified_at.is_none() {
+            return Err(Error::EmailNotVerified);
+        }
+        let mut tx = self.db.pool().begin().await?;
+        let family = uuid::Uuid::now_v7().to_string();
+        let pair = self.new_pair(&mut tx, &user, &family).await?;
+        tx.commit().await?;
+        Ok(pair)
+    }
+
+    async fn new_pair(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        user: &UserRow,
+        family: &str,
+    ) -> Result<TokenPair, Error> {
+        let now = now_ms();
+        let refresh = random_token(32).map_err(|e| Error::Internal(e.to_string()))?;
+        let expires_at = now + self.config.refresh_token_ttl.as_millis() as i64;
+        storage::insert_refresh(
+            tx,
+            &uuid::Uuid::now_v7().to_string(),
+            &user.id,
+            family,
+            &token_hash(&refresh),
+            now,
+            expires_at,
+        )
+        .await?;
+        let access = self
+            .signer
+            .issue(&user.id, &user.tier, &user.role_list())
+            .map_err(Error::Internal)?;
+        Ok(TokenPair {
+            access_token: access,
+            refresh_token: refresh,
+            token_type: "Bearer",
+            expires_in: self.signer.access_ttl().as_secs(),
+        })
+    }
+
+    /// Rotates a refresh token. A token already rotated is a reuse (a
+    /// stolen copy, or the thief's): the whole family is revoked.
+    pub async fn refresh(&self, token: &str) -> Result<TokenPair, Error> {
+        let now = now_ms();
+        let mut tx = self.db.pool().begin().await?;
+        let row = storage::refresh_by_hash(&mut tx, &token_hash(token))
+            .await?
+            .ok_or(Error::InvalidRefreshToken)?;
+        if row.revoked_at.is_some() {
+            return Err(Error::InvalidRefreshToken);
+        }
+        if row.rotated_at.is_some() || !storage::mark_rotated(&mut tx, &row.id, now).await? {
+            storage::revoke_family(&mut tx, &row.family_id, now).await?;
+            tx.commit().await?;
+            tracing::warn!(user_id = %row.user_id, family = %row.family_id, "refresh token reused; family revoked");
+            return Err(Error::RefreshTokenReused);
+        }
+        if row.expires_at <= now {
+            return Err(Error::InvalidRefreshToken);
+        }
+        let user = storage::user_by_id(&mut tx, &row.user_id)
+            .await?
+            .ok_or(Error::InvalidRefreshToken)?;
+        let pair = self.new_pair(&mut tx, &user, &row.family_id).await?;
+        tx.commit().await?;
+        Ok(pair)
+    }
+
+    /// Ends the login a refresh token belongs to (its whole family).
+    /// Unknown tokens are ignored: logout always succeeds.
+    pub async fn logout(&self, token: &str) -> Result<(), Error> {
+        let mut conn = self.conn().await?;
+        if let Some(row) = storage::refresh_by_hash(&mut conn, &token_hash(token)).await? {
+            storage::revoke_family(&mut conn, &row.family_id, now_ms()).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a password reset: for a known e-mail, stores a single-use
+    /// token and emits `user.password_reset_requested`. The caller answers
+    /// 202 either way, so the endpoint does not reveal accounts.
+    pub async fn forgot_password(&self, email: &str) -> Result<(), Error> {
+        let Ok(email) = normalize_email(email) else {
+            return Ok(());
+        };
+        let Some(user) = storage::user_by_email(&mut *self.conn().await?, &email).await? else {
+            return Ok(());
+        };
+        let tx = self.db.pool().begin().await?;
+        self.send_link(tx, &user, &RESET_PASSWORD).await?;
+        Ok(())
+    }
+
+    /// Sets a new password with a reset token; revokes every refresh token
+    /// of the account.
+    pub async fn reset_password(&self, token: &str, password: &str) -> Result<(), Error> {
+        let mut v = Validator::new();
+        if let Some(msg) = policy_violation(password, "") {
+            v.fail("password", msg);
+        }
+        v.finish().map_err(invalid)?;
+        let hash = self
+            .hasher
+            .hash(password.to_owned())
+            .await
+            .map_err(Error::Internal)?;
+        let now = now_ms();
+        let mut tx = self.db.pool().begin().await?;
+        let user_id = storage::use_one_time(&mut tx, &token_hash(token), "reset_password", now)
+            .await?
+            .ok_or(Error::InvalidOneTimeToken)?;
+        storage::set_password(&mut tx, &user_id, &hash, now).await?;
+        storage::revoke_user(&mut tx, &user_id, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A user by id.
+    pub async fn get(&self, id: &str) -> Result<User, Error> {
+        storage::user_by_id(&mut *self.conn().await?, id)
+            .await?
+            .map(User::from)
+            .ok_or(Error::UserNotFound)
+    }
+
+    /// Changes the caller's display name.
+    pub async fn rename(&self, id: &str, name: &str) -> Result<User, Error> {
+        let mut v = Validator::new();
+        let name = check_name(&mut v, name);
+        v.finish().map_err(invalid)?;
+        if !storage::set_name(&mut *self.conn().await?, id, &name, now_ms()).await? {
+            return Err(Error::UserNotFound);
+        }
+        self.get(id).await
+    }
+
+    /// A page of users (admin).
+    pub async fn list(&self, after: Option<&str>, limit: Option<i64>) -> Result<UserPage, Error> {
+        let limit = limit.unwrap_or(50);
+        if !(1..=200).contains(&limit) {
+            return Err(field_error("limit", "must be between 1 and 200"));
+        }
+        let rows =
+            storage::list_users(&mut *self.conn().await?, after.unwrap_or(""), limit).await?;
+        let next_after = (rows.len() as i64 == limit)
+            .then(|| rows.last().map(|u| u.id.clone()))
+            .flatten();
+        Ok(UserPage {
+            items: rows.into_iter().map(User::from).collect(),
+            next_after,
+        })
+    }
+
+    /// Replaces a user's roles (admin). An admin cannot drop their own
+    /// admin role (no lock-out by accident).
+    pub async fn set_roles(&self, actor: &str, id: &str, roles: &[String]) -> Result<User, Error> {
+        let mut v = Validator::new();
+        for (i, r) in roles.iter().enumerate() {
+            v.check(
+                ROLES.contains(&r.as_str()),
+                &format!("roles[{i}]"),
+                "must be `user` or `admin`",
+            );
+        }
+        v.check(
+            roles.iter().any(|r| r == "user"),
+            "roles",
+            "must include `user`",
+        );
+        v.check(
+            actor != id || roles.iter().any(|r| r == "admin"),
+            "roles",
+            "you cannot remove your own admin role",
+        );
+        v.finish().map_err(invalid)?;
+        let mut list: Vec<&str> = ROLES
+            .iter()
+            .copied()
+            .filter(|r| roles.iter().any(|x| x == r))
+            .collect();
+        list.dedup();
+        if !storage::set_roles(&mut *self.conn().await?, id, &list.join(","), now_ms()).await? {
+            return Err(Error::UserNotFound);
+        }
+        self.get(id).await
+    }
+
+    /// Applies a subscription event to the user's tier, once per event id.
+    /// Returns `applied`, `duplicate`, `stale` (older than the tier's last
+    /// change), `unknown_user`, or `ignored` (a type this service does not
+    /// consume).
+    pub async fn apply_event(&self, event: &Event) -> Result<&'static str, Error> {
+        let tier = match event.event_type.as_str() {
+            "subscription.activated" => {
+                let tier = event
+                    .data
+                    .get("tier")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("");
+                let tier = tier.to_ascii_uppercase();
+                match TIERS.iter().find(|t| **t == tier) {
+                    Some(t) => *t,
+                    None => {
+                        return Err(field_error(
+                            "data.tier",
+                            &format!("must be one of {}", TIERS.join(", ")),
+                        ))
+                    }
+                }
+            }
+            "subscription.ended" => "FREE",
+            _ => return Ok("ignored"),
+        };
+        let Some(user_id) = event.data.get("user_id").and_then(|u| u.as_str()) else {
+            return Err(field_error("data.user_id", "is required"));
+        };
+        let mut tx = self.db.pool().begin().await?;
+        let outcome = if !consume_once(&mut tx, CONSUMER, event).await? {
+            "duplicate"
+        } else if storage::set_tier(&mut tx, user_id, tier, event.occurred_at, now_ms()).await? {
+            "applied"
+        } else if storage::user_by_id(&mut tx, user_id).await?.is_none() {
+            // Permanent: acknowledge (and remember) it rather than have the
+            // producer retry for ever.
+            tracing::warn!(event_id = %event.id, user_id, "subscription event for an unknown user");
+            "unknown_user"
+        } else {
+            "stale"
+        };
+        tx.commit().await?;
+        self.metrics
+            .events_consumed
+            .with_label_values(&[event.event_type.as_str(), outcome])
+            .inc();
+        Ok(outcome)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_normalize_email() {
+        assert_eq!(
+            normalize_email("  Ann@Example.COM ").unwrap(),
+            "ann@example.com"
+        );
+        for bad in [
+            "", "ann", "ann@", "@x.io", "a@b", "a@@b.io", "a b@c.io", "a@b..io", "a@.io",
+        ] {
+            assert!(normalize_email(bad).is_err(), "{bad}");
+        }
+        assert!(normalize_email(&format!("{}@x.io", "a".repeat(65))).is_err());
+    }
+}

@@ -1,0 +1,81 @@
+//! The users service's errors: one enum, one mapping to the envelope.
+
+use backend_common::ApiError;
+
+/// Everything a users endpoint can refuse or fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Input failed validation (already carries the fields).
+    #[error("validation failed")]
+    Invalid(ApiError),
+    /// The e-mail is already registered.
+    #[error("email taken")]
+    EmailTaken,
+    /// Unknown e-mail or wrong password (indistinguishable on purpose).
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    /// The account has not verified its e-mail yet.
+    #[error("email not verified")]
+    EmailNotVerified,
+    /// A verification or reset token that is unknown, used or expired.
+    #[error("invalid one-time token")]
+    InvalidOneTimeToken,
+    /// A refresh token that is unknown, expired or revoked.
+    #[error("invalid refresh token")]
+    InvalidRefreshToken,
+    /// A rotated refresh token presented again: its family is revoked.
+    #[error("refresh token reused")]
+    RefreshTokenReused,
+    /// No or an invalid access token.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(&'static str),
+    /// The caller lacks the role.
+    #[error("forbidden")]
+    Forbidden,
+    /// No such user.
+    #[error("user not found")]
+    UserNotFound,
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] sqlx::Error),
+    /// Anything else on the server side (hashing, key material).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Invalid(api) => api,
+            Error::EmailTaken => {
+                ApiError::conflict("email_taken", "an account with this email already exists")
+            }
+            Error::InvalidCredentials => {
+                ApiError::unauthorized("invalid_credentials", "wrong email or password")
+            }
+            Error::EmailNotVerified => ApiError::forbidden(
+                "email_not_verified",
+                "verify your email address before logging in (see the link we sent)",
+            ),
+            Error::InvalidOneTimeToken => ApiError::bad_request(
+                "invalid_token",
+                "this link is invalid, already used or expired",
+            ),
+            Error::InvalidRefreshToken => ApiError::unauthorized(
+                "invalid_refresh_token",
+                "the refresh token is invalid, expired or revoked; log in again",
+            ),
+            Error::RefreshTokenReused => ApiError::unauthorized(
+                "refresh_token_reused",
+                "this refresh token was already used; every session of this login is revoked",
+            ),
+            Error::Unauthenticated(why) => ApiError::unauthorized("invalid_token", why),
+            Error::Forbidden => {
+                ApiError::forbidden("forbidden", "this endpoint needs the admin role")
+            }
+            Error::UserNotFound => ApiError::not_found("no such user"),
+            Error::Db(e) => ApiError::from(e),
+            Error::Internal(msg) => ApiError::internal(&msg),
+        }
+    }
+}

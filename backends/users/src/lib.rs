@@ -1,0 +1,139 @@
+//! The users service (port 8021): registration with e-mail verification,
+//! login (Argon2id), EdDSA access tokens with a `kid` and a JWKS, rotating
+//! refresh tokens with reuse detection, password reset, profiles, roles,
+//! and the user's tier kept in step with subscription events.
+//!
+//! Layering: [`routes`] (thin Actix handlers) → [`core`] (logic) →
+//! [`storage`] (SQL).
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod core;
+pub mod error;
+pub mod keys;
+pub mod password;
+pub mod routes;
+pub mod storage;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use sqlx::migrate::Migrator;
+use utoipa::OpenApi;
+
+use backend_common::app::{self, RunningService, ServiceDef, StartError};
+use backend_common::config::{self as settings, ConfigError, Settings};
+use backend_common::db::{now_ms, Db, DbError};
+use backend_common::metrics::HttpMetrics;
+use backend_common::outbox::{DispatchSettings, Outbox};
+use backend_common::service_auth::ServiceTokens;
+
+pub use config::UsersConfig;
+
+/// The service's name.
+pub const NAME: &str = "users";
+/// Its standard port.
+pub const DEFAULT_PORT: u16 = 8021;
+/// Its migrations (`migrations/users`).
+pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/users");
+
+/// Settings of the users service.
+pub type UsersSettings = Settings<UsersConfig>;
+
+/// Reads settings from `file` (optional) and the process environment.
+pub fn load_settings(file: Option<&Path>) -> Result<UsersSettings, ConfigError> {
+    let mut s: UsersSettings = settings::load(NAME, DEFAULT_PORT, file, &settings::process_env)?;
+    s.service.signing_key =
+        settings::secret_from_env("TIERGATE_USERS_SIGNING_KEY").map_err(ConfigError)?;
+    s.service.validate().map_err(ConfigError)?;
+    Ok(s)
+}
+
+/// Applies the migrations and returns.
+pub async fn migrate(settings: &UsersSettings) -> Result<(), DbError> {
+    let db = Db::connect(&settings.database_url, 1).await?;
+    let result = db.migrate(&MIGRATOR).await;
+    db.close().await;
+    result
+}
+
+/// Starts the service (migrating its database first) and returns once it
+/// accepts connections.
+pub fn start(settings: UsersSettings) -> Result<RunningService, StartError> {
+    start_with(settings, DispatchSettings::default())
+}
+
+/// [`start`] with explicit outbox dispatch settings (tests use short
+/// backoffs).
+pub fn start_with(
+    settings: UsersSettings,
+    dispatch: DispatchSettings,
+) -> Result<RunningService, StartError> {
+    settings.service.validate().map_err(StartError::Init)?;
+    let server = settings.server.clone();
+    app::start(server, move || async move {
+        let init = |e: String| StartError::Init(e);
+        let db = Db::connect(&settings.database_url, settings.max_connections)
+            .await
+            .map_err(|e| init(e.to_string()))?;
+        db.migrate(&MIGRATOR)
+            .await
+            .map_err(|e| init(e.to_string()))?;
+        let cfg = settings.service.clone();
+        let signer = Arc::new(
+            keys::Signer::load(
+                &settings.shared.data_dir,
+                cfg.signing_key.clone(),
+                cfg.access_token_ttl,
+                cfg.rotate_signing_key_after,
+                &cfg.issuer,
+                &cfg.audience,
+            )
+            .map_err(init)?,
+        );
+        // A key older than the rotation period is replaced at start.
+        signer.maintain(now_ms(), false).map_err(init)?;
+        let hasher =
+            password::Hasher::new(cfg.argon2_memory_kib, cfg.argon2_iterations).map_err(init)?;
+        let tokens = ServiceTokens::new(NAME, &settings.shared.service_secret).map_err(init)?;
+        let metrics = HttpMetrics::new(NAME);
+        let outbox = Outbox::new(NAME, settings.shared.events.clone());
+        let users = actix_web::web::Data::new(core::Users {
+            db: db.clone(),
+            signer: signer.clone(),
+            hasher,
+            outbox: outbox.clone(),
+            config: cfg,
+            public_url: settings.shared.public_url.clone(),
+            environment: settings.shared.environment,
+            metrics: metrics.clone(),
+        });
+        let dispatcher = outbox
+            .dispatch(db.clone(), tokens.clone(), metrics.clone(), dispatch)
+            .boxed_local();
+        let key_maintenance = async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                if let Err(e) = signer.maintain(now_ms(), false) {
+                    tracing::error!(error = %e, "signing-key maintenance failed");
+                }
+            }
+        }
+        .boxed_local();
+        Ok(ServiceDef {
+            name: NAME,
+            openapi: routes::UsersApi::openapi(),
+            db,
+            metrics,
+            tokens,
+            routes: Arc::new(move |cfg| {
+                cfg.app_data(users.clone());
+                routes::configure(cfg);
+            }),
+            background: vec![dispatcher, key_maintenance],
+        })
+    })
+}

@@ -1,0 +1,399 @@
+//! HTTP handlers: extract, call `core`, answer. Request types reject
+//! unknown fields (a 422 naming the field), so a typo never passes
+//! silently.
+
+use std::future::{ready, Ready};
+
+use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use serde::{Deserialize, Serialize};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+
+use backend_common::json::Json;
+use backend_common::outbox::Event;
+use backend_common::service_auth::{bearer, ServiceCaller};
+use backend_common::ApiError;
+
+use crate::core::{TokenPair, User, UserPage, Users};
+use crate::error::Error;
+
+type Api<T> = Result<T, ApiError>;
+
+/// The caller, proven by a valid access token of ours.
+pub struct AuthUser {
+    /// User id (`sub`).
+    pub id: String,
+    /// Roles.
+    pub roles: Vec<String>,
+}
+
+impl FromRequest for AuthUser {
+    type Error = ApiError;
+    type Future = Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        let Some(users) = req.app_data::<web::Data<Users>>() else {
+            return ready(Err(ApiError::internal(&"Users state missing")));
+        };
+        let Some(token) = bearer(req) else {
+            return ready(Err(ApiError::unauthorized(
+                "missing_token",
+                "a bearer token is required",
+            )));
+        };
+        ready(
+            users
+                .signer
+                .verify(token)
+                .map(|c| AuthUser {
+                    id: c.sub,
+                    roles: c.roles,
+                })
+                .map_err(|why| Error::Unauthenticated(why).into()),
+        )
+    }
+}
+
+impl AuthUser {
+    fn require_admin(&self) -> Result<(), ApiError> {
+        if self.roles.iter().any(|r| r == "admin") {
+            Ok(())
+        } else {
+            Err(Error::Forbidden.into())
+        }
+    }
+}
+
+/// `POST /api/auth/register`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// E-mail address (case-insensitive, unique).
+    pub email: String,
+    /// 10–128 characters, at least one letter and one digit.
+    pub password: String,
+    /// Display name, 1–100 characters.
+    pub name: String,
+}
+
+/// Create an account. A verification link is sent (`user.registered`).
+#[utoipa::path(post, path = "/api/auth/register", tag = "auth", request_body = RegisterRequest,
+    responses((status = 201, body = User),
+        (status = 409, description = "email taken", body = backend_common::error::ErrorEnvelope),
+        (status = 422, description = "invalid fields", body = backend_common::error::ErrorEnvelope)))]
+async fn register(users: web::Data<Users>, body: Json<RegisterRequest>) -> Api<HttpResponse> {
+    let b = body.0;
+    let user = users.register(&b.email, &b.password, &b.name).await?;
+    Ok(HttpResponse::Created().json(user))
+}
+
+/// A single-use token from a link.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// The token from the link.
+    pub token: String,
+}
+
+/// `POST /api/auth/verify-email` answer.
+#[derive(Serialize, ToSchema)]
+pub struct Verified {
+    /// Always true.
+    pub email_verified: bool,
+}
+
+/// Verify an e-mail address with the token from the link.
+#[utoipa::path(post, path = "/api/auth/verify-email", tag = "auth", request_body = TokenRequest,
+    responses((status = 200, body = Verified),
+        (status = 400, description = "invalid, used or expired token", body = backend_common::error::ErrorEnvelope)))]
+async fn verify_email(users: web::Data<Users>, body: Json<TokenRequest>) -> Api<HttpResponse> {
+    users.verify_email(&body.0.token).await?;
+    Ok(HttpResponse::Ok().json(Verified {
+        email_verified: true,
+    }))
+}
+
+/// `POST /api/auth/login`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LoginRequest {
+    /// E-mail.
+    pub email: String,
+    /// Password.
+    pub password: String,
+}
+
+/// Log in: an access token and a refresh token.
+#[utoipa::path(post, path = "/api/auth/login", tag = "auth", request_body = LoginRequest,
+    responses((status = 200, body = TokenPair),
+        (status = 401, description = "wrong email or password", body = backend_common::error::ErrorEnvelope),
+        (status = 403, description = "email not verified", body = backend_common::error::ErrorEnvelope)))]
+async fn login(users: web::Data<Users>, body: Json<LoginRequest>) -> Api<HttpResponse> {
+    let pair = users.login(&body.0.email, &body.0.password).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("Cache-Control", "no-store"))
+        .json(pair))
+}
+
+/// A refresh token.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshRequest {
+    /// The refresh token from login or the last refresh.
+    pub refresh_token: String,
+}
+
+/// Exchange a refresh token for a new pair (the old one stops working;
+/// presenting it again revokes the whole login).
+#[utoipa::path(post, path = "/api/auth/refresh", tag = "auth", request_body = RefreshRequest,
+    responses((status = 200, body = TokenPair),
+        (status = 401, description = "invalid, expired, revoked or reused", body = backend_common::error::ErrorEnvelope)))]
+async fn refresh(users: web::Data<Users>, body: Json<RefreshRequest>) -> Api<HttpResponse> {
+    let pair = users.refresh(&body.0.refresh_token).await?;
+    Ok(HttpResponse::Ok()
+        .insert_header(("Cache-Control", "no-store"))
+        .json(pair))
+}
+
+/// End a login (every refresh token descended from it).
+#[utoipa::path(post, path = "/api/auth/logout", tag = "auth", request_body = RefreshRequest,
+    responses((status = 204, description = "logged out (also for an unknown token)")))]
+async fn logout(users: web::Data<Users>, body: Json<RefreshRequest>) -> Api<HttpResponse> {
+    users.logout(&body.0.refresh_token).await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `POST /api/auth/password/forgot`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ForgotRequest {
+    /// The account's e-mail.
+    pub email: String,
+}
+
+/// `202 Accepted` body.
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    /// Always `accepted`.
+    pub status: &'static str,
+}
+
+/// Ask for a password-reset link. Always 202, whether or not the account
+/// exists.
+#[utoipa::path(post, path = "/api/auth/password/forgot", tag = "auth", request_body = ForgotRequest,
+    responses((status = 202, body = Accepted)))]
+async fn forgot_password(users: web::Data<Users>, body: Json<ForgotRequest>) -> Api<HttpResponse> {
+    users.forgot_password(&body.0.email).await?;
+    Ok(HttpResponse::Accepted().json(Accepted { status: "accepted" }))
+}
+
+/// `POST /api/auth/password/reset`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    /// The token from the reset link.
+    pub token: String,
+    /// The new password (same policy as registration).
+    pub password: String,
+}
+
+/// Set a new password with a reset token; every session is logged out.
+#[utoipa::path(post, path = "/api/auth/password/reset", tag = "auth", request_body = ResetRequest,
+    responses((status = 204, description = "password changed"),
+        (status = 400, description = "invalid, used or expired token", body = backend_common::error::ErrorEnvelope),
+        (status = 422, description = "password policy", body = backend_common::error::ErrorEnvelope)))]
+async fn reset_password(users: web::Data<Users>, body: Json<ResetRequest>) -> Api<HttpResponse> {
+    users
+        .reset_password(&body.0.token, &body.0.password)
+        .await?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// The caller's profile.
+#[utoipa::path(get, path = "/api/users/me", tag = "users", security(("bearer" = [])),
+    responses((status = 200, body = User),
+        (status = 401, description = "no or invalid token", body = backend_common::error::ErrorEnvelope)))]
+async fn me(users: web::Data<Users>, caller: AuthUser) -> Api<HttpResponse> {
+    Ok(HttpResponse::Ok().json(users.get(&caller.id).await?))
+}
+
+/// `PATCH /api/users/me`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMeRequest {
+    /// New display name.
+    pub name: String,
+}
+
+/// Change the caller's display name.
+#[utoipa::path(patch, path = "/api/users/me", tag = "users", security(("bearer" = [])),
+    request_body = UpdateMeRequest,
+    responses((status = 200, body = User),
+        (status = 401, description = "no or invalid token", body = backend_common::error::ErrorEnvelope),
+        (status = 422, description = "invalid fields", body = backend_common::error::ErrorEnvelope)))]
+async fn update_me(
+    users: web::Data<Users>,
+    caller: AuthUser,
+    body: Json<UpdateMeRequest>,
+) -> Api<HttpResponse> {
+    Ok(HttpResponse::Ok().json(users.rename(&caller.id, &body.0.name).await?))
+}
+
+/// Paging of `GET /api/admin/users`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// `next_after` of the previous page.
+    pub after: Option<String>,
+    /// Page size, 1–200 (default 50).
+    pub limit: Option<i64>,
+}
+
+/// List users (role `admin`).
+#[utoipa::path(get, path = "/api/admin/users", tag = "admin", security(("bearer" = [])),
+    params(ListQuery),
+    responses((status = 200, body = UserPage),
+        (status = 401, description = "no or invalid token", body = backend_common::error::ErrorEnvelope),
+        (status = 403, description = "not an admin", body = backend_common::error::ErrorEnvelope)))]
+async fn list_users(
+    users: web::Data<Users>,
+    caller: AuthUser,
+    query: web::Query<ListQuery>,
+) -> Api<HttpResponse> {
+    caller.require_admin()?;
+    let q = query.into_inner();
+    Ok(HttpResponse::Ok().json(users.list(q.after.as_deref(), q.limit).await?))
+}
+
+/// `PATCH /api/admin/users/{id}`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetRolesRequest {
+    /// The complete role list: `user`, optionally `admin`.
+    pub roles: Vec<String>,
+}
+
+/// Replace a user's roles (role `admin`).
+#[utoipa::path(patch, path = "/api/admin/users/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "user id")),
+    request_body = SetRolesRequest,
+    responses((status = 200, body = User),
+        (status = 401, description = "no or invalid token", body = backend_common::error::ErrorEnvelope),
+        (status = 403, description = "not an admin", body = backend_common::error::ErrorEnvelope),
+        (status = 404, description = "no such user", body = backend_common::error::ErrorEnvelope),
+        (status = 422, description = "invalid roles", body = backend_common::error::ErrorEnvelope)))]
+async fn set_roles(
+    users: web::Data<Users>,
+    caller: AuthUser,
+    id: web::Path<String>,
+    body: Json<SetRolesRequest>,
+) -> Api<HttpResponse> {
+    caller.require_admin()?;
+    Ok(HttpResponse::Ok().json(users.set_roles(&caller.id, &id, &body.0.roles).await?))
+}
+
+/// The public keys access tokens are signed with (RFC 7517).
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "auth",
+    responses((status = 200, description = "JWK set", content_type = "application/json", body = Object)))]
+async fn jwks(users: web::Data<Users>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .insert_header(("Cache-Control", "public, max-age=60"))
+        .body(users.signer.jwks().to_string())
+}
+
+/// `POST /internal/events` answer.
+#[derive(Serialize, ToSchema)]
+pub struct Consumed {
+    /// `applied`, `duplicate`, `stale`, `unknown_user` or `ignored`.
+    pub status: &'static str,
+}
+
+/// Receive an event (service token only): `subscription.activated` and
+/// `subscription.ended` set the user's tier. Idempotent by event id.
+#[utoipa::path(post, path = "/internal/events", tag = "internal", security(("service" = [])),
+    request_body = Event,
+    responses((status = 200, body = Consumed),
+        (status = 401, description = "not a service token", body = backend_common::error::ErrorEnvelope)))]
+async fn receive_event(
+    users: web::Data<Users>,
+    _caller: ServiceCaller,
+    body: Json<Event>,
+) -> Api<HttpResponse> {
+    let status = users.apply_event(&body.0).await?;
+    Ok(HttpResponse::Ok().json(Consumed { status }))
+}
+
+/// A user, for other services (service token only).
+#[utoipa::path(get, path = "/internal/users/{id}", tag = "internal", security(("service" = [])),
+    params(("id" = String, Path, description = "user id")),
+    responses((status = 200, body = User),
+        (status = 401, description = "not a service token", body = backend_common::error::ErrorEnvelope),
+        (status = 404, description = "no such user", body = backend_common::error::ErrorEnvelope)))]
+async fn internal_user(
+    users: web::Data<Users>,
+    _caller: ServiceCaller,
+    id: web::Path<String>,
+) -> Api<HttpResponse> {
+    Ok(HttpResponse::Ok().json(users.get(&id).await?))
+}
+
+/// Registers the routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/api/auth/register", web::post().to(register))
+        .route("/api/auth/verify-email", web::post().to(verify_email))
+        .route("/api/auth/login", web::post().to(login))
+        .route("/api/auth/refresh", web::post().to(refresh))
+        .route("/api/auth/logout", web::post().to(logout))
+        .route("/api/auth/password/forgot", web::post().to(forgot_password))
+        .route("/api/auth/password/reset", web::post().to(reset_password))
+        .service(
+            web::resource("/api/users/me")
+                .route(web::get().to(me))
+                .route(web::patch().to(update_me)),
+        )
+        .route("/api/admin/users", web::get().to(list_users))
+        .route("/api/admin/users/{id}", web::patch().to(set_roles))
+        .route("/.well-known/jwks.json", web::get().to(jwks))
+        .route("/internal/events", web::post().to(receive_event))
+        .route("/internal/users/{id}", web::get().to(internal_user));
+}
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT (EdDSA access token)")
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "service",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT (HS256 service token)")
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The users service's OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "tiergate users service", description = "Accounts, access tokens (EdDSA, JWKS), refresh-token rotation."),
+    paths(register, verify_email, login, refresh, logout, forgot_password, reset_password,
+        me, update_me, list_users, set_roles, jwks, receive_event, internal_user),
+    components(schemas(RegisterRequest, TokenRequest, Verified, LoginRequest, RefreshRequest,
+        ForgotRequest, Accepted, ResetRequest, UpdateMeRequest, SetRolesRequest, Consumed,
+        User, UserPage, TokenPair, Event)),
+    modifiers(&SecuritySchemes)
+)]
+pub struct UsersApi;

@@ -1,0 +1,346 @@
+//! SQL of the users service (portable across SQLite and PostgreSQL; see
+//! `backend_common::db`). Every function takes a connection so that the
+//! caller decides the transaction.
+
+use sqlx::AnyConnection;
+
+/// A row of `users`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserRow {
+    /// Id (UUIDv7).
+    pub id: String,
+    /// Lower-cased e-mail.
+    pub email: String,
+    /// Display name.
+    pub name: String,
+    /// Argon2id PHC string.
+    pub password_hash: String,
+    /// When the e-mail was verified (ms), if it was.
+    pub email_verified_at: Option<i64>,
+    /// Comma-separated roles.
+    pub roles: String,
+    /// Current tier.
+    pub tier: String,
+    /// `occurred_at` of the event that set the tier.
+    pub tier_changed_at: i64,
+    /// Created (ms).
+    pub created_at: i64,
+    /// Last changed (ms).
+    pub updated_at: i64,
+}
+
+impl UserRow {
+    /// The roles as a list.
+    pub fn role_list(&self) -> Vec<String> {
+        self.roles
+            .split(',')
+            .filter(|r| !r.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// The columns of [`UserRow`], as a literal so queries stay `&'static str`.
+macro_rules! user_columns {
+    () => {
+        "id, email, name, password_hash, email_verified_at, roles, tier, tier_changed_at, \
+         created_at, updated_at"
+    };
+}
+
+/// Inserts a user. A duplicate e-mail fails with a unique violation.
+pub async fn insert_user(c: &mut AnyConnection, u: &UserRow) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO users (id, email, name, password_hash, email_verified_at, roles, tier, \
+         tier_changed_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(&u.id)
+    .bind(&u.email)
+    .bind(&u.name)
+    .bind(&u.password_hash)
+    .bind(u.email_verified_at)
+    .bind(&u.roles)
+    .bind(&u.tier)
+    .bind(u.tier_changed_at)
+    .bind(u.created_at)
+    .bind(u.updated_at)
+    .execute(c)
+    .await
+    .map(|_| ())
+}
+
+/// The user with this id.
+pub async fn user_by_id(c: &mut AnyConnection, id: &str) -> Result<Option<UserRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        user_columns!(),
+        " FROM users WHERE id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(c)
+    .await
+}
+
+/// The user with this (lower-cased) e-mail.
+pub async fn user_by_email(
+    c: &mut AnyConnection,
+    email: &str,
+) -> Result<Option<UserRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        user_columns!(),
+        " FROM users WHERE email = $1"
+    ))
+    .bind(email)
+    .fetch_optional(c)
+    .await
+}
+
+/// Users ordered by id (creation time), after the cursor.
+pub async fn list_users(
+    c: &mut AnyConnection,
+    after: &str,
+    limit: i64,
+) -> Result<Vec<UserRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        user_columns!(),
+        " FROM users WHERE id > $1 ORDER BY id LIMIT $2"
+    ))
+    .bind(after)
+    .bind(limit)
+    .fetch_all(c)
+    .await
+}
+
+/// Sets one column-group of a user; returns whether the user exists.
+pub async fn set_name(
+    c: &mut AnyConnection,
+    id: &str,
+    name: &str,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query("UPDATE users SET name = $1, updated_at = $2 WHERE id = $3")
+        .bind(name)
+        .bind(now)
+        .bind(id)
+        .execute(c)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Replaces the roles.
+pub async fn set_roles(
+    c: &mut AnyConnection,
+    id: &str,
+    roles: &str,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query("UPDATE users SET roles = $1, updated_at = $2 WHERE id = $3")
+        .bind(roles)
+        .bind(now)
+        .bind(id)
+        .execute(c)
+        .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Replaces the password hash.
+pub async fn set_password(
+    c: &mut AnyConnection,
+    id: &str,
+    hash: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE users SET password_hash = $1, updated_at = $2 WHERE id = $3")
+        .bind(hash)
+        .bind(now)
+        .bind(id)
+        .execute(c)
+        .await
+        .map(|_| ())
+}
+
+/// Marks the e-mail verified (once).
+pub async fn mark_verified(c: &mut AnyConnection, id: &str, now: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE users SET email_verified_at = $1, updated_at = $1 WHERE id = $2 AND email_verified_at IS NULL",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(c)
+    .await
+    .map(|_| ())
+}
+
+/// Sets the tier if `occurred_at` is not older than the last change.
+/// Returns whether it changed.
+pub async fn set_tier(
+    c: &mut AnyConnection,
+    id: &str,
+    tier: &str,
+    occurred_at: i64,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE users SET tier = $1, tier_changed_at = $2, updated_at = $3 \
+         WHERE id = $4 AND tier_changed_at <= $2",
+    )
+    .bind(tier)
+    .bind(occurred_at)
+    .bind(now)
+    .bind(id)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Stores a one-time token (its hash).
+pub async fn insert_one_time(
+    c: &mut AnyConnection,
+    hash: &str,
+    user_id: &str,
+    purpose: &str,
+    expires_at: i64,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO one_time_tokens (token_hash, user_id, purpose, expires_at, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(hash)
+    .bind(user_id)
+    .bind(purpose)
+    .bind(expires_at)
+    .bind(now)
+    .execute(c)
+    .await
+    .map(|_| ())
+}
+
+/// Uses a one-time token: marks it used if it is unused, unexpired and for
+/// `purpose`, and returns its user. Atomic: two concurrent uses cannot
+/// both succeed.
+pub async fn use_one_time(
+    c: &mut AnyConnection,
+    hash: &str,
+    purpose: &str,
+    now: i64,
+) -> Result<Option<String>, sqlx::Error> {
+    let used = sqlx::query(
+        "UPDATE one_time_tokens SET used_at = $1 WHERE token_hash = $2 AND purpose = $3 \
+         AND used_at IS NULL AND expires_at > $1",
+    )
+    .bind(now)
+    .bind(hash)
+    .bind(purpose)
+    .execute(&mut *c)
+    .await?;
+    if used.rows_affected() != 1 {
+        return Ok(None);
+    }
+    sqlx::query_scalar("SELECT user_id FROM one_time_tokens WHERE token_hash = $1")
+        .bind(hash)
+        .fetch_optional(c)
+        .await
+}
+
+/// A row of `refresh_tokens`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RefreshRow {
+    /// Id.
+    pub id: String,
+    /// Owner.
+    pub user_id: String,
+    /// The login this token descends from.
+    pub family_id: String,
+    /// Expiry (ms).
+    pub expires_at: i64,
+    /// When it was exchanged for a new one.
+    pub rotated_at: Option<i64>,
+    /// When its family was revoked.
+    pub revoked_at: Option<i64>,
+}
+
+/// Stores a refresh token (its hash).
+pub async fn insert_refresh(
+    c: &mut AnyConnection,
+    id: &str,
+    user_id: &str,
+    family_id: &str,
+    hash: &str,
+    now: i64,
+    expires_at: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO refresh_tokens (id, user_id, family_id, token_hash, created_at, expires_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(id)
+    .bind(user_id)
+    .bind(family_id)
+    .bind(hash)
+    .bind(now)
+    .bind(expires_at)
+    .execute(c)
+    .await
+    .map(|_| ())
+}
+
+/// The refresh token with this hash.
+pub async fn refresh_by_hash(
+    c: &mut AnyConnection,
+    hash: &str,
+) -> Result<Option<RefreshRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, user_id, family_id, expires_at, rotated_at, revoked_at FROM refresh_tokens \
+         WHERE token_hash = $1",
+    )
+    .bind(hash)
+    .fetch_optional(c)
+    .await
+}
+
+/// Marks a token rotated; false when it already was (a concurrent use).
+pub async fn mark_rotated(c: &mut AnyConnection, id: &str, now: i64) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE refresh_tokens SET rotated_at = $1 WHERE id = $2 AND rotated_at IS NULL AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Revokes every token of a family.
+pub async fn revoke_family(
+    c: &mut AnyConnection,
+    family_id: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE refresh_tokens SET revoked_at = $1 WHERE family_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(family_id)
+    .execute(c)
+    .await
+    .map(|_| ())
+}
+
+/// Revokes every refresh token of a user (password reset).
+pub async fn revoke_user(
+    c: &mut AnyConnection,
+    user_id: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE refresh_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(user_id)
+    .execute(c)
+    .await
+    .map(|_| ())
+}
