@@ -18,7 +18,7 @@ use backend_common::service_auth::ServiceTokens;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::{client, free_port, gateway, serve, TestGateway};
+use crate::common::{client, free_port, gateway, json_of, serve, TestGateway};
 
 const SECRET: &str = "test-service-secret-0123456789abcdef";
 const PASSWORD: &str = "correct horse 9";
@@ -412,14 +412,7 @@ async fn test_account_lifecycle_through_the_gateway() {
         .await
         .unwrap();
     assert_eq!(r.json::<Value>().await.unwrap()["name"], "Root");
-    let jwks: Value = client()
-        .get(format!("{direct}/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks: Value = json_of(client().get(format!("{direct}/.well-known/jwks.json"))).await;
     assert_eq!(jwks["keys"][0]["kid"], header.kid.unwrap().as_str());
     // Every delivered event carried a service token.
     assert!(inbox
@@ -953,22 +946,9 @@ async fn test_operational_endpoints() {
     assert!(metrics.contains("http_requests_total{method=\"GET\",route=\"/health\",status=\"200\",service=\"users\"} 1"), "{metrics}");
     // A second service on the same data directory shares the signing key.
     let other = start(settings(&dir, None, Subscribers::new()));
-    let jwks_a: Value = client()
-        .get(format!("{base}/.well-known/jwks.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let jwks_b: Value = client()
-        .get(format!("http://{}/.well-known/jwks.json", other.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let jwks_a: Value = json_of(client().get(format!("{base}/.well-known/jwks.json"))).await;
+    let jwks_b: Value =
+        json_of(client().get(format!("http://{}/.well-known/jwks.json", other.addr))).await;
     assert_eq!(jwks_a, jwks_b);
     other.stop().await;
     svc.stop().await;

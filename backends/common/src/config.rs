@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use crate::outbox::Subscribers;
-use crate::secret::{self, Secret};
+use crate::secret::Secret;
 
 /// A settings error: the key's path and what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -258,7 +258,10 @@ pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-fn secret_from(
+/// A secret from `env`: `name` itself, else the file named by
+/// `name_FILE` (trailing newline trimmed, as Docker and Kubernetes secrets
+/// are written). `Ok(None)` when neither is set.
+pub fn secret_from(
     env: &dyn Fn(&str) -> Option<String>,
     name: &str,
 ) -> Result<Option<Secret<String>>, ConfigError> {
@@ -309,9 +312,6 @@ pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     }
     std::fs::rename(&tmp, path)
 }
-
-/// Re-export for services: secrets from env or file.
-pub use secret::from_env as secret_from_env;
 
 #[cfg(test)]
 mod tests {

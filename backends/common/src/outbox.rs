@@ -186,9 +186,10 @@ impl Outbox {
             "SELECT d.event_id, d.subscriber, d.attempts, e.event_type, e.payload, e.created_at \
              FROM outbox_deliveries d JOIN outbox_events e ON e.id = d.event_id \
              WHERE d.delivered_at IS NULL AND d.next_attempt_at <= $1 \
-             ORDER BY d.next_attempt_at LIMIT 64",
+             ORDER BY d.next_attempt_at LIMIT $2",
         )
         .bind(now)
+        .bind(BATCH as i64)
         .fetch_all(db.pool())
         .await?;
         let full = rows.len() == BATCH;

@@ -33,25 +33,6 @@ impl<T> fmt::Display for Secret<T> {
     }
 }
 
-/// Reads a secret from the environment: `NAME` itself, else the file named
-/// by `NAME_FILE` (trailing newline trimmed, as Docker and Kubernetes
-/// secrets are written). `Ok(None)` when neither is set.
-pub fn from_env(name: &str) -> Result<Option<Secret<String>>, String> {
-    if let Ok(value) = std::env::var(name) {
-        if !value.is_empty() {
-            return Ok(Some(Secret(value)));
-        }
-    }
-    let file_var = format!("{name}_FILE");
-    match std::env::var(&file_var) {
-        Ok(path) if !path.is_empty() => match std::fs::read_to_string(&path) {
-            Ok(text) => Ok(Some(Secret(text.trim_end_matches(['\n', '\r']).to_owned()))),
-            Err(e) => Err(format!("{file_var}: cannot read {path}: {e}")),
-        },
-        _ => Ok(None),
-    }
-}
-
 /// A database URL with its password (if any) masked, so that it can be
 /// logged.
 pub fn redact_url(url: &str) -> String {

@@ -46,7 +46,7 @@ pub type UsersSettings = Settings<UsersConfig>;
 pub fn load_settings(file: Option<&Path>) -> Result<UsersSettings, ConfigError> {
     let mut s: UsersSettings = settings::load(NAME, DEFAULT_PORT, file, &settings::process_env)?;
     s.service.signing_key =
-        settings::secret_from_env("TIERGATE_USERS_SIGNING_KEY").map_err(ConfigError)?;
+        settings::secret_from(&settings::process_env, "TIERGATE_USERS_SIGNING_KEY")?;
     s.service.validate().map_err(ConfigError)?;
     Ok(s)
 }
