@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use backend_common::config::Environment;
 use clap::{Parser, Subcommand};
 use gateway::config::{self, Config, ConfigErrors, LoadError};
 use gateway::error::GatewayError;
@@ -85,6 +86,14 @@ enum Command {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// Generate a new access-token signing key in the data directory now.
+    /// Running users services sign with it within a minute; the previous
+    /// key stays in the JWKS until its tokens have expired.
+    RotateSigningKey {
+        /// Services config; defaults to conf/services.yaml when present.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
 }
 
 /// The business services.
@@ -104,8 +113,11 @@ fn services_file(explicit: Option<PathBuf>) -> Option<PathBuf> {
     })
 }
 
-fn users_settings(file: Option<&Path>) -> Result<users::UsersSettings, ExitCode> {
-    users::load_settings(file).map_err(|e| {
+fn users_settings(
+    file: Option<&Path>,
+    environment: Environment,
+) -> Result<users::UsersSettings, ExitCode> {
+    users::load_settings(file, environment).map_err(|e| {
         eprintln!("error: {e}");
         ExitCode::from(EXIT_BAD_CONFIG)
     })
@@ -115,7 +127,7 @@ fn users_settings(file: Option<&Path>) -> Result<users::UsersSettings, ExitCode>
 fn start_services(
     file: Option<&Path>,
 ) -> Result<Vec<backend_common::app::RunningService>, ExitCode> {
-    let settings = users_settings(file)?;
+    let settings = users_settings(file, Environment::Development)?;
     let running = users::start(settings).map_err(|e| {
         eprintln!("error: users service: {e}");
         ExitCode::from(EXIT_START_FAILED)
@@ -136,12 +148,15 @@ fn main() -> ExitCode {
         Command::Serve { service, config } => {
             let file = services_file(config);
             match service {
-                Service::Users => match users_settings(file.as_deref()) {
+                Service::Users => match users_settings(file.as_deref(), Environment::Production) {
                     Ok(settings) => match users::start(settings) {
-                        Ok(running) => {
-                            running.wait();
-                            ExitCode::SUCCESS
-                        }
+                        Ok(running) => match running.run_until_signal() {
+                            Ok(()) => ExitCode::SUCCESS,
+                            Err(e) => {
+                                eprintln!("error: users service: {e}");
+                                ExitCode::from(EXIT_START_FAILED)
+                            }
+                        },
                         Err(e) => {
                             eprintln!("error: users service: {e}");
                             ExitCode::from(EXIT_START_FAILED)
@@ -151,9 +166,30 @@ fn main() -> ExitCode {
                 },
             }
         }
+        Command::RotateSigningKey { config } => {
+            let file = services_file(config);
+            let settings = match users_settings(file.as_deref(), Environment::Production) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match users::rotate_signing_key(&settings) {
+                Ok(kids) => {
+                    println!(
+                        "users: signing key {} is active; published: {}",
+                        kids.first().map(String::as_str).unwrap_or(""),
+                        kids.join(", ")
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: users: {e}");
+                    ExitCode::from(EXIT_START_FAILED)
+                }
+            }
+        }
         Command::Migrate { config } => {
             let file = services_file(config);
-            let settings = match users_settings(file.as_deref()) {
+            let settings = match users_settings(file.as_deref(), Environment::Production) {
                 Ok(s) => s,
                 Err(code) => return code,
             };

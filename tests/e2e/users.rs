@@ -45,8 +45,14 @@ fn settings(
         "TIERGATE_USERS_DATABASE_URL" => db_url.clone(),
         _ => None,
     };
-    let mut s =
-        backend_common::config::load::<users::UsersConfig>("users", 8021, None, &env).unwrap();
+    let mut s = backend_common::config::load::<users::UsersConfig>(
+        "users",
+        8021,
+        None,
+        &env,
+        backend_common::config::Environment::Development,
+    )
+    .unwrap();
     // Cheaper hashing keeps the suite fast; the bench measures the default.
     s.service.argon2_memory_kib = 8192;
     s.service.argon2_iterations = 1;
@@ -212,6 +218,13 @@ async fn get_auth(base: &str, path: &str, token: &str) -> (StatusCode, Value) {
         .unwrap();
     let status = r.status();
     (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The status of a refresh with `token`.
+async fn refresh_status(base: &str, token: &Value) -> StatusCode {
+    post(base, "/api/auth/refresh", json!({ "refresh_token": token }))
+        .await
+        .0
 }
 
 fn token_of(link: &Value) -> String {
@@ -526,7 +539,7 @@ async fn tier_events_apply_once(base: &str, access: &str) {
     assert_eq!(claims["tier"], "PREMIUM");
     assert_eq!(claims["iss"], "tiergate-users");
     assert_eq!(claims["aud"], "tiergate");
-    for claim in ["sub", "roles", "exp", "iat", "jti"] {
+    for claim in ["sub", "roles", "exp", "iat", "jti", "sid"] {
         assert!(!claims[claim].is_null(), "claim {claim} missing: {claims}");
     }
 }
@@ -589,6 +602,65 @@ async fn test_outbox_delivers_after_subscriber_outage_and_producer_restart() {
     let mut unique = ids.clone();
     unique.dedup();
     assert_eq!(ids.len(), unique.len());
+    // Acknowledged events are deleted (their links must not stay at rest).
+    let db = sqlite_of(&dir).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count_rows(&db, "outbox_events").await > 0 {
+        assert!(Instant::now() < deadline, "delivered events were kept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(count_rows(&db, "outbox_deliveries").await, 0);
+    db.close().await;
+    svc.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The users database of a service whose data is in `dir`.
+async fn sqlite_of(dir: &std::path::Path) -> sqlx::AnyPool {
+    sqlx::any::install_default_drivers();
+    sqlx::AnyPool::connect(&format!("sqlite://{}", dir.join("users.db").display()))
+        .await
+        .unwrap()
+}
+
+async fn count_rows(db: &sqlx::AnyPool, table: &str) -> i64 {
+    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+/// Used and expired tokens are purged; live ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_used_and_expired_tokens_are_purged() {
+    let (inbox, svc, dir, _h) = with_inbox(None).await;
+    let base = format!("http://{}", svc.addr);
+    signed_up(&base, &inbox, "purge@example.com").await;
+    let (status, _) = post(
+        &base,
+        "/api/auth/password/forgot",
+        json!({"email": "purge@example.com"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let db = sqlite_of(&dir).await;
+    assert_eq!(count_rows(&db, "one_time_tokens").await, 2);
+    let mut conn = db.acquire().await.unwrap();
+    let now = backend_common::db::now_ms();
+    // The used verification link goes; the live reset link and the live
+    // refresh token stay.
+    let purged = users::storage::purge_expired(&mut conn, now).await.unwrap();
+    assert_eq!(purged, 1);
+    assert_eq!(count_rows(&db, "one_time_tokens").await, 1);
+    assert_eq!(count_rows(&db, "refresh_tokens").await, 1);
+    // A month and a day later everything has expired.
+    let later = now + 31 * 86_400_000;
+    let purged = users::storage::purge_expired(&mut conn, later)
+        .await
+        .unwrap();
+    assert_eq!(purged, 2);
+    drop(conn);
+    db.close().await;
     svc.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
@@ -872,13 +944,11 @@ async fn test_password_reset_is_single_use_and_revokes_sessions() {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "single use");
-    let (status, _) = post(
-        &base,
-        "/api/auth/refresh",
-        json!({"refresh_token": pair["refresh_token"]}),
-    )
-    .await;
-    assert_eq!(status, StatusCode::UNAUTHORIZED, "sessions revoked");
+    assert_eq!(
+        refresh_status(&base, &pair["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED,
+        "sessions revoked"
+    );
     let (status, _) = post(
         &base,
         "/api/auth/login",
@@ -902,6 +972,309 @@ async fn test_password_reset_is_single_use_and_revokes_sessions() {
     )
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
+    svc.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn patch_me(base: &str, token: &str, body: Value) -> (StatusCode, Value) {
+    let r = client()
+        .patch(format!("{base}/api/users/me"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+fn count_of(inbox: &Inbox, kind: &str, email: &str) -> usize {
+    inbox
+        .events()
+        .iter()
+        .filter(|e| e["type"] == kind && e["data"]["email"] == email)
+        .count()
+}
+
+/// Resending the verification link (throttled, silent about accounts),
+/// changing the password (the other sessions end, this one stays) and the
+/// e-mail (effective once the new address is verified).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_resent_verification_and_profile_changes() {
+    let (inbox, svc, dir, _h) = with_inbox(None).await;
+    let base = format!("http://{}", svc.addr);
+    let email = "late@example.com";
+    let (status, _) = post(
+        &base,
+        "/api/auth/register",
+        json!({"email": email, "password": PASSWORD, "name": "Late"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let first = inbox.wait_for("user.registered", email).await;
+    let resend = |email: &'static str| {
+        let base = base.clone();
+        async move {
+            let (status, body) = post(
+                &base,
+                "/api/auth/verify-email/resend",
+                json!({"email": email}),
+            )
+            .await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        }
+    };
+    // Within a minute of the last link: accepted, nothing sent.
+    resend("LATE@example.com").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(count_of(&inbox, "user.registered", email), 1);
+    // A minute later (the link's creation moved back): a new link.
+    let db = sqlite_of(&dir).await;
+    sqlx::query("UPDATE one_time_tokens SET created_at = created_at - 61000")
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    resend(email).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while count_of(&inbox, "user.registered", email) < 2 {
+        assert!(Instant::now() < deadline, "no second link");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = inbox
+        .events()
+        .into_iter()
+        .rfind(|e| e["type"] == "user.registered" && e["data"]["email"] == email)
+        .unwrap();
+    assert_ne!(
+        first["data"]["verification_url"],
+        second["data"]["verification_url"]
+    );
+    let (status, _) = post(
+        &base,
+        "/api/auth/verify-email",
+        json!({"token": token_of(&second["data"]["verification_url"])}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // Verified or unknown accounts: accepted, nothing sent.
+    resend(email).await;
+    resend("nobody@example.com").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(count_of(&inbox, "user.registered", email), 2);
+    assert_eq!(count_of(&inbox, "user.registered", "nobody@example.com"), 0);
+
+    // Password change: the current password is required and checked.
+    let login = |email: &'static str, password: &'static str| {
+        let base = base.clone();
+        async move {
+            post(
+                &base,
+                "/api/auth/login",
+                json!({"email": email, "password": password}),
+            )
+            .await
+        }
+    };
+    let (_, here) = login(email, PASSWORD).await;
+    let (_, elsewhere) = login(email, PASSWORD).await;
+    let token = here["access_token"].as_str().unwrap().to_owned();
+    let new_password = "new password 77";
+    let (status, body) = patch_me(&base, &token, json!({"password": new_password})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["fields"][0]["field"], "current_password");
+    let (status, body) = patch_me(
+        &base,
+        &token,
+        json!({"password": new_password, "current_password": "wrong guess 1"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert_eq!(body["error"]["code"], "wrong_password");
+    let (status, body) = patch_me(
+        &base,
+        &token,
+        json!({"password": "short", "current_password": PASSWORD}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(body["error"]["fields"][0]["field"], "password");
+    let (status, body) = patch_me(
+        &base,
+        &token,
+        json!({"password": new_password, "current_password": PASSWORD}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // This session keeps working; the other login is over.
+    assert_eq!(
+        refresh_status(&base, &elsewhere["refresh_token"]).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        refresh_status(&base, &here["refresh_token"]).await,
+        StatusCode::OK
+    );
+    assert_eq!(login(email, PASSWORD).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(login(email, new_password).await.0, StatusCode::OK);
+
+    // E-mail change: refused for a taken address; else a link to the new
+    // address, and the change only when it is used.
+    let (status, _) = post(
+        &base,
+        "/api/auth/register",
+        json!({"email": "taken@example.com", "password": PASSWORD, "name": "T"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, body) = patch_me(
+        &base,
+        &token,
+        json!({"email": "Taken@example.com", "current_password": new_password}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) = patch_me(
+        &base,
+        &token,
+        json!({"email": "New@Example.com", "current_password": new_password, "name": "Renamed"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["email"], email,
+        "not before the new address is verified"
+    );
+    assert_eq!(body["name"], "Renamed");
+    let requested = inbox
+        .wait_for("user.email_change_requested", "new@example.com")
+        .await;
+    assert_eq!(requested["data"]["old_email"], email);
+    let link = token_of(&requested["data"]["verification_url"]);
+    let (status, _) = post(&base, "/api/auth/verify-email", json!({"token": link})).await;
+    assert_eq!(status, StatusCode::OK);
+    let changed = inbox
+        .wait_for("user.email_changed", "new@example.com")
+        .await;
+    assert_eq!(changed["data"]["old_email"], email);
+    let (_, me) = get_auth(&base, "/api/users/me", &token).await;
+    assert_eq!(
+        (me["email"].as_str(), me["email_verified"].as_bool()),
+        (Some("new@example.com"), Some(true))
+    );
+    assert_eq!(
+        login("new@example.com", new_password).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(login(email, new_password).await.0, StatusCode::UNAUTHORIZED);
+    let (status, _) = post(&base, "/api/auth/verify-email", json!({"token": link})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "single use");
+    // Nothing to change is a clear 422.
+    let (status, body) = patch_me(&base, &token, json!({})).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    svc.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `tiergate serve users` runs in production mode unless told otherwise
+/// (no links in the log) and stops gracefully on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_serve_runs_in_production_mode_and_stops_on_sigterm() {
+    let dir = temp_dir();
+    let port = free_port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["serve", "users"])
+        .env("TIERGATE_DATA_DIR", &dir)
+        .env("TIERGATE_SERVICE_SECRET", SECRET)
+        .env("TIERGATE_USERS_LISTEN", format!("127.0.0.1:{port}"))
+        .env_remove("TIERGATE_ENV")
+        .env_remove("TIERGATE_USERS_DATABASE_URL")
+        .current_dir(&dir)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = client().get(format!("{base}/health")).send().await {
+            if r.status() == StatusCode::OK {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "the service did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _) = post(
+        &base,
+        "/api/auth/register",
+        json!({"email": "prod@example.com", "password": PASSWORD, "name": "P"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit within 10 s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains("SIGTERM") && stderr.contains("\"stopped\""),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("token="), "a link was logged: {stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `tiergate rotate-signing-key`: a new key signs, the old one stays
+/// published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_rotate_signing_key_command_keeps_the_old_key_published() {
+    let dir = temp_dir();
+    let svc = start(settings(&dir, None, Subscribers::new()));
+    let jwks_url = format!("http://{}/.well-known/jwks.json", svc.addr);
+    let before: Value = json_of(client().get(&jwks_url)).await;
+    let old_kid = before["keys"][0]["kid"].as_str().unwrap().to_owned();
+    svc.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .arg("rotate-signing-key")
+        .env("TIERGATE_DATA_DIR", &dir)
+        .env("TIERGATE_SERVICE_SECRET", SECRET)
+        .env_remove("TIERGATE_USERS_SIGNING_KEY")
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(&format!(", {old_kid}")), "{stdout}");
+    let svc = start(settings(&dir, None, Subscribers::new()));
+    let after: Value =
+        json_of(client().get(format!("http://{}/.well-known/jwks.json", svc.addr))).await;
+    let kids: Vec<&str> = after["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap())
+        .collect();
+    assert_eq!(kids.len(), 2, "{after}");
+    assert_eq!(kids[1], old_kid);
+    assert!(
+        stdout.contains(&format!("signing key {} is active", kids[0])),
+        "{stdout}"
+    );
     svc.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }

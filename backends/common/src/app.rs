@@ -8,6 +8,7 @@ use std::future::Future;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use actix_web::body::{BodySize, EitherBody, MessageBody};
 use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
@@ -88,11 +89,34 @@ impl RunningService {
         }
     }
 
-    /// Blocks until the service stops (used by `tiergate serve`).
-    pub fn wait(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    /// Serves until SIGINT (Ctrl-C) or SIGTERM, then stops gracefully as
+    /// [`RunningService::stop`] does (used by `tiergate serve`). A service
+    /// that stops on its own is an error.
+    pub fn run_until_signal(self) -> std::io::Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        runtime.block_on(async move {
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            let signal = loop {
+                tokio::select! {
+                    _ = term.recv() => break "SIGTERM",
+                    _ = int.recv() => break "SIGINT",
+                    _ = tick.tick() => {
+                        if self.thread.as_ref().is_none_or(|t| t.is_finished()) {
+                            return Err(std::io::Error::other("the service stopped on its own"));
+                        }
+                    }
+                }
+            };
+            tracing::info!(signal, "stopping: finishing in-flight requests");
+            self.stop().await;
+            tracing::info!("stopped");
+            Ok(())
+        })
     }
 }
 

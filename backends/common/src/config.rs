@@ -34,12 +34,13 @@ use crate::secret::Secret;
 pub struct ConfigError(pub String);
 
 /// `development` (dev conveniences such as logging verification links) or
-/// `production`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+/// `production`. When neither `TIERGATE_ENV` nor the file says, the
+/// command decides: `tiergate up` is development; `tiergate serve`,
+/// `migrate` and `rotate-signing-key` are production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Environment {
     /// Local development (the `tiergate up` default).
-    #[default]
     Development,
     /// Production: no development shortcuts.
     Production,
@@ -61,8 +62,7 @@ pub struct Shared {
 }
 
 /// `services.<name>.server`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[derive(Debug, Clone)]
 pub struct ServerSection {
     /// Listen address.
     pub listen: SocketAddr,
@@ -88,6 +88,27 @@ impl Default for ServerSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             workers: 2,
             body_limit: crate::json::DEFAULT_BODY_LIMIT,
+        }
+    }
+}
+
+/// `services.<name>.server` as written: an omitted key keeps its default
+/// (the service's own port for `listen`).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ServerDto {
+    listen: Option<SocketAddr>,
+    workers: Option<usize>,
+    body_limit: Option<usize>,
+}
+
+impl ServerDto {
+    fn resolve(self, default_port: u16) -> ServerSection {
+        let d = ServerSection::on_port(default_port);
+        ServerSection {
+            listen: self.listen.unwrap_or(d.listen),
+            workers: self.workers.unwrap_or(d.workers),
+            body_limit: self.body_limit.unwrap_or(d.body_limit),
         }
     }
 }
@@ -130,7 +151,7 @@ struct FileDto {
 
 /// The section of one service: `server`, `database` and its own keys.
 struct SectionDto<S> {
-    server: Option<ServerSection>,
+    server: ServerDto,
     database: DatabaseSection,
     own: S,
 }
@@ -154,9 +175,10 @@ fn section<S: DeserializeOwned>(
     let server = map
         .get("server")
         .cloned()
-        .map(serde_yaml_ng::from_value::<ServerSection>)
+        .map(serde_yaml_ng::from_value::<ServerDto>)
         .transpose()
-        .map_err(|e| ConfigError(format!("services.{service}.server: {e}")))?;
+        .map_err(|e| ConfigError(format!("services.{service}.server: {e}")))?
+        .unwrap_or_default();
     let database = map
         .get("database")
         .cloned()
@@ -177,12 +199,14 @@ fn section<S: DeserializeOwned>(
 
 /// Reads settings for `service` from `file` (optional) and the
 /// environment (`env(name)`, so tests can pass a map). `default_port` is
-/// the service's standard port.
+/// the service's standard port; `default_environment` applies when
+/// neither `TIERGATE_ENV` nor the file names one.
 pub fn load<S: DeserializeOwned + Default>(
     service: &str,
     default_port: u16,
     file: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
+    default_environment: Environment,
 ) -> Result<Settings<S>, ConfigError> {
     let dto: FileDto = match file {
         Some(path) => {
@@ -196,7 +220,7 @@ pub fn load<S: DeserializeOwned + Default>(
     let section: SectionDto<S> = match dto.services.get(service) {
         Some(value) => section(service, value)?,
         None => SectionDto {
-            server: None,
+            server: ServerDto::default(),
             database: DatabaseSection::default(),
             own: S::default(),
         },
@@ -217,11 +241,10 @@ pub fn load<S: DeserializeOwned + Default>(
                 "TIERGATE_ENV: `{other}` is neither development nor production"
             )))
         }
-        None => dto.environment.unwrap_or_default(),
+        None => dto.environment.unwrap_or(default_environment),
     };
-    let mut server = section
-        .server
-        .unwrap_or_else(|| ServerSection::on_port(default_port));
+    check_subscribers(&dto.events)?;
+    let mut server = section.server.resolve(default_port);
     if let Some(listen) = env(&format!("TIERGATE_{upper}_LISTEN")) {
         server.listen = listen
             .parse()
@@ -251,6 +274,26 @@ pub fn load<S: DeserializeOwned + Default>(
         max_connections: section.database.max_connections.unwrap_or(8),
         service: section.own,
     })
+}
+
+/// Rejects a subscriber URL that is not http(s), or that repeats under one
+/// event type (a typo that would deliver every event twice).
+fn check_subscribers(events: &Subscribers) -> Result<(), ConfigError> {
+    for (event_type, urls) in events {
+        for (i, url) in urls.iter().enumerate() {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError(format!(
+                    "events.{event_type}[{i}]: `{url}` is not an http(s) URL"
+                )));
+            }
+            if urls[..i].contains(url) {
+                return Err(ConfigError(format!(
+                    "events.{event_type}[{i}]: `{url}` is listed twice"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The process environment, for [`load`].
@@ -286,11 +329,43 @@ fn generated_secret(data_dir: &Path) -> Result<Secret<String>, ConfigError> {
         return Ok(Secret::new(text.trim().to_owned()));
     }
     std::fs::create_dir_all(data_dir).map_err(err)?;
+    // Two services starting at once must end up with the same secret.
+    let _lock = FileLock::acquire(&path).map_err(err)?;
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        return Ok(Secret::new(text.trim().to_owned()));
+    }
     let secret = crate::random_token(32)
         .map_err(|e| ConfigError(format!("cannot generate a service secret: {e}")))?;
     write_private(&path, secret.as_bytes()).map_err(err)?;
     tracing::info!(path = %path.display(), "generated a service secret");
     Ok(Secret::new(secret))
+}
+
+/// An exclusive advisory lock (`flock`) on `<path>.lock`, held until
+/// dropped: processes sharing a data directory take it around a
+/// read-modify-write of `path`, so none of them loses another's write.
+#[derive(Debug)]
+pub struct FileLock(std::fs::File);
+
+impl FileLock {
+    /// Blocks until the lock is held.
+    pub fn acquire(path: &Path) -> std::io::Result<Self> {
+        let mut name = path.as_os_str().to_owned();
+        name.push(".lock");
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(PathBuf::from(name))?;
+        file.lock()?;
+        Ok(Self(file))
+    }
+}
+
+impl Drop for FileLock {
+    fn drop(&mut self) {
+        let _ = self.0.unlock();
+    }
 }
 
 /// Writes a file readable only by its owner (keys, secrets), atomically:
@@ -327,11 +402,21 @@ mod tests {
         None
     }
 
-    #[test]
-    fn test_file_and_env_combine_and_env_wins() {
+    fn load_dev(file: &Path) -> Result<Settings<Own>, ConfigError> {
+        load("users", 8021, Some(file), &no_env, Environment::Development)
+    }
+
+    /// A fresh directory and the path of a config file in it.
+    fn temp_config() -> (PathBuf, PathBuf) {
         let dir = std::env::temp_dir().join(format!("tg-cfg-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("services.yaml");
+        (dir, file)
+    }
+
+    #[test]
+    fn test_file_and_env_combine_and_env_wins() {
+        let (dir, file) = temp_config();
         std::fs::write(
             &file,
             format!(
@@ -340,7 +425,7 @@ mod tests {
             ),
         )
         .unwrap();
-        let s: Settings<Own> = load("users", 8021, Some(&file), &no_env).unwrap();
+        let s = load_dev(&file).unwrap();
         assert_eq!(s.server.listen.port(), 9001);
         assert_eq!(s.service.token_ttl_secs, 7);
         assert_eq!(s.shared.events["a.b"], ["http://x/e"]);
@@ -351,7 +436,8 @@ mod tests {
             "TIERGATE_USERS_DATABASE_URL" => Some("postgres://u:p@h/db".to_owned()),
             _ => None,
         };
-        let s: Settings<Own> = load("users", 8021, Some(&file), &env).unwrap();
+        let s: Settings<Own> =
+            load("users", 8021, Some(&file), &env, Environment::Development).unwrap();
         assert_eq!(s.server.listen.port(), 9002);
         assert_eq!(s.database_url.expose(), "postgres://u:p@h/db");
         assert!(!format!("{s:?}").contains("u:p@"));
@@ -360,24 +446,75 @@ mod tests {
 
     #[test]
     fn test_unknown_keys_are_rejected_with_their_place() {
-        let dir = std::env::temp_dir().join(format!("tg-cfg-{}", uuid::Uuid::now_v7()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = dir.join("s.yaml");
+        let (dir, file) = temp_config();
         std::fs::write(&file, "services:\n  users:\n    server: { lisen: x }\n").unwrap();
-        let e = load::<Own>("users", 8021, Some(&file), &no_env).unwrap_err();
+        let e = load_dev(&file).unwrap_err();
         assert!(
             e.0.contains("services.users") && e.0.contains("lisen"),
             "{e}"
         );
         std::fs::write(&file, "services:\n  users:\n    token_ttl_sec: 1\n").unwrap();
-        let e = load::<Own>("users", 8021, Some(&file), &no_env).unwrap_err();
+        let e = load_dev(&file).unwrap_err();
         assert!(
             e.0.contains("services.users") && e.0.contains("token_ttl_sec"),
             "{e}"
         );
         std::fs::write(&file, "data_dri: x\n").unwrap();
-        let e = load::<Own>("users", 8021, Some(&file), &no_env).unwrap_err();
+        let e = load_dev(&file).unwrap_err();
         assert!(e.0.contains("data_dri"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_partial_server_section_keeps_the_service_port_and_environment_default() {
+        let (dir, file) = temp_config();
+        std::fs::write(
+            &file,
+            format!(
+                "data_dir: {}\nservices:\n  users:\n    server: {{ workers: 3 }}\n",
+                dir.display()
+            ),
+        )
+        .unwrap();
+        let s: Settings<Own> =
+            load("users", 8021, Some(&file), &no_env, Environment::Production).unwrap();
+        assert_eq!(s.server.listen, SocketAddr::from(([127, 0, 0, 1], 8021)));
+        assert_eq!(s.server.workers, 3);
+        assert_eq!(s.shared.environment, Environment::Production);
+        let dev = |k: &str| (k == "TIERGATE_ENV").then(|| "development".to_owned());
+        let s: Settings<Own> =
+            load("users", 8021, Some(&file), &dev, Environment::Production).unwrap();
+        assert_eq!(s.shared.environment, Environment::Development);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_repeated_or_malformed_subscriber_urls_are_rejected() {
+        let (dir, file) = temp_config();
+        for (yaml, expect) in [
+            (
+                "events:\n  a.b: [http://x/e, http://x/e]\n",
+                "events.a.b[1]",
+            ),
+            ("events:\n  a.b: [x/e]\n", "events.a.b[0]"),
+        ] {
+            std::fs::write(&file, format!("data_dir: {}\n{yaml}", dir.display())).unwrap();
+            let e = load_dev(&file).unwrap_err();
+            assert!(e.0.contains(expect), "{e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_concurrent_first_starts_agree_on_one_generated_secret() {
+        let dir = std::env::temp_dir().join(format!("tg-cfg-{}", uuid::Uuid::now_v7()));
+        let secrets: Vec<String> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| generated_secret(&dir).unwrap().expose().clone()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(secrets.iter().all(|x| x == &secrets[0]), "{secrets:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -87,7 +87,8 @@ impl Outbox {
 
     /// Writes an event inside the caller's transaction, with one delivery
     /// row per subscriber of its type. Returns the event id. Call
-    /// [`Outbox::notify`] after the commit for prompt delivery.
+    /// [`Outbox::notify`] after the commit for prompt delivery. An event
+    /// nobody subscribes to is not stored (no one could ever receive it).
     pub async fn enqueue(
         &self,
         tx: &mut AnyConnection,
@@ -95,6 +96,11 @@ impl Outbox {
         data: &impl Serialize,
     ) -> Result<String, sqlx::Error> {
         let id = uuid::Uuid::now_v7().to_string();
+        let subscribers = self.subscribers_of(event_type);
+        if subscribers.is_empty() {
+            tracing::debug!(event_type, "no subscriber; event not stored");
+            return Ok(id);
+        }
         let now = now_ms();
         let payload = serde_json::to_string(data).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         sqlx::query(
@@ -106,7 +112,7 @@ impl Outbox {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        for url in self.subscribers_of(event_type) {
+        for url in subscribers {
             sqlx::query(
                 "INSERT INTO outbox_deliveries (event_id, subscriber, attempts, next_attempt_at) \
                  VALUES ($1, $2, 0, $3)",
@@ -120,10 +126,17 @@ impl Outbox {
         Ok(id)
     }
 
-    fn subscribers_of<'a>(&'a self, event_type: &str) -> impl Iterator<Item = &'a String> {
+    /// The subscribers of `event_type` (its own, then `*`), each once.
+    fn subscribers_of(&self, event_type: &str) -> Vec<&str> {
         let exact = self.subscribers.get(event_type).into_iter().flatten();
         let any = self.subscribers.get("*").into_iter().flatten();
-        exact.chain(any)
+        let mut urls: Vec<&str> = Vec::new();
+        for url in exact.chain(any) {
+            if !urls.contains(&url.as_str()) {
+                urls.push(url);
+            }
+        }
+        urls
     }
 
     /// Wakes the dispatcher (after a commit that enqueued events).
@@ -232,6 +245,7 @@ impl Outbox {
                     .bind(&subscriber)
                     .execute(db.pool())
                     .await?;
+                    forget_if_delivered(db, &event_id).await?;
                 }
                 Some(error) => {
                     metrics
@@ -268,6 +282,57 @@ impl Outbox {
         metrics.outbox_pending.set(pending);
         Ok(full)
     }
+}
+
+/// Deletes an event once every subscriber has acknowledged it: payloads
+/// can carry single-use links, which should not outlive their delivery.
+async fn forget_if_delivered(db: &Db, event_id: &str) -> Result<(), sqlx::Error> {
+    let mut tx = db.pool().begin().await?;
+    let pending: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM outbox_deliveries WHERE event_id = $1 AND delivered_at IS NULL",
+    )
+    .bind(event_id)
+    .fetch_one(&mut *tx)
+    .await?;
+    if pending == 0 {
+        sqlx::query("DELETE FROM outbox_deliveries WHERE event_id = $1")
+            .bind(event_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM outbox_events WHERE id = $1")
+            .bind(event_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await
+}
+
+/// Housekeeping, run periodically by each service: deletes events every
+/// subscriber acknowledged but that are still stored (the deletion right
+/// after the last delivery failed), and forgets which events
+/// `processed_events` saw more than `older_than` ago (a producer retries
+/// for at most that long in practice, so a later redelivery is not
+/// expected). Returns the number of rows deleted.
+pub async fn purge(db: &Db, older_than: Duration) -> Result<u64, sqlx::Error> {
+    let cutoff = now_ms() - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+    let processed = sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
+        .bind(cutoff)
+        .execute(db.pool())
+        .await?;
+    let mut tx = db.pool().begin().await?;
+    let deliveries = sqlx::query(
+        "DELETE FROM outbox_deliveries WHERE event_id NOT IN \
+         (SELECT event_id FROM outbox_deliveries WHERE delivered_at IS NULL)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let events = sqlx::query(
+        "DELETE FROM outbox_events WHERE id NOT IN (SELECT event_id FROM outbox_deliveries)",
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(processed.rows_affected() + deliveries.rows_affected() + events.rows_affected())
 }
 
 /// The delay before retry number `attempts + 1`: `base · 2^attempts`,
@@ -331,11 +396,19 @@ mod tests {
     fn test_subscribers_of_a_type_include_the_wildcard() {
         let mut subs = Subscribers::new();
         subs.insert("user.registered".into(), vec!["http://a/e".into()]);
-        subs.insert("*".into(), vec!["http://audit/e".into()]);
+        subs.insert(
+            "*".into(),
+            vec!["http://audit/e".into(), "http://a/e".into()],
+        );
         let outbox = Outbox::new("users", subs);
-        let got: Vec<_> = outbox.subscribers_of("user.registered").collect();
-        assert_eq!(got, ["http://a/e", "http://audit/e"]);
-        let got: Vec<_> = outbox.subscribers_of("other").collect();
-        assert_eq!(got, ["http://audit/e"]);
+        // A URL under both the type and `*` is delivered to once.
+        assert_eq!(
+            outbox.subscribers_of("user.registered"),
+            ["http://a/e", "http://audit/e"]
+        );
+        assert_eq!(
+            outbox.subscribers_of("other"),
+            ["http://audit/e", "http://a/e"]
+        );
     }
 }

@@ -42,6 +42,14 @@ const VERIFY_EMAIL: LinkKind = LinkKind {
     ttl: |c| c.verification_ttl,
 };
 
+const CHANGE_EMAIL: LinkKind = LinkKind {
+    purpose: "verify_email",
+    page: "verify-email",
+    event: "user.email_change_requested",
+    url_field: "verification_url",
+    ttl: |c| c.verification_ttl,
+};
+
 const RESET_PASSWORD: LinkKind = LinkKind {
     purpose: "reset_password",
     page: "reset-password",
@@ -49,6 +57,10 @@ const RESET_PASSWORD: LinkKind = LinkKind {
     url_field: "reset_url",
     ttl: |c| c.reset_ttl,
 };
+
+/// A verification link is sent again at most this often per account
+/// (the endpoint is anonymous: no mail bombing through it).
+const RESEND_INTERVAL_MS: i64 = 60_000;
 
 /// The consumer name under which events are deduplicated.
 const CONSUMER: &str = "users";
@@ -118,6 +130,19 @@ pub struct TokenPair {
     pub token_type: &'static str,
     /// Access-token lifetime in seconds.
     pub expires_in: u64,
+}
+
+/// What `PATCH /api/users/me` asks to change.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ProfileChange<'a> {
+    /// New display name.
+    pub name: Option<&'a str>,
+    /// New e-mail address (takes effect once verified).
+    pub email: Option<&'a str>,
+    /// New password.
+    pub password: Option<&'a str>,
+    /// The current password (required with `email` or `password`).
+    pub current_password: Option<&'a str>,
 }
 
 /// A page of users.
@@ -232,55 +257,110 @@ impl Users {
                 e.into()
             });
         }
-        self.send_link(tx, &user, &VERIFY_EMAIL).await?;
+        self.send_link(tx, &user, &VERIFY_EMAIL, None).await?;
         Ok(user.into())
+    }
+
+    /// Sends the verification link again to an unverified account, at most
+    /// once a minute. The caller answers 202 whatever happens here, so the
+    /// endpoint reveals nothing about accounts.
+    pub async fn resend_verification(&self, email: &str) -> Result<(), Error> {
+        let Ok(email) = normalize_email(email) else {
+            return Ok(());
+        };
+        let mut conn = self.conn().await?;
+        let Some(user) = storage::user_by_email(&mut conn, &email).await? else {
+            return Ok(());
+        };
+        if user.email_verified_at.is_some() {
+            return Ok(());
+        }
+        let last = storage::last_one_time(&mut conn, &user.id, VERIFY_EMAIL.purpose).await?;
+        drop(conn);
+        if last.is_some_and(|t| now_ms() - t < RESEND_INTERVAL_MS) {
+            tracing::info!(user_id = %user.id, "verification link not resent: one was sent less than a minute ago");
+            return Ok(());
+        }
+        let tx = self.db.pool().begin().await?;
+        self.send_link(tx, &user, &VERIFY_EMAIL, None).await
     }
 
     /// Stores a single-use token for `user` and emits the event carrying
     /// its link, in `tx`, then commits (in development the link is also
-    /// logged, since no mail goes out yet).
+    /// logged, since no mail goes out yet). `new_email`: the link confirms
+    /// a change to this address and goes there.
     async fn send_link(
         &self,
         mut tx: sqlx::Transaction<'static, sqlx::Any>,
         user: &UserRow,
         kind: &LinkKind,
+        new_email: Option<&str>,
     ) -> Result<(), Error> {
         let now = now_ms();
         let token = random_token(32).map_err(|e| Error::Internal(e.to_string()))?;
         let ttl = (kind.ttl)(&self.config);
         let expires_at = now + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        storage::insert_one_time(
-            &mut tx,
-            &token_hash(&token),
-            &user.id,
-            kind.purpose,
+        let hash = token_hash(&token);
+        let one_time = storage::NewOneTime {
+            hash: &hash,
+            user_id: &user.id,
+            purpose: kind.purpose,
+            email: new_email,
             expires_at,
             now,
-        )
-        .await?;
+        };
+        storage::insert_one_time(&mut tx, &one_time).await?;
         let link = self.link(kind.page, &token);
+        let to = new_email.unwrap_or(&user.email);
         let mut data = serde_json::json!({
-            "user_id": user.id, "email": user.email, "name": user.name, "expires_at": expires_at,
+            "user_id": user.id, "email": to, "name": user.name, "expires_at": expires_at,
         });
+        if new_email.is_some() {
+            data["old_email"] = serde_json::Value::String(user.email.clone());
+        }
         data[kind.url_field] = serde_json::Value::String(link.clone());
         self.outbox.enqueue(&mut tx, kind.event, &data).await?;
         tx.commit().await?;
         self.outbox.notify();
         if self.environment == Environment::Development {
-            tracing::info!(email = %user.email, link = %link, "development: {}", kind.event);
+            tracing::info!(email = %to, link = %link, "development: {}", kind.event);
         }
         Ok(())
     }
 
-    /// Verifies an e-mail with the single-use token from the link.
+    /// Verifies an e-mail with the single-use token from the link: the
+    /// registration address, or the new one of an address change (which
+    /// then takes effect, and `user.email_changed` tells the old address).
     pub async fn verify_email(&self, token: &str) -> Result<(), Error> {
         let now = now_ms();
         let mut tx = self.db.pool().begin().await?;
-        let user_id = storage::use_one_time(&mut tx, &token_hash(token), "verify_email", now)
+        let (user_id, new_email) =
+            storage::use_one_time(&mut tx, &token_hash(token), VERIFY_EMAIL.purpose, now)
+                .await?
+                .ok_or(Error::InvalidOneTimeToken)?;
+        let Some(new_email) = new_email else {
+            storage::mark_verified(&mut tx, &user_id, now).await?;
+            tx.commit().await?;
+            return Ok(());
+        };
+        let user = storage::user_by_id(&mut tx, &user_id)
             .await?
             .ok_or(Error::InvalidOneTimeToken)?;
-        storage::mark_verified(&mut tx, &user_id, now).await?;
+        if let Err(e) = storage::set_email(&mut tx, &user_id, &new_email, now).await {
+            return Err(if is_unique_violation(&e) {
+                Error::EmailTaken
+            } else {
+                e.into()
+            });
+        }
+        let data = serde_json::json!({
+            "user_id": user.id, "name": user.name, "email": new_email, "old_email": user.email,
+        });
+        self.outbox
+            .enqueue(&mut tx, "user.email_changed", &data)
+            .await?;
         tx.commit().await?;
+        self.outbox.notify();
         Ok(())
     }
 
@@ -328,7 +408,7 @@ impl Users {
         .await?;
         let access = self
             .signer
-            .issue(&user.id, &user.tier, &user.role_list())
+            .issue(&user.id, &user.tier, &user.role_list(), Some(family))
             .map_err(Error::Internal)?;
         Ok(TokenPair {
             access_token: access,
@@ -387,8 +467,7 @@ impl Users {
             return Ok(());
         };
         let tx = self.db.pool().begin().await?;
-        self.send_link(tx, &user, &RESET_PASSWORD).await?;
-        Ok(())
+        self.send_link(tx, &user, &RESET_PASSWORD, None).await
     }
 
     /// Sets a new password with a reset token; revokes every refresh token
@@ -406,11 +485,12 @@ impl Users {
             .map_err(Error::Internal)?;
         let now = now_ms();
         let mut tx = self.db.pool().begin().await?;
-        let user_id = storage::use_one_time(&mut tx, &token_hash(token), "reset_password", now)
-            .await?
-            .ok_or(Error::InvalidOneTimeToken)?;
+        let (user_id, _) =
+            storage::use_one_time(&mut tx, &token_hash(token), RESET_PASSWORD.purpose, now)
+                .await?
+                .ok_or(Error::InvalidOneTimeToken)?;
         storage::set_password(&mut tx, &user_id, &hash, now).await?;
-        storage::revoke_user(&mut tx, &user_id, now).await?;
+        storage::revoke_user(&mut tx, &user_id, None, now).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -423,15 +503,93 @@ impl Users {
             .ok_or(Error::UserNotFound)
     }
 
-    /// Changes the caller's display name.
-    pub async fn rename(&self, id: &str, name: &str) -> Result<User, Error> {
+    /// Changes the caller's profile: the name at once; the password (the
+    /// current one required; every other session is logged out); the
+    /// e-mail (the current password required; a link goes to the new
+    /// address and the change takes effect when it is used).
+    pub async fn update_me(
+        &self,
+        id: &str,
+        session: Option<&str>,
+        change: ProfileChange<'_>,
+    ) -> Result<User, Error> {
         let mut v = Validator::new();
-        let name = check_name(&mut v, name);
+        if change.name.is_none() && change.email.is_none() && change.password.is_none() {
+            v.fail("name", "give at least one of name, email, password");
+        }
+        let name = change.name.map(|n| check_name(&mut v, n));
+        let email = match change.email.map(normalize_email) {
+            Some(Ok(e)) => Some(e),
+            Some(Err(msg)) => {
+                v.fail("email", msg);
+                None
+            }
+            None => None,
+        };
+        let user = storage::user_by_id(&mut *self.conn().await?, id)
+            .await?
+            .ok_or(Error::UserNotFound)?;
+        if let Some(p) = change.password {
+            if let Some(msg) = policy_violation(p, email.as_deref().unwrap_or(&user.email)) {
+                v.fail("password", msg);
+            }
+        }
+        let sensitive = change.email.is_some() || change.password.is_some();
+        if sensitive && change.current_password.is_none() {
+            v.fail(
+                "current_password",
+                "is required to change the email or password",
+            );
+        }
         v.finish().map_err(invalid)?;
-        if !storage::set_name(&mut *self.conn().await?, id, &name, now_ms()).await? {
-            return Err(Error::UserNotFound);
+        if let Some(current) = change.current_password {
+            if !self
+                .hasher
+                .verify(current.to_owned(), Some(user.password_hash.clone()))
+                .await
+            {
+                return Err(Error::WrongPassword);
+            }
+        }
+        let email = email.filter(|e| *e != user.email);
+        if let Some(e) = &email {
+            if storage::email_taken(&mut *self.conn().await?, e).await? {
+                return Err(Error::EmailTaken);
+            }
+        }
+        let hash = match change.password {
+            Some(p) => Some(
+                self.hasher
+                    .hash(p.to_owned())
+                    .await
+                    .map_err(Error::Internal)?,
+            ),
+            None => None,
+        };
+        let now = now_ms();
+        let mut tx = self.db.pool().begin().await?;
+        if let Some(name) = &name {
+            storage::set_name(&mut tx, id, name, now).await?;
+        }
+        if let Some(hash) = &hash {
+            storage::set_password(&mut tx, id, hash, now).await?;
+            storage::revoke_user(&mut tx, id, session, now).await?;
+        }
+        match &email {
+            Some(e) => self.send_link(tx, &user, &CHANGE_EMAIL, Some(e)).await?,
+            None => tx.commit().await?,
         }
         self.get(id).await
+    }
+
+    /// Deletes used and expired one-time and refresh tokens, delivered
+    /// events and consumer dedupe records older than 30 days (run hourly).
+    pub async fn purge(&self) -> Result<u64, Error> {
+        let tokens = storage::purge_expired(&mut *self.conn().await?, now_ms()).await?;
+        let events =
+            backend_common::outbox::purge(&self.db, std::time::Duration::from_secs(30 * 86_400))
+                .await?;
+        Ok(tokens + events)
     }
 
     /// A page of users (admin).

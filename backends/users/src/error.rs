@@ -17,6 +17,9 @@ pub enum Error {
     /// The account has not verified its e-mail yet.
     #[error("email not verified")]
     EmailNotVerified,
+    /// The current password given to change the e-mail or password is wrong.
+    #[error("wrong current password")]
+    WrongPassword,
     /// A verification or reset token that is unknown, used or expired.
     #[error("invalid one-time token")]
     InvalidOneTimeToken,
@@ -57,6 +60,9 @@ impl From<Error> for ApiError {
                 "email_not_verified",
                 "verify your email address before logging in (see the link we sent)",
             ),
+            Error::WrongPassword => {
+                ApiError::forbidden("wrong_password", "the current password is wrong")
+            }
             Error::InvalidOneTimeToken => ApiError::bad_request(
                 "invalid_token",
                 "this link is invalid, already used or expired",

@@ -21,6 +21,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+use backend_common::config::FileLock;
 use backend_common::db::now_ms;
 use backend_common::secret::Secret;
 
@@ -46,6 +47,10 @@ pub struct AccessClaims {
     pub iat: u64,
     /// Token id.
     pub jti: String,
+    /// The login (session) the token belongs to: its refresh-token
+    /// family. A password change keeps this session and ends the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -118,6 +123,8 @@ enum Source {
 /// Signs and verifies access tokens. Shared by all workers.
 pub struct Signer {
     ring: RwLock<Arc<Ring>>,
+    /// When the key file was last re-read for an unknown `kid` (ms).
+    last_reread: std::sync::atomic::AtomicI64,
     source: Source,
     access_ttl: Duration,
     rotate_after: Duration,
@@ -164,6 +171,7 @@ impl Signer {
         };
         Ok(Self {
             ring: RwLock::new(Arc::new(Ring::new(keys))),
+            last_reread: std::sync::atomic::AtomicI64::new(0),
             source,
             access_ttl,
             rotate_after,
@@ -185,8 +193,14 @@ impl Signer {
         self.access_ttl
     }
 
-    /// A signed access token for these claims' subject, tier and roles.
-    pub fn issue(&self, sub: &str, tier: &str, roles: &[String]) -> Result<String, String> {
+    /// A signed access token for this subject, tier, roles and session.
+    pub fn issue(
+        &self,
+        sub: &str,
+        tier: &str,
+        roles: &[String],
+        sid: Option<&str>,
+    ) -> Result<String, String> {
         let ring = self.ring();
         let key = ring.keys.last().ok_or("no signing key")?;
         let now = now_ms() as u64 / 1000;
@@ -199,6 +213,7 @@ impl Signer {
             iat: now,
             exp: now + self.access_ttl.as_secs(),
             jti: uuid::Uuid::now_v7().to_string(),
+            sid: sid.map(str::to_owned),
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(key.kid.clone());
@@ -211,8 +226,13 @@ impl Signer {
         if header.alg != Algorithm::EdDSA {
             return Err("the token is not signed with EdDSA");
         }
-        let ring = self.ring();
         let kid = header.kid.as_deref().ok_or("the token has no key id")?;
+        let mut ring = self.ring();
+        if !ring.keys.iter().any(|k| k.kid == kid) && self.reread() {
+            // Another process sharing the data directory may have rotated
+            // a moment ago: its tokens verify here at once.
+            ring = self.ring();
+        }
         let key = ring
             .keys
             .iter()
@@ -224,6 +244,51 @@ impl Signer {
                 jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the token has expired",
                 _ => "the token is invalid",
             })
+    }
+
+    /// Re-reads the key file, at most once a second (an unknown `kid`
+    /// must not make every request read a file). Returns whether the ring
+    /// changed.
+    fn reread(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let Source::File(path) = &self.source else {
+            return false;
+        };
+        let now = now_ms();
+        let last = self.last_reread.load(Ordering::Relaxed);
+        if now - last < 1000
+            || self
+                .last_reread
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return false;
+        }
+        let Ok(Some(file)) = read_file(path) else {
+            return false;
+        };
+        self.install(&file).unwrap_or(false)
+    }
+
+    /// Makes `file`'s keys the ring unless they already are. Returns
+    /// whether the ring changed.
+    fn install(&self, file: &KeyFile) -> Result<bool, String> {
+        let wanted: Vec<&str> = file.keys.iter().map(|k| k.kid.as_str()).collect();
+        let ring = self.ring();
+        let current: Vec<&str> = ring.keys.iter().map(|k| k.kid.as_str()).collect();
+        if wanted == current {
+            return Ok(false);
+        }
+        let keys = file
+            .keys
+            .iter()
+            .map(to_key)
+            .collect::<Result<Vec<_>, _>>()?;
+        match self.ring.write() {
+            Ok(mut r) => *r = Arc::new(Ring::new(keys)),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(Ring::new(keys)),
+        }
+        Ok(true)
     }
 
     /// The JWKS document.
@@ -250,6 +315,9 @@ impl Signer {
         let Source::File(path) = &self.source else {
             return Ok(false);
         };
+        // Every process sharing the data directory rotates under the same
+        // lock and re-reads first, so none overwrites another's new key.
+        let _lock = lock(path)?;
         let mut file = read_file(path)?.unwrap_or_default();
         let before: Vec<String> = file.keys.iter().map(|k| k.kid.clone()).collect();
         let newest = file.keys.last().map_or(i64::MIN, |k| k.created_at);
@@ -277,20 +345,7 @@ impl Signer {
                 "signing keys rotated"
             );
         }
-        let current: Vec<String> = self.ring().keys.iter().map(|k| k.kid.clone()).collect();
-        if after == current {
-            return Ok(false);
-        }
-        let keys = file
-            .keys
-            .iter()
-            .map(to_key)
-            .collect::<Result<Vec<_>, _>>()?;
-        match self.ring.write() {
-            Ok(mut r) => *r = Arc::new(Ring::new(keys)),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(Ring::new(keys)),
-        }
-        Ok(true)
+        self.install(&file)
     }
 }
 
@@ -339,7 +394,15 @@ fn write_file(path: &Path, file: &KeyFile) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+fn lock(path: &Path) -> Result<FileLock, String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    FileLock::acquire(path).map_err(|e| format!("{}.lock: {e}", path.display()))
+}
+
 fn load_or_create(path: &Path) -> Result<Vec<Key>, String> {
+    let _lock = lock(path)?;
     let mut file = read_file(path)?.unwrap_or_default();
     if file.keys.is_empty() {
         file.keys.push(generate(now_ms())?);
@@ -379,9 +442,10 @@ mod tests {
         let a = signer(&dir);
         let b = signer(&dir);
         assert_eq!(a.kids(), b.kids());
-        let token = a.issue("u1", "FREE", &["user".into()]).unwrap();
+        let token = a.issue("u1", "FREE", &["user".into()], Some("s1")).unwrap();
         let claims = b.verify(&token).unwrap();
         assert_eq!((claims.sub.as_str(), claims.tier.as_str()), ("u1", "FREE"));
+        assert_eq!(claims.sid.as_deref(), Some("s1"));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -398,7 +462,7 @@ mod tests {
         let dir = tmp();
         let s = signer(&dir);
         let old_kid = s.kids()[0].clone();
-        let old_token = s.issue("u1", "FREE", &[]).unwrap();
+        let old_token = s.issue("u1", "FREE", &[], None).unwrap();
         let t0 = now_ms();
         // Not due yet: nothing changes.
         assert!(!s.maintain(t0, false).unwrap());
@@ -408,7 +472,7 @@ mod tests {
         assert_eq!(kids.len(), 2);
         assert_eq!(kids[1], old_kid);
         assert!(s.verify(&old_token).is_ok());
-        let new_token = s.issue("u1", "FREE", &[]).unwrap();
+        let new_token = s.issue("u1", "FREE", &[], None).unwrap();
         assert_eq!(
             jsonwebtoken::decode_header(&new_token)
                 .unwrap()
@@ -432,11 +496,40 @@ mod tests {
     }
 
     #[test]
+    fn test_concurrent_forced_rotations_in_one_data_dir_lose_no_key() {
+        let dir = tmp();
+        let signers: Vec<Signer> = (0..4).map(|_| signer(&dir)).collect();
+        let t0 = now_ms();
+        std::thread::scope(|scope| {
+            for s in &signers {
+                scope.spawn(move || s.maintain(t0, true).unwrap());
+            }
+        });
+        // A token signed with a key this process has not loaded yet
+        // verifies at once (the file is re-read for an unknown kid).
+        let newest = signer(&dir);
+        let token = newest.issue("u1", "FREE", &[], None).unwrap();
+        assert!(signers[0].verify(&token).is_ok());
+        // Four rotations, each kept: the first key and four successors.
+        for s in &signers {
+            s.maintain(t0, false).unwrap();
+            assert_eq!(s.kids().len(), 5, "{:?}", s.kids());
+        }
+        // Whichever key a process signs with, every other one verifies it.
+        for a in &signers {
+            let token = a.issue("u1", "FREE", &[], None).unwrap();
+            for b in &signers {
+                assert!(b.verify(&token).is_ok());
+            }
+        }
+    }
+
+    #[test]
     fn test_tampered_or_foreign_tokens_are_rejected() {
         let dir = tmp();
         let s = signer(&dir);
         let other = signer(&tmp());
-        let token = s.issue("u1", "FREE", &[]).unwrap();
+        let token = s.issue("u1", "FREE", &[], None).unwrap();
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
         let mut claims: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
@@ -473,7 +566,7 @@ mod tests {
             "a",
         )
         .unwrap();
-        let token = s.issue("u", "FREE", &[]).unwrap();
+        let token = s.issue("u", "FREE", &[], None).unwrap();
         assert!(s.verify(&token).is_ok());
         assert!(!s.maintain(now_ms() + 1_000 * MIN, true).unwrap());
         assert!(Signer::load(

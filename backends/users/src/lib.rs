@@ -24,7 +24,7 @@ use sqlx::migrate::Migrator;
 use utoipa::OpenApi;
 
 use backend_common::app::{self, RunningService, ServiceDef, StartError};
-use backend_common::config::{self as settings, ConfigError, Settings};
+use backend_common::config::{self as settings, ConfigError, Environment, Settings};
 use backend_common::db::{now_ms, Db, DbError};
 use backend_common::metrics::HttpMetrics;
 use backend_common::outbox::{DispatchSettings, Outbox};
@@ -42,9 +42,19 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/users");
 /// Settings of the users service.
 pub type UsersSettings = Settings<UsersConfig>;
 
-/// Reads settings from `file` (optional) and the process environment.
-pub fn load_settings(file: Option<&Path>) -> Result<UsersSettings, ConfigError> {
-    let mut s: UsersSettings = settings::load(NAME, DEFAULT_PORT, file, &settings::process_env)?;
+/// Reads settings from `file` (optional) and the process environment;
+/// `environment` applies when neither names one.
+pub fn load_settings(
+    file: Option<&Path>,
+    environment: Environment,
+) -> Result<UsersSettings, ConfigError> {
+    let mut s: UsersSettings = settings::load(
+        NAME,
+        DEFAULT_PORT,
+        file,
+        &settings::process_env,
+        environment,
+    )?;
     s.service.signing_key =
         settings::secret_from(&settings::process_env, "TIERGATE_USERS_SIGNING_KEY")?;
     s.service.validate().map_err(ConfigError)?;
@@ -58,6 +68,40 @@ pub async fn migrate(settings: &UsersSettings) -> Result<(), DbError> {
     db.close().await;
     result
 }
+
+/// Forces a signing-key rotation in the data directory (`tiergate
+/// rotate-signing-key`): a new key signs from now on, in every process
+/// sharing the directory within a minute (they re-read the key file), and
+/// the previous key stays published until its tokens expire. Returns the
+/// published key ids, newest first.
+pub fn rotate_signing_key(settings: &UsersSettings) -> Result<Vec<String>, String> {
+    let cfg = &settings.service;
+    if cfg.signing_key.is_some() {
+        return Err(
+            "TIERGATE_USERS_SIGNING_KEY is set: that key is managed outside tiergate; \
+             replace it there"
+                .to_owned(),
+        );
+    }
+    let signer = signer(settings)?;
+    signer.maintain(now_ms(), true)?;
+    Ok(signer.kids())
+}
+
+fn signer(settings: &UsersSettings) -> Result<keys::Signer, String> {
+    let cfg = &settings.service;
+    keys::Signer::load(
+        &settings.shared.data_dir,
+        cfg.signing_key.clone(),
+        cfg.access_token_ttl,
+        cfg.rotate_signing_key_after,
+        &cfg.issuer,
+        &cfg.audience,
+    )
+}
+
+/// How often used and expired tokens are purged.
+const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// Starts the service (migrating its database first) and returns once it
 /// accepts connections.
@@ -82,17 +126,7 @@ pub fn start_with(
             .await
             .map_err(|e| init(e.to_string()))?;
         let cfg = settings.service.clone();
-        let signer = Arc::new(
-            keys::Signer::load(
-                &settings.shared.data_dir,
-                cfg.signing_key.clone(),
-                cfg.access_token_ttl,
-                cfg.rotate_signing_key_after,
-                &cfg.issuer,
-                &cfg.audience,
-            )
-            .map_err(init)?,
-        );
+        let signer = Arc::new(signer(&settings).map_err(init)?);
         // A key older than the rotation period is replaced at start.
         signer.maintain(now_ms(), false).map_err(init)?;
         let hasher =
@@ -110,6 +144,18 @@ pub fn start_with(
             environment: settings.shared.environment,
             metrics: metrics.clone(),
         });
+        let purger = users.clone();
+        let purge = async move {
+            let mut tick = tokio::time::interval(PURGE_INTERVAL);
+            loop {
+                tick.tick().await;
+                match purger.purge().await {
+                    Ok(n) => tracing::debug!(rows = n, "purged used and expired tokens"),
+                    Err(e) => tracing::warn!(error = %e, "purging expired tokens failed"),
+                }
+            }
+        }
+        .boxed_local();
         let dispatcher = outbox
             .dispatch(db.clone(), tokens.clone(), metrics.clone(), dispatch)
             .boxed_local();
@@ -133,7 +179,7 @@ pub fn start_with(
                 cfg.app_data(users.clone());
                 routes::configure(cfg);
             }),
-            background: vec![dispatcher, key_maintenance],
+            background: vec![dispatcher, key_maintenance, purge],
         })
     })
 }

@@ -14,7 +14,7 @@ use backend_common::outbox::Event;
 use backend_common::service_auth::{bearer, ServiceCaller};
 use backend_common::ApiError;
 
-use crate::core::{TokenPair, User, UserPage, Users};
+use crate::core::{ProfileChange, TokenPair, User, UserPage, Users};
 use crate::error::Error;
 
 type Api<T> = Result<T, ApiError>;
@@ -25,6 +25,8 @@ pub struct AuthUser {
     pub id: String,
     /// Roles.
     pub roles: Vec<String>,
+    /// The session (login) the token belongs to.
+    pub sid: Option<String>,
 }
 
 impl FromRequest for AuthUser {
@@ -48,6 +50,7 @@ impl FromRequest for AuthUser {
                 .map(|c| AuthUser {
                     id: c.sub,
                     roles: c.roles,
+                    sid: c.sid,
                 })
                 .map_err(|why| Error::Unauthenticated(why).into()),
         )
@@ -105,12 +108,33 @@ pub struct Verified {
 /// Verify an e-mail address with the token from the link.
 #[utoipa::path(post, path = "/api/auth/verify-email", tag = "auth", request_body = TokenRequest,
     responses((status = 200, body = Verified),
-        (status = 400, description = "invalid, used or expired token", body = backend_common::error::ErrorEnvelope)))]
+        (status = 400, description = "invalid, used or expired token", body = backend_common::error::ErrorEnvelope),
+        (status = 409, description = "the new address of a change was taken meanwhile", body = backend_common::error::ErrorEnvelope)))]
 async fn verify_email(users: web::Data<Users>, body: Json<TokenRequest>) -> Api<HttpResponse> {
     users.verify_email(&body.0.token).await?;
     Ok(HttpResponse::Ok().json(Verified {
         email_verified: true,
     }))
+}
+
+/// `POST /api/auth/verify-email/resend`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResendRequest {
+    /// The account's e-mail.
+    pub email: String,
+}
+
+/// Send the verification link again (at most once a minute per account).
+/// Always 202, whether or not the account exists or is already verified.
+#[utoipa::path(post, path = "/api/auth/verify-email/resend", tag = "auth", request_body = ResendRequest,
+    responses((status = 202, body = Accepted)))]
+async fn resend_verification(
+    users: web::Data<Users>,
+    body: Json<ResendRequest>,
+) -> Api<HttpResponse> {
+    users.resend_verification(&body.0.email).await?;
+    Ok(HttpResponse::Accepted().json(Accepted { status: "accepted" }))
 }
 
 /// `POST /api/auth/login`.
@@ -217,26 +241,46 @@ async fn me(users: web::Data<Users>, caller: AuthUser) -> Api<HttpResponse> {
     Ok(HttpResponse::Ok().json(users.get(&caller.id).await?))
 }
 
-/// `PATCH /api/users/me`.
+/// `PATCH /api/users/me`: any of `name`, `email`, `password`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateMeRequest {
     /// New display name.
-    pub name: String,
+    pub name: Option<String>,
+    /// New e-mail: a link goes to it, and the change takes effect when the
+    /// link is used (`POST /api/auth/verify-email`).
+    pub email: Option<String>,
+    /// New password (same policy as registration); every other session
+    /// is logged out.
+    pub password: Option<String>,
+    /// The current password, required with `email` or `password`.
+    pub current_password: Option<String>,
 }
 
-/// Change the caller's display name.
+/// Change the caller's profile.
 #[utoipa::path(patch, path = "/api/users/me", tag = "users", security(("bearer" = [])),
     request_body = UpdateMeRequest,
-    responses((status = 200, body = User),
+    responses((status = 200, description = "changed (a new e-mail only once verified)", body = User),
         (status = 401, description = "no or invalid token", body = backend_common::error::ErrorEnvelope),
+        (status = 403, description = "wrong current password", body = backend_common::error::ErrorEnvelope),
+        (status = 409, description = "email taken", body = backend_common::error::ErrorEnvelope),
         (status = 422, description = "invalid fields", body = backend_common::error::ErrorEnvelope)))]
 async fn update_me(
     users: web::Data<Users>,
     caller: AuthUser,
     body: Json<UpdateMeRequest>,
 ) -> Api<HttpResponse> {
-    Ok(HttpResponse::Ok().json(users.rename(&caller.id, &body.0.name).await?))
+    let b = &body.0;
+    let change = ProfileChange {
+        name: b.name.as_deref(),
+        email: b.email.as_deref(),
+        password: b.password.as_deref(),
+        current_password: b.current_password.as_deref(),
+    };
+    let user = users
+        .update_me(&caller.id, caller.sid.as_deref(), change)
+        .await?;
+    Ok(HttpResponse::Ok().json(user))
 }
 
 /// Paging of `GET /api/admin/users`.
@@ -342,6 +386,10 @@ async fn internal_user(
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/api/auth/register", web::post().to(register))
         .route("/api/auth/verify-email", web::post().to(verify_email))
+        .route(
+            "/api/auth/verify-email/resend",
+            web::post().to(resend_verification),
+        )
         .route("/api/auth/login", web::post().to(login))
         .route("/api/auth/refresh", web::post().to(refresh))
         .route("/api/auth/logout", web::post().to(logout))
@@ -389,9 +437,9 @@ impl Modify for SecuritySchemes {
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tiergate users service", description = "Accounts, access tokens (EdDSA, JWKS), refresh-token rotation."),
-    paths(register, verify_email, login, refresh, logout, forgot_password, reset_password,
+    paths(register, verify_email, resend_verification, login, refresh, logout, forgot_password, reset_password,
         me, update_me, list_users, set_roles, jwks, receive_event, internal_user),
-    components(schemas(RegisterRequest, TokenRequest, Verified, LoginRequest, RefreshRequest,
+    components(schemas(RegisterRequest, TokenRequest, Verified, ResendRequest, LoginRequest, RefreshRequest,
         ForgotRequest, Accepted, ResetRequest, UpdateMeRequest, SetRolesRequest, Consumed,
         User, UserPage, TokenPair, Event)),
     modifiers(&SecuritySchemes)

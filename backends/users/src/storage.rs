@@ -195,38 +195,63 @@ pub async fn set_tier(
     Ok(r.rows_affected() == 1)
 }
 
+/// A new one-time token (stored as its hash).
+pub struct NewOneTime<'a> {
+    /// SHA-256 of the token.
+    pub hash: &'a str,
+    /// Its user.
+    pub user_id: &'a str,
+    /// `verify_email` or `reset_password`.
+    pub purpose: &'a str,
+    /// For an e-mail change: the new address.
+    pub email: Option<&'a str>,
+    /// Expiry (ms).
+    pub expires_at: i64,
+    /// Now (ms).
+    pub now: i64,
+}
+
 /// Stores a one-time token (its hash).
-pub async fn insert_one_time(
-    c: &mut AnyConnection,
-    hash: &str,
-    user_id: &str,
-    purpose: &str,
-    expires_at: i64,
-    now: i64,
-) -> Result<(), sqlx::Error> {
+pub async fn insert_one_time(c: &mut AnyConnection, t: &NewOneTime<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO one_time_tokens (token_hash, user_id, purpose, expires_at, created_at) \
-         VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO one_time_tokens (token_hash, user_id, purpose, email, expires_at, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
     )
-    .bind(hash)
-    .bind(user_id)
-    .bind(purpose)
-    .bind(expires_at)
-    .bind(now)
+    .bind(t.hash)
+    .bind(t.user_id)
+    .bind(t.purpose)
+    .bind(t.email)
+    .bind(t.expires_at)
+    .bind(t.now)
     .execute(c)
     .await
     .map(|_| ())
 }
 
+/// When the user's newest token for `purpose` was created, if any.
+pub async fn last_one_time(
+    c: &mut AnyConnection,
+    user_id: &str,
+    purpose: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT MAX(created_at) FROM one_time_tokens WHERE user_id = $1 AND purpose = $2",
+    )
+    .bind(user_id)
+    .bind(purpose)
+    .fetch_one(c)
+    .await
+}
+
 /// Uses a one-time token: marks it used if it is unused, unexpired and for
-/// `purpose`, and returns its user. Atomic: two concurrent uses cannot
-/// both succeed.
+/// `purpose`, and returns its user and, for an e-mail change, the new
+/// address. Atomic: two concurrent uses cannot both succeed.
 pub async fn use_one_time(
     c: &mut AnyConnection,
     hash: &str,
     purpose: &str,
     now: i64,
-) -> Result<Option<String>, sqlx::Error> {
+) -> Result<Option<(String, Option<String>)>, sqlx::Error> {
     let used = sqlx::query(
         "UPDATE one_time_tokens SET used_at = $1 WHERE token_hash = $2 AND purpose = $3 \
          AND used_at IS NULL AND expires_at > $1",
@@ -239,10 +264,54 @@ pub async fn use_one_time(
     if used.rows_affected() != 1 {
         return Ok(None);
     }
-    sqlx::query_scalar("SELECT user_id FROM one_time_tokens WHERE token_hash = $1")
+    sqlx::query_as("SELECT user_id, email FROM one_time_tokens WHERE token_hash = $1")
         .bind(hash)
         .fetch_optional(c)
         .await
+}
+
+/// Switches the address (verified by the link sent to it). A unique
+/// violation means another account took it meanwhile.
+pub async fn set_email(
+    c: &mut AnyConnection,
+    id: &str,
+    email: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE users SET email = $1, email_verified_at = $2, updated_at = $2 WHERE id = $3",
+    )
+    .bind(email)
+    .bind(now)
+    .bind(id)
+    .execute(c)
+    .await
+    .map(|_| ())
+}
+
+/// Whether an account uses this (lower-cased) address.
+pub async fn email_taken(c: &mut AnyConnection, email: &str) -> Result<bool, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users WHERE email = $1")
+        .bind(email)
+        .fetch_one(c)
+        .await?;
+    Ok(n > 0)
+}
+
+/// Deletes what can no longer be used: one-time tokens used or expired,
+/// refresh tokens expired (a reuse of one is then an unknown token,
+/// refused just the same). Returns the number of rows deleted.
+pub async fn purge_expired(c: &mut AnyConnection, now: i64) -> Result<u64, sqlx::Error> {
+    let tokens =
+        sqlx::query("DELETE FROM one_time_tokens WHERE used_at IS NOT NULL OR expires_at <= $1")
+            .bind(now)
+            .execute(&mut *c)
+            .await?;
+    let refresh = sqlx::query("DELETE FROM refresh_tokens WHERE expires_at <= $1")
+        .bind(now)
+        .execute(c)
+        .await?;
+    Ok(tokens.rows_affected() + refresh.rows_affected())
 }
 
 /// A row of `refresh_tokens`.
@@ -329,17 +398,21 @@ pub async fn revoke_family(
     .map(|_| ())
 }
 
-/// Revokes every refresh token of a user (password reset).
+/// Revokes every refresh token of a user (password reset), except those
+/// of the login `keep` (a password change keeps the caller's session).
 pub async fn revoke_user(
     c: &mut AnyConnection,
     user_id: &str,
+    keep: Option<&str>,
     now: i64,
 ) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "UPDATE refresh_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL",
+        "UPDATE refresh_tokens SET revoked_at = $1 WHERE user_id = $2 AND revoked_at IS NULL \
+         AND family_id <> $3",
     )
     .bind(now)
     .bind(user_id)
+    .bind(keep.unwrap_or(""))
     .execute(c)
     .await
     .map(|_| ())

@@ -1,0 +1,390 @@
+//! Users-service benchmark (issue 6), loopback only, real binaries:
+//!
+//! * `tiergate serve users`: SQLite in a temporary data directory, the
+//!   default Argon2id parameters (m = 19456 KiB, t = 2, p = 1), development
+//!   mode so that the verification link is in its log;
+//! * `tiergate gateway -c <yaml>`: `/api/auth` anonymous, `/api/users`
+//!   with a bearer token verified against the service's JWKS (EdDSA), tier
+//!   and anonymous limits far above the load, a JSON access-log line per
+//!   request to a file, the admin listener on; limits shared through Redis
+//!   when 127.0.0.1:6379 answers (reported).
+//!
+//! It registers an account through the gateway, verifies it with the link
+//! from the service's log, logs in, then measures:
+//! 1. `GET /api/users/me` (token check at the gateway, token check and one
+//!    SQLite read at the service) at a fixed rate, open loop (the client of
+//!    `benches/support`, no coordinated omission): p50/p99/p99.9 through
+//!    the gateway and, for comparison, straight to the service;
+//! 2. login throughput: `LOGIN_CONCURRENCY` clients in a closed loop, each
+//!    `POST /api/auth/login` through the gateway (one Argon2id verify each):
+//!    logins/s and latency percentiles.
+//!
+//! `cargo bench --bench users`. Environment: `ME_RATE` (req/s, 500),
+//! `ME_CONNECTIONS` (16), `ME_DURATION` (s, 10), `LOGIN_CONCURRENCY` (4),
+//! `LOGIN_DURATION` (s, 10), `GATEWAY_THREADS` (1).
+
+mod support;
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use support::fixed::{self, FixedResult};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const PASSWORD: &str = "correct horse 9";
+const EMAIL: &str = "bench@example.com";
+
+fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v.parse().map_err(|_| anyhow!("{name}={v} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// A child process killed when dropped.
+struct Proc(Child, &'static str);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    fn alive(&mut self) -> Result<()> {
+        match self.0.try_wait()? {
+            Some(status) => bail!("{} exited: {status}", self.1),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Removes the directory when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn wait_listening(addr: SocketAddr, proc: &mut Proc) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        proc.alive()?;
+        if Instant::now() > deadline {
+            bail!("{} did not listen on {addr}", proc.1);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+const GATEWAY_YAML: &str = r#"server:
+  listen: ["127.0.0.1:{port}"]
+  threads: {threads}
+admin:
+  listen: ["127.0.0.1:{admin}"]
+access_log:
+  path: "{dir}/access.log"
+upstreams:
+  users: { backends: [{ address: "{users}" }] }
+auth:
+  jwks: { url: "http://{users}/.well-known/jwks.json" }
+  issuer: tiergate-users
+  audience: tiergate
+rate_limit:
+  tiers:
+    - { name: FREE, per_minute: 1000000000, per_hour: 10000000000, per_day: 100000000000 }
+  anonymous: { per_minute: 1000000000, per_hour: 10000000000, per_day: 100000000000 }
+{redis}
+routes:
+  - { name: auth, match: { path: { prefix: /api/auth } }, upstream: users }
+  - { name: users, match: { path: { prefix: /api/users } }, upstream: users, auth: required }
+"#;
+
+fn redis_running() -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 6379));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+fn post_request(addr: SocketAddr, path: &str, body: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tiergate-users-bench\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn me_request(addr: SocketAddr, token: &str) -> Vec<u8> {
+    format!(
+        "GET /api/users/me HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tiergate-users-bench\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// The verification token from the service's development log line.
+fn link_token(log: &Path) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if let Some(rest) = text.split("verify-email?token=").nth(1) {
+            let token: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .collect();
+            return Ok(token);
+        }
+        if Instant::now() > deadline {
+            bail!("no verification link in {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn call(
+    client: &reqwest::Client,
+    url: String,
+    body: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let r = client.post(&url).json(&body).send().await?;
+    let status = r.status();
+    let text = r.text().await?;
+    if !status.is_success() {
+        bail!("{url}: {status}: {text}");
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+/// Closed-loop logins: successes and their latencies.
+async fn logins(addr: SocketAddr, clients: usize, dur: Duration) -> Result<FixedResult> {
+    let body = serde_json::json!({"email": EMAIL, "password": PASSWORD}).to_string();
+    let req = post_request(addr, "/api/auth/login", &body);
+    let end = tokio::time::Instant::now() + dur;
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let req = req.clone();
+        set.spawn(async move {
+            let mut res = FixedResult::default();
+            let mut client = fixed::Client::connect(addr).await?;
+            while tokio::time::Instant::now() < end {
+                let t0 = Instant::now();
+                match client.request(&req).await {
+                    Ok((200, close)) => {
+                        res.latencies_ns.push(t0.elapsed().as_nanos() as u64);
+                        if close {
+                            client = fixed::Client::connect(addr).await?;
+                        }
+                    }
+                    Ok((status, _)) => {
+                        res.non_200 += 1;
+                        res.first_error.get_or_insert(format!("HTTP {status}"));
+                        client = fixed::Client::connect(addr).await?;
+                    }
+                    Err(e) => {
+                        res.errors += 1;
+                        res.first_error.get_or_insert(format!("{e:#}"));
+                        client = fixed::Client::connect(addr).await?;
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>(res)
+        });
+    }
+    let mut total = FixedResult::default();
+    while let Some(r) = set.join_next().await {
+        let r = r.context("login task panicked")??;
+        total.latencies_ns.extend(r.latencies_ns);
+        total.non_200 += r.non_200;
+        total.errors += r.errors;
+        total.first_error = total.first_error.or(r.first_error);
+    }
+    total.latencies_ns.sort_unstable();
+    Ok(total)
+}
+
+fn row(name: &str, r: &FixedResult, per_s: f64) {
+    println!(
+        "| {name} | {per_s:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
+        r.pct_ms(0.5),
+        r.pct_ms(0.99),
+        r.pct_ms(0.999),
+        r.non_200,
+        r.errors
+    );
+    if let Some(e) = &r.first_error {
+        println!("|   first failure: {e} | | | | | | |");
+    }
+}
+
+fn main() -> Result<()> {
+    let rate: u32 = env_num("ME_RATE", 500)?;
+    let conns: usize = env_num("ME_CONNECTIONS", 16)?;
+    let me_secs: u64 = env_num("ME_DURATION", 10)?;
+    let login_clients: usize = env_num("LOGIN_CONCURRENCY", 4)?;
+    let login_secs: u64 = env_num("LOGIN_DURATION", 10)?;
+    let threads: usize = env_num("GATEWAY_THREADS", 1)?;
+    let bin = Path::new(env!("CARGO_BIN_EXE_tiergate"));
+    let dir = TempDir(std::env::temp_dir().join(format!("tg-users-bench-{}", std::process::id())));
+    fs::create_dir_all(&dir.0)?;
+    let users_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let gw_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let admin_port = free_port()?;
+    let users_log = dir.0.join("users.log");
+
+    eprintln!("starting the users service on {users_addr}");
+    let mut users = Proc(
+        Command::new(bin)
+            .args(["serve", "users"])
+            .env("TIERGATE_DATA_DIR", &dir.0)
+            .env("TIERGATE_ENV", "development")
+            .env("TIERGATE_USERS_LISTEN", users_addr.to_string())
+            .env("RUST_LOG", "info")
+            .env_remove("TIERGATE_USERS_DATABASE_URL")
+            .env_remove("TIERGATE_USERS_SIGNING_KEY")
+            .current_dir(&dir.0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&users_log)?)
+            .spawn()
+            .context("tiergate serve users")?,
+        "users service",
+    );
+    wait_listening(users_addr, &mut users)?;
+
+    let redis = redis_running();
+    let yaml = GATEWAY_YAML
+        .replace("{port}", &gw_addr.port().to_string())
+        .replace("{threads}", &threads.to_string())
+        .replace("{admin}", &admin_port.to_string())
+        .replace("{dir}", &dir.0.display().to_string())
+        .replace("{users}", &users_addr.to_string())
+        .replace(
+            "{redis}",
+            if redis {
+                "  redis: { url: \"redis://127.0.0.1:6379\" }"
+            } else {
+                ""
+            },
+        );
+    let yaml_path = dir.0.join("gateway.yaml");
+    fs::write(&yaml_path, yaml)?;
+    eprintln!("starting the gateway on {gw_addr} (Redis-shared limits: {redis})");
+    let mut gateway = Proc(
+        Command::new(bin)
+            .arg("gateway")
+            .arg("-c")
+            .arg(&yaml_path)
+            .env("RUST_LOG", "warn")
+            .current_dir(&dir.0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.0.join("gateway.log"))?)
+            .spawn()
+            .context("tiergate gateway")?,
+        "gateway",
+    );
+    wait_listening(gw_addr, &mut gateway)?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let client = reqwest::Client::builder().no_proxy().build()?;
+    let base = format!("http://{gw_addr}");
+    let token = rt.block_on(async {
+        call(
+            &client,
+            format!("{base}/api/auth/register"),
+            serde_json::json!({"email": EMAIL, "password": PASSWORD, "name": "Bench"}),
+        )
+        .await?;
+        let link = link_token(&users_log)?;
+        call(
+            &client,
+            format!("{base}/api/auth/verify-email"),
+            serde_json::json!({ "token": link }),
+        )
+        .await?;
+        let pair = call(
+            &client,
+            format!("{base}/api/auth/login"),
+            serde_json::json!({"email": EMAIL, "password": PASSWORD}),
+        )
+        .await?;
+        pair["access_token"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("no access token in {pair}"))
+    })?;
+
+    let me_dur = Duration::from_secs(me_secs);
+    eprintln!("warm-up: 1 s of GET /api/users/me through the gateway");
+    rt.block_on(fixed::run(
+        gw_addr,
+        me_request(gw_addr, &token),
+        rate,
+        conns,
+        Duration::from_secs(1),
+    ))?;
+    eprintln!("GET /api/users/me at {rate} req/s for {me_secs} s: through the gateway");
+    let via_gateway = rt.block_on(fixed::run(
+        gw_addr,
+        me_request(gw_addr, &token),
+        rate,
+        conns,
+        me_dur,
+    ))?;
+    eprintln!("GET /api/users/me at {rate} req/s for {me_secs} s: straight to the service");
+    let direct = rt.block_on(fixed::run(
+        users_addr,
+        me_request(users_addr, &token),
+        rate,
+        conns,
+        me_dur,
+    ))?;
+    eprintln!("logins: {login_clients} clients, closed loop, {login_secs} s, through the gateway");
+    let login_dur = Duration::from_secs(login_secs);
+    let started = Instant::now();
+    let login = rt.block_on(logins(gw_addr, login_clients, login_dur))?;
+    let login_elapsed = started.elapsed().as_secs_f64();
+    users.alive()?;
+    gateway.alive()?;
+
+    println!();
+    println!(
+        "Settings: GET /api/users/me at {rate} req/s over {conns} keep-alive connections for \
+         {me_secs} s (open loop); logins: {login_clients} clients, closed loop, {login_secs} s; \
+         gateway threads {threads}; users service: 2 Actix workers, SQLite, Argon2id \
+         m=19456 KiB t=2 p=1; Redis-shared limits: {redis}; {} CPUs.",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!("| measurement | req/s | p50 ms | p99 ms | p99.9 ms | non-2xx | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    let me_rate = via_gateway.latencies_ns.len() as f64 / me_secs as f64;
+    row("GET /api/users/me via gateway", &via_gateway, me_rate);
+    let direct_rate = direct.latencies_ns.len() as f64 / me_secs as f64;
+    row("GET /api/users/me direct", &direct, direct_rate);
+    let login_rate = login.latencies_ns.len() as f64 / login_elapsed;
+    row("POST /api/auth/login via gateway", &login, login_rate);
+    println!();
+    println!(
+        "p99 added by the gateway on /api/users/me: {:.2} ms",
+        via_gateway.pct_ms(0.99) - direct.pct_ms(0.99)
+    );
+    Ok(())
+}
