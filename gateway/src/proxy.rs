@@ -27,6 +27,9 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result, RetryType};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use bytes::Bytes;
+use lua_free_plugins::{Chain, LogSummary, PluginCtx, Response as PluginResponse};
+
 use crate::access_log::{self, Entry};
 use crate::config::{PathMatch, PathRewrite, RouteSpec, UpstreamHost};
 use crate::guard::{self, Admission, X_USER_ID, X_USER_ROLES, X_USER_TENANT, X_USER_TIER};
@@ -132,6 +135,13 @@ pub struct RequestCtx {
     status_retries: u32,
     /// The request body is kept for a retry.
     body_buffered: bool,
+    /// The route's plugins' per-request context (routes with plugins only).
+    plugins: Option<PluginCtx>,
+    /// A response a plugin gave while the body streamed in: written by
+    /// `fail_to_proxy` instead of an error.
+    plugin_response: Option<PluginResponse>,
+    /// A plugin answered instead of the upstream.
+    answered_by_plugin: bool,
 }
 
 impl RequestCtx {
@@ -391,6 +401,9 @@ impl ProxyHttp for Gateway {
             status_retries: 0,
             body_buffered: false,
             members: None,
+            plugins: None,
+            plugin_response: None,
+            answered_by_plugin: false,
         }
     }
 
@@ -435,7 +448,20 @@ impl ProxyHttp for Gateway {
                 ctx.route = Some(i);
                 let has_body = request_has_body(&req.headers);
                 let idempotent = req.method.is_idempotent();
-                match guard::admit(&snapshot, route, &req.headers, client).await {
+                // A request a plugin answers without a caller (a CORS
+                // preflight) skips auth and rate limiting.
+                let before_auth =
+                    !route.plugins.is_empty() && route.plugins.answers_before_auth(req);
+                let admitted = if before_auth {
+                    Ok(Admission {
+                        identity: None,
+                        class: snapshot.limiter.anonymous(),
+                        verdict: None,
+                    })
+                } else {
+                    guard::admit(&snapshot, route, &req.headers, client).await
+                };
+                match admitted {
                     Ok(admission) => ctx.admission = Some(admission),
                     Err(denial) => {
                         ctx.admission = denial.admission;
@@ -461,7 +487,30 @@ impl ProxyHttp for Gateway {
                     ctx.body_buffered = true;
                 }
                 ctx.deadline = route.timeouts.total.map(|t| Instant::now() + t);
-                Ok(false)
+                if route.plugins.is_empty() {
+                    return Ok(false);
+                }
+                let mut p = PluginCtx::new(route.label.clone());
+                p.client_ip = client;
+                p.peer_ip = client_ip(session);
+                p.subject = ctx
+                    .admission
+                    .as_ref()
+                    .and_then(|a| a.identity.as_ref())
+                    .and_then(|id| id.subject.to_str().ok())
+                    .map(str::to_owned);
+                let answer = route.plugins.request(session.req_header_mut(), &mut p);
+                let answered = match answer {
+                    Some(resp) => {
+                        ctx.answered_by_plugin = true;
+                        let id = ctx.request_id().clone();
+                        write_plugin_response(session, &id, &route.plugins, resp, &mut p).await?;
+                        true
+                    }
+                    None => false,
+                };
+                ctx.plugins = Some(p);
+                Ok(answered)
             }
             RouteMatch::NotFound => {
                 ctx.error_code = Some(respond::NOT_FOUND.code);
@@ -616,7 +665,44 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let client = client_ip(session);
-        with_plain_headers(upstream, |parts| edit_upstream_request(parts, ctx, client))
+        with_plain_headers(upstream, |parts| edit_upstream_request(parts, ctx, client))?;
+        if let Some(mut p) = ctx.plugins.take() {
+            if let Some((_, route)) = ctx.route() {
+                route.plugins.upstream_request(upstream, &mut p);
+            }
+            ctx.plugins = Some(p);
+        }
+        Ok(())
+    }
+
+    /// Counts the body for the plugins and runs their `request_body`
+    /// hooks; a plugin's answer aborts the request (`fail_to_proxy`
+    /// writes it).
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(mut p) = ctx.plugins.take() else {
+            return Ok(());
+        };
+        p.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        let answer = ctx.route().and_then(|(_, route)| {
+            route
+                .plugins
+                .request_body(body.as_ref(), end_of_stream, &mut p)
+        });
+        ctx.plugins = Some(p);
+        match answer {
+            Some(resp) => {
+                let status = resp.status.as_u16();
+                ctx.plugin_response = Some(resp);
+                Error::e_explain(ErrorType::HTTPStatus(status), "request refused by a plugin")
+            }
+            None => Ok(()),
+        }
     }
 
     /// An upstream status listed in the route's `retry.on_statuses` is
@@ -632,6 +718,12 @@ impl ProxyHttp for Gateway {
         end_attempt(ctx);
         let status = upstream.status.as_u16();
         if !book_retry(session, ctx, status) {
+            if let Some(mut p) = ctx.plugins.take() {
+                if let Some((_, route)) = ctx.route() {
+                    route.plugins.upstream_response(upstream, &mut p);
+                }
+                ctx.plugins = Some(p);
+            }
             return Ok(());
         }
         count_retry(ctx, RetryReason::Status);
@@ -708,7 +800,7 @@ impl ProxyHttp for Gateway {
     /// Returns the request id to the client.
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
@@ -733,6 +825,14 @@ impl ProxyHttp for Gateway {
             });
         }
         *response = ResponseHeader::from(parts);
+        if let Some(mut p) = ctx.plugins.take() {
+            if let Some((_, route)) = ctx.route() {
+                route
+                    .plugins
+                    .response(session.req_header(), response, &mut p);
+            }
+            ctx.plugins = Some(p);
+        }
         Ok(())
     }
 
@@ -744,6 +844,16 @@ impl ProxyHttp for Gateway {
             breaker_feedback(session, e, ctx);
         }
         observe(session, ctx);
+        if let Some(mut p) = ctx.plugins.take() {
+            let summary = LogSummary {
+                status: session.response_written().map_or(0, |r| r.status.as_u16()),
+                duration: ctx.started.elapsed(),
+                answered_by_plugin: ctx.answered_by_plugin,
+            };
+            if let Some((_, route)) = ctx.route() {
+                route.plugins.log(&summary, &mut p);
+            }
+        }
     }
 
     /// The one place errors become responses (JSON envelope, request id).
@@ -753,6 +863,28 @@ impl ProxyHttp for Gateway {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        if let (Some(resp), None) = (ctx.plugin_response.take(), session.response_written()) {
+            // A plugin refused the request while its body streamed in.
+            session.set_keepalive(None);
+            ctx.answered_by_plugin = true;
+            let status = resp.status.as_u16();
+            let id = ctx.request_id().clone();
+            if let (Some(mut p), Some(chain)) = (
+                ctx.plugins.take(),
+                ctx.route().map(|(_, r)| r.plugins.clone()),
+            ) {
+                if let Err(write_err) =
+                    write_plugin_response(session, &id, &chain, resp, &mut p).await
+                {
+                    tracing::debug!(error = %write_err, "could not send a plugin's response");
+                }
+                ctx.plugins = Some(p);
+            }
+            return FailToProxy {
+                error_code: status,
+                can_reuse_downstream: false,
+            };
+        }
         let response = error_response(e);
         let code = match response {
             Some(r) if session.response_written().is_none() => {
@@ -781,6 +913,32 @@ impl ProxyHttp for Gateway {
             can_reuse_downstream: false,
         }
     }
+}
+
+/// Writes a plugin's response, after the chain's `response` hooks (with
+/// `Content-Length` and the request id).
+async fn write_plugin_response(
+    session: &mut Session,
+    request_id: &HeaderValue,
+    chain: &Chain,
+    resp: PluginResponse,
+    p: &mut PluginCtx,
+) -> Result<()> {
+    let mut h = ResponseHeader::build(resp.status, Some(resp.headers.len() + 2))?;
+    for (name, value) in resp.headers {
+        h.append_header(name, value)?;
+    }
+    h.insert_header(http::header::CONTENT_LENGTH, resp.body.len())?;
+    h.insert_header(X_REQUEST_ID.clone(), request_id.clone())?;
+    chain.response(session.req_header(), &mut h, p);
+    let head_only = session.req_header().method == http::Method::HEAD || resp.body.is_empty();
+    session
+        .write_response_header(Box::new(h), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(resp.body), true).await?;
+    }
+    Ok(())
 }
 
 /// Runs `edit` on the request's `http` parts, taken out of Pingora's

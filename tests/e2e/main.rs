@@ -15,6 +15,7 @@ mod discovery;
 mod errors;
 mod health_checks;
 mod observability;
+mod plugins;
 mod process;
 mod ratelimit;
 mod resilience;

@@ -30,6 +30,9 @@ pub struct ConfigDto {
     pub dns: DnsDto,
     /// The per-request JSON log.
     pub access_log: AccessLogDto,
+    /// Plugins of every route (run before each route's own): a list of
+    /// `- name: {config}`; checked by the plugin registry.
+    pub plugins: serde_yaml_ng::Value,
 }
 
 /// `access_log:` — one JSON line per request, written by a background thread.
@@ -351,6 +354,9 @@ pub struct RouteDto {
     /// Count requests to this route against the caller's limits.
     #[serde(default = "default_true")]
     pub rate_limit: bool,
+    /// The route's plugins, in order: a list of `- name: {config}`.
+    #[serde(default)]
+    pub plugins: serde_yaml_ng::Value,
 }
 
 fn default_true() -> bool {

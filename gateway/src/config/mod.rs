@@ -22,6 +22,7 @@ pub use access::{
     RedisUrl, TierSpec,
 };
 use lines::{join_key, LineMap};
+use lua_free_plugins::{Chain, Registry};
 
 /// One problem in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,6 +292,10 @@ pub struct RouteSpec {
     pub roles: Vec<String>,
     /// Whether requests count against the caller's limits.
     pub rate_limit: bool,
+    /// The plugins run for its requests: the global ones, then its own.
+    pub plugins: Chain,
+    /// Its name, shared with the plugins' per-request context.
+    pub label: std::sync::Arc<str>,
 }
 
 /// Host matcher, lower-cased.
@@ -364,17 +369,29 @@ pub enum LoadError {
     Invalid(#[from] ConfigErrors),
 }
 
-/// Reads and validates a config file.
+/// Reads and validates a config file (built-in plugins).
 pub fn load_file(path: &Path) -> Result<Config, LoadError> {
+    load_file_with(path, &Registry::with_builtins())
+}
+
+/// [`load_file`] with the plugins of `registry`.
+pub fn load_file_with(path: &Path, registry: &Registry) -> Result<Config, LoadError> {
     let src = std::fs::read_to_string(path).map_err(|source| LoadError::Unreadable {
         path: path.to_owned(),
         source,
     })?;
-    Ok(parse(&src)?)
+    Ok(parse_with(&src, registry)?)
 }
 
-/// Parses and validates config text, returning every error found.
+/// Parses and validates config text (built-in plugins), returning every
+/// error found.
 pub fn parse(src: &str) -> Result<Config, ConfigErrors> {
+    parse_with(src, &Registry::with_builtins())
+}
+
+/// [`parse`] with the plugins of `registry`: each plugin's config is
+/// checked, and the plugin built, here.
+pub fn parse_with(src: &str, registry: &Registry) -> Result<Config, ConfigErrors> {
     if src.trim().is_empty() {
         return Err(ConfigErrors(vec![ConfigError {
             path: String::new(),
@@ -427,7 +444,7 @@ pub fn parse(src: &str) -> Result<Config, ConfigErrors> {
             return Err(ConfigErrors(errors));
         }
     };
-    match validate::validate(dto) {
+    match validate::validate(dto, registry) {
         Ok(config) if errors.is_empty() => Ok(config),
         Ok(_) => Err(ConfigErrors(errors)),
         Err(found) => {

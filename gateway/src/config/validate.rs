@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
+use lua_free_plugins::{build_chain, Chain, Registry};
 use regex::{Regex, RegexBuilder};
 
 use super::access::{self, AuthMode, RateLimitSettings};
@@ -29,8 +30,9 @@ const REGEX_SIZE_LIMIT: usize = 1 << 20;
 /// Errors as (path, message).
 pub(super) type Errors = Vec<(String, String)>;
 
-pub(super) fn validate(dto: ConfigDto) -> Result<Config, Errors> {
+pub(super) fn validate(dto: ConfigDto, registry: &Registry) -> Result<Config, Errors> {
     let mut errors = Errors::new();
+    let global = plugins("plugins", &dto.plugins, registry, &mut errors);
     let server = server(&dto, &mut errors);
     let auth = access::auth(&dto.auth, &mut errors);
     let rate_limit = access::rate_limit(&dto.rate_limit, &mut errors);
@@ -61,7 +63,9 @@ pub(super) fn validate(dto: ConfigDto) -> Result<Config, Errors> {
                 format!("duplicate route name `{}` (also routes[{first}])", r.name),
             ));
         }
-        if let Some(route) = route(&at, r, &pool_index, &rate_limit, &mut errors) {
+        let own = plugins(&format!("{at}.plugins"), &r.plugins, registry, &mut errors);
+        if let Some(mut route) = route(&at, r, &pool_index, &rate_limit, &mut errors) {
+            route.plugins = global.then(&own);
             routes.push(route);
         }
     }
@@ -78,6 +82,30 @@ pub(super) fn validate(dto: ConfigDto) -> Result<Config, Errors> {
             access_log,
         }),
         _ => Err(errors),
+    }
+}
+
+/// Builds a plugin list (`at` is its path), collecting each plugin's
+/// errors with their path.
+fn plugins(
+    at: &str,
+    list: &serde_yaml_ng::Value,
+    registry: &Registry,
+    errors: &mut Errors,
+) -> Chain {
+    match build_chain(registry, list) {
+        Ok(chain) => chain,
+        Err(found) => {
+            errors.extend(found.into_iter().map(|e| {
+                let path = if e.path.starts_with('[') {
+                    format!("{at}{}", e.path)
+                } else {
+                    at.to_owned()
+                };
+                (path, e.message)
+            }));
+            Chain::default()
+        }
     }
 }
 
@@ -707,6 +735,8 @@ fn route(
         min_tier,
         roles: r.roles.clone(),
         rate_limit: r.rate_limit,
+        plugins: Chain::default(),
+        label: r.name.as_str().into(),
     })
 }
 
