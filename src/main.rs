@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use gateway::config::{self, Config, ConfigErrors, LoadError};
 use gateway::error::GatewayError;
 use gateway::server::GatewayServer;
+use lua_free_plugins::Registry;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -219,8 +220,8 @@ fn main() -> ExitCode {
                 Ok(s) => s,
                 Err(code) => return code,
             };
-            let loaded = match config {
-                Some(path) => load(&path),
+            let loaded = match &config {
+                Some(path) => load(path),
                 None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
                     load(Path::new(DEFAULT_CONFIG_PATH))
                 }
@@ -231,13 +232,17 @@ fn main() -> ExitCode {
                     config::parse(DEFAULT_CONFIG).map_err(|e| report(&e))
                 }
             };
+            let watched = config.or_else(|| {
+                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+                p.exists().then_some(p)
+            });
             match loaded {
-                Ok(config) => serve(&config),
+                Ok(config) => serve(&config, watched.as_deref()),
                 Err(code) => code,
             }
         }
-        Command::Gateway { config } => match load(&config) {
-            Ok(config) => serve(&config),
+        Command::Gateway { config: path } => match load(&path) {
+            Ok(config) => serve(&config, Some(&path)),
             Err(code) => code,
         },
         Command::CheckConfig { file } => match load(&file) {
@@ -273,8 +278,13 @@ fn report(errors: &ConfigErrors) -> ExitCode {
     ExitCode::from(EXIT_BAD_CONFIG)
 }
 
-fn serve(config: &Config) -> ExitCode {
-    match GatewayServer::build(config) {
+/// Runs the gateway; with `file`, reloads it on change and on SIGHUP.
+fn serve(config: &Config, file: Option<&Path>) -> ExitCode {
+    let built = GatewayServer::build(config).and_then(|server| match file {
+        Some(path) => server.watch(path, Registry::with_builtins()),
+        None => Ok(server),
+    });
+    match built {
         Ok(server) => {
             server.run();
             ExitCode::SUCCESS

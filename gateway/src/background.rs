@@ -55,6 +55,16 @@ impl Background {
         self.handle.spawn(task);
     }
 
+    /// A view that spawns on the same runtime but does not own it:
+    /// dropping it stops nothing (for the config reloader).
+    pub fn spawner(&self) -> Background {
+        Background {
+            handle: self.handle.clone(),
+            stop: None,
+            thread: None,
+        }
+    }
+
     /// The runtime's handle.
     pub fn handle(&self) -> &Handle {
         &self.handle

@@ -7,7 +7,9 @@
 //! consecutive failures, the last check's time, latency and error, and
 //! backends draining after discovery removed them. Pools with `host:port`
 //! backends also list each name's addresses, when it last resolved and why
-//! the last resolution failed. The admin listener serves the same document.
+//! the last resolution failed. `config` names the config serving: its
+//! SHA-256 (as `sha256sum` prints it for the file) and when it was
+//! loaded. The admin listener serves the same document.
 
 use serde_json::{json, Value};
 
@@ -121,7 +123,14 @@ pub fn services(snapshot: &Snapshot) -> (Overall, Value) {
     }
     (
         overall,
-        json!({ "status": overall.as_str(), "pools": pools }),
+        json!({
+            "status": overall.as_str(),
+            "config": {
+                "sha256": snapshot.config_sha256,
+                "loaded_at": humantime::format_rfc3339_millis(snapshot.loaded_at).to_string(),
+            },
+            "pools": pools,
+        }),
     )
 }
 

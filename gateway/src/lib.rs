@@ -22,6 +22,7 @@ pub mod health;
 pub mod metrics;
 pub mod proxy;
 pub mod ratelimit;
+pub mod reload;
 pub mod respond;
 pub mod router;
 pub mod secret;

@@ -500,17 +500,40 @@ impl ProxyHttp for Gateway {
                     .and_then(|id| id.subject.to_str().ok())
                     .map(str::to_owned);
                 let answer = route.plugins.request(session.req_header_mut(), &mut p);
-                let answered = match answer {
-                    Some(resp) => {
-                        ctx.answered_by_plugin = true;
-                        let id = ctx.request_id().clone();
-                        write_plugin_response(session, &id, &route.plugins, resp, &mut p).await?;
-                        true
+                let Some(resp) = answer else {
+                    ctx.plugins = Some(p);
+                    if before_auth {
+                        // It was to be answered without a caller, but no
+                        // plugin did: admit it like any other request.
+                        let req = session.req_header();
+                        match guard::admit(&snapshot, route, &req.headers, client).await {
+                            Ok(admission) => ctx.admission = Some(admission),
+                            Err(denial) => {
+                                ctx.admission = denial.admission;
+                                ctx.error_code = Some(denial.response.code);
+                                let id = ctx.request_id().clone();
+                                let trace = ctx.trace_id();
+                                denial
+                                    .response
+                                    .write(
+                                        session,
+                                        &id,
+                                        trace.as_ref().map(TraceIdHex::as_str),
+                                        &denial.headers,
+                                    )
+                                    .await?;
+                                return Ok(true);
+                            }
+                        }
                     }
-                    None => false,
+                    return Ok(false);
                 };
+                ctx.answered_by_plugin = true;
+                let id = ctx.request_id().clone();
+                let written =
+                    write_plugin_response(session, &id, &route.plugins, resp, &mut p).await;
                 ctx.plugins = Some(p);
-                Ok(answered)
+                written.map(|()| true)
             }
             RouteMatch::NotFound => {
                 ctx.error_code = Some(respond::NOT_FOUND.code);
@@ -667,6 +690,8 @@ impl ProxyHttp for Gateway {
         let client = client_ip(session);
         with_plain_headers(upstream, |parts| edit_upstream_request(parts, ctx, client))?;
         if let Some(mut p) = ctx.plugins.take() {
+            // A new attempt: Pingora sends the (buffered) body again.
+            p.body_bytes = 0;
             if let Some((_, route)) = ctx.route() {
                 route.plugins.upstream_request(upstream, &mut p);
             }
@@ -751,6 +776,12 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         if matches!(e.etype(), ErrorType::HTTPStatus(_)) && e.retry() {
             // A status retry `upstream_response_filter` already booked.
+            return e;
+        }
+        if ctx.plugin_response.is_some() {
+            // A plugin refused the request: answer, never retry.
+            let mut e = e;
+            e.set_retry(false);
             return e;
         }
         end_attempt(ctx);
@@ -928,7 +959,10 @@ async fn write_plugin_response(
     for (name, value) in resp.headers {
         h.append_header(name, value)?;
     }
-    h.insert_header(http::header::CONTENT_LENGTH, resp.body.len())?;
+    // No Content-Length on statuses that cannot have a body (RFC 9110).
+    if !matches!(resp.status.as_u16(), 100..=199 | 204 | 304) {
+        h.insert_header(http::header::CONTENT_LENGTH, resp.body.len())?;
+    }
     h.insert_header(X_REQUEST_ID.clone(), request_id.clone())?;
     chain.response(session.req_header(), &mut h, p);
     let head_only = session.req_header().method == http::Method::HEAD || resp.body.is_empty();

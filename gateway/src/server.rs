@@ -1,6 +1,7 @@
 //! Starting the gateway: a Pingora server with the tiergate proxy service.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -9,6 +10,7 @@ use async_trait::async_trait;
 use pingora_core::server::configuration::{Opt, ServerConf};
 use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 
+use lua_free_plugins::Registry;
 use tokio::sync::Notify;
 
 use crate::admin::Admin;
@@ -17,6 +19,7 @@ use crate::config::Config;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
+use crate::reload::Reloader;
 use crate::secret::Environment;
 use crate::snapshot::Snapshot;
 
@@ -27,6 +30,9 @@ pub struct GatewayServer {
     state: Arc<ArcSwap<Snapshot>>,
     listen: Vec<SocketAddr>,
     admin: Vec<SocketAddr>,
+    env: Environment,
+    metrics: Arc<Metrics>,
+    reloader: Option<Arc<Reloader>>,
 }
 
 impl std::fmt::Debug for GatewayServer {
@@ -102,7 +108,51 @@ impl GatewayServer {
             state,
             listen: s.listen.clone(),
             admin: config.admin.listen.clone(),
+            env: env.clone(),
+            metrics,
+            reloader: None,
         })
+    }
+
+    /// Reloads the config from `path` (whose content `config` was parsed
+    /// from, with `registry`) on SIGHUP and when the file changes; see
+    /// [`crate::reload`]. Fails when the file cannot be read.
+    pub fn watch(mut self, path: &Path, registry: Registry) -> Result<Self, GatewayError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| GatewayError::Server(format!("cannot read {}: {e}", path.display())))?;
+        self.reloader = Some(Arc::new(Reloader::new(
+            path,
+            &text,
+            registry,
+            self.env.clone(),
+            self.state.clone(),
+            self.metrics.clone(),
+            self.background.spawner(),
+        )));
+        Ok(self)
+    }
+
+    /// The reloader, when [`GatewayServer::watch`] set one up.
+    pub fn reloader(&self) -> Option<Arc<Reloader>> {
+        self.reloader.clone()
+    }
+
+    fn start_watching(&self) {
+        match &self.reloader {
+            Some(r) => {
+                tracing::info!(path = %r.path().display(), "reloading the config on change and on SIGHUP");
+                self.background.spawn(crate::reload::watch(r.clone()));
+            }
+            // Without a file SIGHUP must still not kill the process.
+            None => self.background.spawn(async {
+                use tokio::signal::unix::{signal, SignalKind};
+                if let Ok(mut hup) = signal(SignalKind::hangup()) {
+                    while hup.recv().await.is_some() {
+                        tracing::warn!("SIGHUP: no config file to reload (built-in config)");
+                    }
+                }
+            }),
+        }
     }
 
     /// The snapshot cell requests read (a reload stores a new snapshot here).
@@ -114,6 +164,7 @@ impl GatewayServer {
     /// let in-flight requests finish for `grace_period`, then stop.
     pub fn run(self) {
         tracing::info!(listen = ?self.listen, admin = ?self.admin, "tiergate gateway listening");
+        self.start_watching();
         let _background = self.background;
         self.server.run(RunArgs {
             shutdown_signal: Box::new(SignalShutdown),
@@ -122,6 +173,9 @@ impl GatewayServer {
 
     /// Runs on a background thread until [`RunningGateway::shutdown`].
     pub fn spawn(self) -> RunningGateway {
+        if self.reloader.is_some() {
+            self.start_watching();
+        }
         let notify = Arc::new(Notify::new());
         let watch = NotifyShutdown(notify.clone());
         let listen = self.listen.clone();

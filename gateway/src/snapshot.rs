@@ -4,6 +4,7 @@
 //! keeps the snapshot it started with.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use crate::access_log::AccessLog;
 use crate::auth::Authenticator;
@@ -27,7 +28,7 @@ pub struct Snapshot {
     /// Pools, indexed by [`RouteSpec::upstream`].
     pub pools: Vec<Arc<Pool>>,
     /// Bearer-token verification.
-    pub auth: Authenticator,
+    pub auth: Arc<Authenticator>,
     /// Tiers and rate limits.
     pub limiter: Arc<RateLimiter>,
     /// Peers whose `X-Forwarded-For` is believed.
@@ -35,7 +36,29 @@ pub struct Snapshot {
     /// Metric handles for these routes, tiers and pools.
     pub metrics: RequestMetrics,
     /// The access log, when enabled.
-    pub access_log: Option<AccessLog>,
+    pub access_log: Option<Arc<AccessLog>>,
+    /// SHA-256 of the config text this snapshot was built from.
+    pub config_sha256: String,
+    /// When it was built.
+    pub loaded_at: SystemTime,
+}
+
+/// What a reload keeps from the snapshot it replaces, because its config
+/// did not change: pools (by name; with their health, breaker and
+/// discovery state and tasks), the rate limiter (its buckets), the token
+/// verifier (its JWKS and cache) and the access log writer.
+#[derive(Debug, Default)]
+pub struct Reuse<'a> {
+    /// The snapshot being replaced.
+    pub old: Option<&'a Snapshot>,
+    /// Names of the pools whose config is unchanged.
+    pub pools: Vec<String>,
+    /// `rate_limit` is unchanged.
+    pub limiter: bool,
+    /// `auth` is unchanged.
+    pub auth: bool,
+    /// `access_log` is unchanged (and no reopen was asked for).
+    pub access_log: bool,
 }
 
 impl Snapshot {
@@ -50,14 +73,40 @@ impl Snapshot {
         bg: Option<&Background>,
         metrics: &Arc<Metrics>,
     ) -> Result<Self, GatewayError> {
+        Self::rebuild(config, env, bg, metrics, Reuse::default())
+    }
+
+    /// [`Snapshot::build`] for a reload: what `reuse` names is taken from
+    /// the old snapshot instead of being built (and started) again.
+    pub fn rebuild(
+        config: &Config,
+        env: &Environment,
+        bg: Option<&Background>,
+        metrics: &Arc<Metrics>,
+        reuse: Reuse<'_>,
+    ) -> Result<Self, GatewayError> {
         let resolver = Resolver::new(&config.dns);
-        let pools = config
-            .upstreams
-            .iter()
-            .map(|u| Pool::build(u, &resolver).map(Arc::new))
-            .collect::<Result<Vec<_>, _>>()?;
+        let kept = |name: &str| -> Option<Arc<Pool>> {
+            let old = reuse.old?;
+            if !reuse.pools.iter().any(|p| p == name) {
+                return None;
+            }
+            old.pools.iter().find(|p| p.name == name).cloned()
+        };
+        let mut pools = Vec::with_capacity(config.upstreams.len());
+        let mut fresh = Vec::new();
+        for u in &config.upstreams {
+            match kept(&u.name) {
+                Some(pool) => pools.push(pool),
+                None => {
+                    let pool = Arc::new(Pool::build(u, &resolver)?);
+                    fresh.push(pool.clone());
+                    pools.push(pool);
+                }
+            }
+        }
         if let Some(bg) = bg {
-            for pool in &pools {
+            for pool in &fresh {
                 // The tasks hold the pool weakly: they end when a reload
                 // drops it.
                 if let Some(spec) = &pool.health_check {
@@ -73,15 +122,30 @@ impl Snapshot {
                 }
             }
         }
-        let access_log = match &config.access_log {
-            a if a.enabled => Some(
+        let old = reuse.old;
+        let access_log = match (&config.access_log, old) {
+            (a, Some(old)) if a.enabled && reuse.access_log && old.access_log.is_some() => {
+                old.access_log.clone()
+            }
+            (a, _) if a.enabled => Some(Arc::new(
                 AccessLog::open(a, metrics.access_log_dropped.clone()).map_err(|e| {
                     GatewayError::Server(format!("access_log: cannot open {:?}: {e}", a.target))
                 })?,
-            ),
+            )),
             _ => None,
         };
-        let limiter = RateLimiter::new(&config.rate_limit, env.redis_url.as_ref(), bg);
+        let limiter = match old {
+            Some(old) if reuse.limiter => old.limiter.clone(),
+            _ => RateLimiter::new(&config.rate_limit, env.redis_url.as_ref(), bg),
+        };
+        let auth = match old {
+            Some(old) if reuse.auth => old.auth.clone(),
+            _ => Arc::new(Authenticator::new(
+                &config.auth,
+                env.dev_jwt_secret.as_ref(),
+                bg,
+            )),
+        };
         let route_names: Vec<&str> = config.routes.iter().map(|r| r.name.as_str()).collect();
         let tiers: Vec<&str> = (0..=limiter.anonymous())
             .map(|c| limiter.class(c).name.as_str())
@@ -92,11 +156,13 @@ impl Snapshot {
             router: Router::new(&config.routes),
             routes: config.routes.clone(),
             pools,
-            auth: Authenticator::new(&config.auth, env.dev_jwt_secret.as_ref(), bg),
+            auth,
             limiter,
             trusted_proxies: config.server.trusted_proxies.clone(),
             metrics,
             access_log,
+            config_sha256: config.source_sha256.clone(),
+            loaded_at: SystemTime::now(),
         })
     }
 }

@@ -58,7 +58,8 @@ pub enum Flow {
 pub struct Response {
     /// Status code.
     pub status: StatusCode,
-    /// Headers (`Content-Length` is set by the gateway).
+    /// Headers (`Content-Length` is set by the gateway, except on 1xx, 204
+    /// and 304).
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// Body (may be empty).
     pub body: Bytes,
@@ -74,8 +75,9 @@ impl Response {
         }
     }
 
-    /// A JSON error in the gateway's envelope:
-    /// `{"error":{"code":..,"message":..}}` (the gateway adds the request id).
+    /// A JSON error shaped like the gateway's envelope:
+    /// `{"error":{"code":..,"message":..}}`. The gateway sends it with the
+    /// `X-Request-Id` header (the body carries no request or trace id).
     pub fn error(status: StatusCode, code: &str, message: &str) -> Self {
         let body = format!(
             r#"{{"error":{{"code":"{}","message":"{}"}}}}"#,

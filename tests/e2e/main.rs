@@ -18,6 +18,7 @@ mod observability;
 mod plugins;
 mod process;
 mod ratelimit;
+mod reload;
 mod resilience;
 mod routing;
 mod status_page;

@@ -83,6 +83,8 @@ pub struct Config {
     pub dns: DnsSettings,
     /// The access log.
     pub access_log: AccessLogSettings,
+    /// SHA-256 of the config text (hex), as `sha256sum` prints it.
+    pub source_sha256: String,
 }
 
 /// The access log.
@@ -445,7 +447,10 @@ pub fn parse_with(src: &str, registry: &Registry) -> Result<Config, ConfigErrors
         }
     };
     match validate::validate(dto, registry) {
-        Ok(config) if errors.is_empty() => Ok(config),
+        Ok(mut config) if errors.is_empty() => {
+            config.source_sha256 = sha256_hex(src.as_bytes());
+            Ok(config)
+        }
         Ok(_) => Err(ConfigErrors(errors)),
         Err(found) => {
             errors.extend(found.into_iter().map(|(path, message)| ConfigError {
@@ -456,6 +461,17 @@ pub fn parse_with(src: &str, registry: &Registry) -> Result<Config, ConfigErrors
             Err(ConfigErrors(errors))
         }
     }
+}
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push_str(&format!("{b:02x}"));
+    }
+    out
 }
 
 /// `serde_ignored`'s path rendered in our `a.b[0].c` notation.

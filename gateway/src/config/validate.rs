@@ -80,6 +80,7 @@ pub(super) fn validate(dto: ConfigDto, registry: &Registry) -> Result<Config, Er
             admin,
             dns,
             access_log,
+            source_sha256: String::new(),
         }),
         _ => Err(errors),
     }

@@ -15,8 +15,9 @@
 //!
 //! In each direction `remove` runs first, then `set`, then `add`. Request
 //! headers are changed in the `request` phase, so later plugins and the
-//! upstream see them; the gateway still replaces its own headers
-//! (`X-Forwarded-*`, `X-User-*`, `X-Request-Id`) after that.
+//! upstream see them. The gateway's own headers are set after that: it
+//! replaces `X-Forwarded-Proto`, `X-Forwarded-Host`, `X-User-*` and
+//! `X-Request-Id`, and appends the client to `X-Forwarded-For`.
 
 use std::collections::BTreeMap;
 

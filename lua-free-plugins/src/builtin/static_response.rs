@@ -22,7 +22,7 @@ use crate::{Flow, Plugin, PluginBuilder, PluginCtx, RequestHeader, Response};
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StaticResponseConfig {
-    /// Status (100–599; default 200).
+    /// Status (200–599; default 200).
     #[serde(default = "ok")]
     pub status: u16,
     /// Extra headers.

@@ -1,0 +1,383 @@
+//! Config reload without a restart, under continuous load: a valid change
+//! applies within a second with no failed request; an invalid one changes
+//! nothing and is counted; a removed pool's health checks stop; SIGHUP
+//! reloads the real binary.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gateway::secret::Environment;
+use gateway::server::{GatewayServer, RunningGateway};
+use serde_json::Value;
+
+use crate::common::{backend_of, client, free_port, serve, upstream, wait_for_port};
+
+struct Watched {
+    running: RunningGateway,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    file: PathBuf,
+}
+
+impl Watched {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+fn head(port: u16, admin: u16) -> String {
+    format!(
+        "admin:\n  listen: [\"127.0.0.1:{admin}\"]\nserver:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 0s\naccess_log: {{ enabled: false }}\n"
+    )
+}
+
+/// Replaces the file atomically (as editors and config management do).
+fn write(file: &Path, text: &str) {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
+fn start(body: &str) -> Watched {
+    let dir = std::env::temp_dir().join(format!("tg-reload-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tiergate.yaml");
+    let (port, admin) = (free_port(), free_port());
+    let text = format!("{}{body}", head(port, admin));
+    write(&file, &text);
+    let config = gateway::config::load_file(&file).unwrap();
+    let running = GatewayServer::build_with_env(&config, &Environment::default())
+        .unwrap()
+        .watch(&file, lua_free_plugins::Registry::with_builtins())
+        .unwrap()
+        .spawn();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    wait_for_port(addr);
+    Watched {
+        running,
+        addr,
+        admin,
+        file,
+    }
+}
+
+fn rewrite(w: &Watched, body: &str) {
+    let port = w.addr.port();
+    let admin = w.admin.port();
+    write(&w.file, &format!("{}{body}", head(port, admin)));
+}
+
+/// Requests `path` from `clients` loops until stopped; counts failures.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    first_failure: Arc<std::sync::Mutex<Option<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(url: String, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicUsize::new(0));
+        let first_failure = Arc::new(std::sync::Mutex::new(None));
+        let tasks = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed, first) = (
+                    stop.clone(),
+                    ok.clone(),
+                    failed.clone(),
+                    first_failure.clone(),
+                );
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let c = client();
+                    while !stop.load(Ordering::Relaxed) {
+                        match c.get(&url).send().await {
+                            Ok(r) if r.status() == 200 => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            other => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                let why = match other {
+                                    Ok(r) => format!("HTTP {}", r.status()),
+                                    Err(e) => e.to_string(),
+                                };
+                                first.lock().unwrap().get_or_insert(why);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failed,
+            first_failure,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> (usize, usize, Option<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        let first = self.first_failure.lock().unwrap().clone();
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            first,
+        )
+    }
+}
+
+async fn metric(w: &Watched, line_start: &str) -> Option<f64> {
+    let text = client()
+        .get(format!("http://{}/metrics", w.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn services(w: &Watched) -> Value {
+    client()
+        .get(format!("http://{}/health/services", w.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn sha256_of(file: &Path) -> String {
+    gateway::config::sha256_hex(&std::fs::read(file).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_reloads_under_load_apply_valid_changes_and_keep_serving_through_invalid_ones() {
+    let (a, b, c) = (
+        upstream("a").await,
+        upstream("b").await,
+        upstream("c").await,
+    );
+    let v1 = format!(
+        "upstreams:\n  main:\n    backends:\n      - {{ address: \"{}\", weight: 9 }}\n      - {{ address: \"{}\", weight: 1 }}\nroutes:\n  - {{ name: api, match: {{ path: {{ prefix: /api }} }}, upstream: main }}\n",
+        a.addr, b.addr
+    );
+    let w = start(&v1);
+    let load = Load::start(w.url("/api/x"), 4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Valid: a new route and pool, and the weights flipped.
+    let v2 = format!(
+        "upstreams:\n  main:\n    backends:\n      - {{ address: \"{}\", weight: 1 }}\n      - {{ address: \"{}\", weight: 9 }}\n  extra:\n    backends: [{{ address: \"{}\" }}]\nroutes:\n  - {{ name: api, match: {{ path: {{ prefix: /api }} }}, upstream: main }}\n  - {{ name: new, match: {{ path: {{ prefix: /new }} }}, upstream: extra }}\n",
+        a.addr, b.addr, c.addr
+    );
+    rewrite(&w, &v2);
+    let written = Instant::now();
+    loop {
+        let r = client().get(w.url("/new/y")).send().await.unwrap();
+        if r.status() == 200 {
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(backend_of(&v), "c");
+            break;
+        }
+        assert!(
+            written.elapsed() < Duration::from_secs(1),
+            "the new route did not answer within a second"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = written.elapsed();
+    let mut to_b = 0;
+    for _ in 0..100 {
+        let v: Value = client()
+            .get(w.url("/api/z"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        to_b += usize::from(backend_of(&v) == "b");
+    }
+    assert!(
+        to_b >= 75,
+        "weight 9 of 10 should take ~90 of 100, got {to_b}"
+    );
+    assert_eq!(
+        metric(&w, "tiergate_config_reloads_total{result=\"success\"}").await,
+        Some(1.0)
+    );
+    let doc = services(&w).await;
+    assert_eq!(doc["config"]["sha256"], sha256_of(&w.file).as_str());
+
+    // Invalid: nothing changes, the error is counted, the old routes answer.
+    let good_sha = sha256_of(&w.file);
+    rewrite(&w, "routes:\n  - name: [unclosed\n");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        metric(&w, "tiergate_config_reloads_total{result=\"error\"}").await,
+        Some(1.0),
+        "one failed reload, not retried while the file stays the same"
+    );
+    assert_eq!(
+        client().get(w.url("/new/y")).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(services(&w).await["config"]["sha256"], good_sha.as_str());
+    // A config that parses but is invalid (unknown upstream) is refused too.
+    rewrite(
+        &w,
+        "upstreams: {}\nroutes:\n  - { name: api, match: { path: { prefix: /api } }, upstream: nope }\n",
+    );
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        metric(&w, "tiergate_config_reloads_total{result=\"error\"}").await,
+        Some(2.0)
+    );
+    assert_eq!(
+        client().get(w.url("/api/q")).send().await.unwrap().status(),
+        200
+    );
+
+    let (ok, failed, first) = load.finish().await;
+    assert_eq!(failed, 0, "failed requests during reloads: first {first:?}");
+    assert!(ok > 100, "the load ran ({ok} requests)");
+    eprintln!("reload applied {took:?} after the write; {ok} requests, 0 failed");
+    w.running.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_removed_pools_health_checks_stop_and_a_kept_pool_keeps_its_state() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    let app = axum::Router::new().fallback(move || {
+        let counter = counter.clone();
+        async move {
+            counter.fetch_add(1, Ordering::Relaxed);
+            "ok"
+        }
+    });
+    let (checked, _task) = serve(app).await;
+    let plain = upstream("plain").await;
+    let body = |with_checked: bool| {
+        let mut s = format!(
+            "upstreams:\n  plain:\n    backends: [{{ address: \"{}\" }}]\n",
+            plain.addr
+        );
+        if with_checked {
+            s.push_str(&format!(
+                "  checked:\n    backends: [{{ address: \"{checked}\" }}]\n    health_check: {{ path: /health, interval: 100ms, timeout: 50ms }}\n"
+            ));
+        }
+        s.push_str("routes:\n  - { name: p, match: { path: { prefix: / } }, upstream: plain }\n");
+        s
+    };
+    let w = start(&body(true));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(hits.load(Ordering::Relaxed) >= 2, "the checks run");
+    let pools_before = w.running.state.load_full().pools.clone();
+    rewrite(&w, &body(false));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while w.running.state.load_full().pools.len() != 1 {
+        assert!(Instant::now() < deadline, "the reload did not apply");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The unchanged pool is the same object (its state carried over).
+    let kept = &w.running.state.load_full().pools[0];
+    assert!(pools_before.iter().any(|p| Arc::ptr_eq(p, kept)));
+    drop(pools_before);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = hits.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        hits.load(Ordering::Relaxed),
+        after,
+        "health checks of the removed pool still run"
+    );
+    w.running.shutdown();
+}
+
+/// The real binary: SIGHUP reloads (even an unchanged file) and does not
+/// stop the process; the log says what triggered it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_sighup_reloads_the_binary_and_keeps_it_running() {
+    let up = upstream("up").await;
+    let dir = std::env::temp_dir().join(format!("tg-hup-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("tiergate.yaml");
+    let port = free_port();
+    let admin = free_port();
+    let body = format!(
+        "upstreams:\n  up:\n    backends: [{{ address: \"{}\" }}]\nroutes:\n  - {{ name: r, match: {{ path: {{ prefix: / }} }}, upstream: up }}\n",
+        up.addr
+    );
+    write(&file, &format!("{}{body}", head(port, admin)));
+    let log = dir.join("stderr.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["gateway", "-c"])
+        .arg(&file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_for_port(addr);
+    // Give the watcher a moment to install its SIGHUP handler.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("reloading the config on change and on SIGHUP")
+    {
+        assert!(Instant::now() < deadline, "no watcher");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let kill = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("config reloaded") {
+            assert!(text.contains("\"trigger\":\"SIGHUP\""), "{text}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reload after SIGHUP: {text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the process"
+    );
+    assert_eq!(
+        client()
+            .get(format!("http://{addr}/x"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(dir);
+}
