@@ -66,12 +66,18 @@ enum Command {
         /// Config file.
         #[arg(short, long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// Binary upgrade: take the listening sockets over from the running
+        /// gateway (then send it SIGQUIT) instead of binding them.
+        #[arg(long)]
+        upgrade: bool,
     },
     /// Validate a config file offline and report every error with its path and line.
     CheckConfig {
         /// Config file.
         file: PathBuf,
     },
+    /// Print the JSON Schema of the gateway config (conf/tiergate.schema.json).
+    ConfigSchema,
     /// Run one business service alone (production: one process per service).
     Serve {
         /// The service.
@@ -237,14 +243,21 @@ fn main() -> ExitCode {
                 p.exists().then_some(p)
             });
             match loaded {
-                Ok(config) => serve(&config, watched.as_deref()),
+                Ok(config) => serve(&config, watched.as_deref(), false),
                 Err(code) => code,
             }
         }
-        Command::Gateway { config: path } => match load(&path) {
-            Ok(config) => serve(&config, Some(&path)),
+        Command::Gateway {
+            config: path,
+            upgrade,
+        } => match load(&path) {
+            Ok(config) => serve(&config, Some(&path), upgrade),
             Err(code) => code,
         },
+        Command::ConfigSchema => {
+            print!("{}", config::json_schema());
+            ExitCode::SUCCESS
+        }
         Command::CheckConfig { file } => match load(&file) {
             Ok(config) => {
                 println!(
@@ -278,9 +291,17 @@ fn report(errors: &ConfigErrors) -> ExitCode {
     ExitCode::from(EXIT_BAD_CONFIG)
 }
 
-/// Runs the gateway; with `file`, reloads it on change and on SIGHUP.
-fn serve(config: &Config, file: Option<&Path>) -> ExitCode {
-    let built = GatewayServer::build(config).and_then(|server| match file {
+/// Runs the gateway; with `file`, reloads it on change and on SIGHUP; with
+/// `upgrade`, takes the listeners over from the running gateway.
+fn serve(config: &Config, file: Option<&Path>, upgrade: bool) -> ExitCode {
+    let env = match gateway::secret::Environment::from_env() {
+        Ok(env) => env,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let built = GatewayServer::build_with(config, &env, upgrade).and_then(|server| match file {
         Some(path) => server.watch(path, Registry::with_builtins()),
         None => Ok(server),
     });

@@ -55,6 +55,18 @@ impl GatewayServer {
 
     /// [`GatewayServer::build`] with an explicit environment.
     pub fn build_with_env(config: &Config, env: &Environment) -> Result<Self, GatewayError> {
+        Self::build_with(config, env, false)
+    }
+
+    /// [`GatewayServer::build_with_env`]; with `upgrade`, the listening
+    /// sockets are taken over from the running gateway (binary upgrade):
+    /// start this one, then send SIGQUIT to the old one, which hands its
+    /// sockets over `server.upgrade_sock` and drains.
+    pub fn build_with(
+        config: &Config,
+        env: &Environment,
+        upgrade: bool,
+    ) -> Result<Self, GatewayError> {
         let background = Background::start().map_err(|e| {
             GatewayError::Server(format!("cannot start the background thread: {e}"))
         })?;
@@ -62,6 +74,10 @@ impl GatewayServer {
             .map_err(|e| GatewayError::Server(format!("cannot register metrics: {e}")))?;
         let snapshot = Snapshot::build(config, env, Some(&background), &metrics)?;
         for addr in config.server.listen.iter().chain(&config.admin.listen) {
+            if upgrade {
+                // The old process holds them; they come over the socket.
+                break;
+            }
             // Pingora binds later and exits on failure; check now so the
             // operator gets a clear error instead.
             std::net::TcpListener::bind(addr)
@@ -75,9 +91,14 @@ impl GatewayServer {
             grace_period_seconds: Some(ceil_secs(s.grace_period)),
             graceful_shutdown_timeout_seconds: Some(ceil_secs(s.graceful_shutdown_timeout)),
             upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+            upgrade_sock: s.upgrade_sock.to_string_lossy().into_owned(),
             ..ServerConf::default()
         };
-        let mut server = Server::new_with_opt_and_conf(None::<Opt>, conf);
+        let opt = Opt {
+            upgrade,
+            ..Opt::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
         server.bootstrap();
         let state = Arc::new(ArcSwap::from_pointee(snapshot));
         let mut service = pingora_proxy::http_proxy_service_with_name(
@@ -215,10 +236,10 @@ impl ShutdownSignalWatch for NotifyShutdown {
     }
 }
 
-/// SIGINT, SIGTERM and SIGQUIT: graceful terminate. SIGQUIT will mean
-/// "hand the listeners to the new binary" once upgrades are wired (the
-/// new process needs Pingora's upgrade option, which the CLI does not pass
-/// yet); until then it must not try a hand-off nobody receives.
+/// SIGINT and SIGTERM: graceful terminate. SIGQUIT: binary upgrade — hand
+/// the listening sockets to the new process waiting on
+/// `server.upgrade_sock` (`tiergate gateway --upgrade`), keep serving for
+/// 5 s while it starts accepting, then drain and stop.
 struct SignalShutdown;
 
 #[async_trait]
@@ -235,8 +256,8 @@ impl ShutdownSignalWatch for SignalShutdown {
         };
         tokio::select! {
             _ = quit.recv() => {
-                tracing::info!("SIGQUIT: stopping gracefully (binary upgrade not enabled)");
-                ShutdownSignal::GracefulTerminate
+                tracing::info!("SIGQUIT: handing the listeners to the new process, then draining");
+                ShutdownSignal::GracefulUpgrade
             }
             _ = term.recv() => {
                 tracing::info!("SIGTERM: stopping gracefully");

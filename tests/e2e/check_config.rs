@@ -387,3 +387,70 @@ fn test_health_check_dns_and_admin_errors_are_reported() {
     }
     assert!(!out.contains("nameservers[0]"), "8.8.8.8 is fine:\n{out}");
 }
+
+/// `conf/tiergate.schema.json` is what the config types generate, the
+/// shipped YAML points editors at it, and the shipped config and the
+/// complete example of docs/CONFIG.md validate against it (Python's
+/// `jsonschema`, installed with schemathesis) while a typo does not.
+#[test]
+fn test_json_schema_is_in_sync_and_accepts_the_shipped_configs() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let file = std::fs::read_to_string(format!("{root}/conf/tiergate.schema.json")).unwrap();
+    assert!(
+        file == gateway::config::json_schema(),
+        "conf/tiergate.schema.json is stale: run `cargo run -- config-schema > conf/tiergate.schema.json`"
+    );
+    let shipped = std::fs::read_to_string(format!("{root}/conf/tiergate.yaml")).unwrap();
+    assert!(shipped.starts_with("# yaml-language-server: $schema=./tiergate.schema.json\n"));
+    let doc = std::fs::read_to_string(format!("{root}/docs/CONFIG.md")).unwrap();
+    let example = doc
+        .split("## Complete example\n\n```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n```").next())
+        .expect("docs/CONFIG.md has a complete example");
+    let dir = std::env::temp_dir().join(format!("tg-schema-{}", uuid::Uuid::now_v7()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("example.yaml"), example).unwrap();
+    std::fs::write(dir.join("typo.yaml"), "server:\n  lisen: [\"x\"]\n").unwrap();
+    let script = r#"
+import json, sys, yaml, jsonschema
+schema = json.load(open(sys.argv[1]))
+for path in sys.argv[2:4]:
+    jsonschema.validate(yaml.safe_load(open(path)), schema)
+try:
+    jsonschema.validate(yaml.safe_load(open(sys.argv[4])), schema)
+    sys.exit("the typo was accepted")
+except jsonschema.ValidationError as e:
+    print("typo refused:", e.message)
+"#;
+    let run = || {
+        std::process::Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(format!("{root}/conf/tiergate.schema.json"))
+            .arg(format!("{root}/conf/tiergate.yaml"))
+            .arg(dir.join("example.yaml"))
+            .arg(dir.join("typo.yaml"))
+            .output()
+            .unwrap()
+    };
+    let mut out = run();
+    if String::from_utf8_lossy(&out.stderr).contains("ModuleNotFoundError") {
+        let pip = std::process::Command::new("python3")
+            .args(["-m", "pip", "install", "-q", "jsonschema", "pyyaml"])
+            .status();
+        assert!(
+            pip.is_ok_and(|s| s.success()),
+            "python3 -m pip install jsonschema pyyaml"
+        );
+        out = run();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("'lisen' was unexpected"));
+}

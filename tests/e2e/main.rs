@@ -24,4 +24,5 @@ mod routing;
 mod status_page;
 mod streaming;
 mod tokens;
+mod upgrade;
 mod users;

@@ -8,10 +8,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::Deserialize;
 
 /// Top level of `tiergate.yaml`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct ConfigDto {
     /// Listeners and process tuning.
@@ -32,11 +34,13 @@ pub struct ConfigDto {
     pub access_log: AccessLogDto,
     /// Plugins of every route (run before each route's own): a list of
     /// `- name: {config}`; checked by the plugin registry.
+    #[schemars(with = "Option<Vec<PluginEntrySchema>>")]
     pub plugins: serde_yaml_ng::Value,
 }
 
 /// `access_log:` — one JSON line per request, written by a background thread.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct AccessLogDto {
     /// Whether requests are logged at all.
@@ -64,7 +68,8 @@ impl Default for AccessLogDto {
 }
 
 /// `admin:` — the operator listener (`/health/services`).
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct AdminDto {
     /// Admin listener addresses (`ip:port`); empty turns it off.
@@ -80,7 +85,8 @@ impl Default for AdminDto {
 }
 
 /// `dns:` — the resolver for backend host names.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct DnsDto {
     /// DNS servers (`ip` or `ip:port`) asked directly; empty means the
@@ -88,6 +94,7 @@ pub struct DnsDto {
     pub nameservers: Vec<String>,
     /// How long one resolution may take.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 
@@ -101,7 +108,8 @@ impl Default for DnsDto {
 }
 
 /// `server:` — listeners and Pingora runtime tuning.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct ServerDto {
     /// Public listener addresses (`ip:port`).
@@ -113,16 +121,22 @@ pub struct ServerDto {
     /// After SIGTERM/SIGINT the listeners close at once; in-flight requests
     /// get this long (whole seconds, rounded up) before the runtimes stop.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub grace_period: Duration,
     /// How long the runtimes get to stop after the grace period (whole
     /// seconds, rounded up).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub graceful_shutdown_timeout: Duration,
     /// Idle upstream connections kept for reuse, per worker thread.
     pub upstream_keepalive_pool_size: usize,
     /// Peers (IPs or CIDRs) whose `X-Forwarded-For` is believed when
     /// working out the client's address.
     pub trusted_proxies: Vec<String>,
+    /// Unix socket through which a binary upgrade hands the listening
+    /// sockets to the new process (`tiergate gateway --upgrade`, then
+    /// SIGQUIT to the old one).
+    pub upgrade_sock: String,
 }
 
 impl Default for ServerDto {
@@ -135,12 +149,14 @@ impl Default for ServerDto {
             graceful_shutdown_timeout: Duration::from_secs(1),
             upstream_keepalive_pool_size: 256,
             trusted_proxies: Vec::new(),
+            upgrade_sock: "/tmp/tiergate-upgrade.sock".to_owned(),
         }
     }
 }
 
 /// `upstreams.<name>:` — one pool of backends.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct UpstreamDto {
     /// Load-balancing algorithm.
@@ -159,11 +175,13 @@ pub struct UpstreamDto {
     pub health_check: Option<HealthCheckDto>,
     /// How often `host:port` backends are resolved again (`0s`: never).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub resolve_interval: Duration,
 }
 
 /// `upstreams.<name>.health_check`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct HealthCheckDto {
     /// `http` or `tcp` (connect only).
@@ -179,9 +197,11 @@ pub struct HealthCheckDto {
     pub expected_statuses: Vec<u16>,
     /// Time between two checks of a backend.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub interval: Duration,
     /// How long one check may take.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
     /// Consecutive passes that make an unhealthy backend healthy.
     pub healthy_threshold: u32,
@@ -206,7 +226,7 @@ impl Default for HealthCheckDto {
 }
 
 /// `upstreams.<name>.health_check.type`.
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CheckTypeDto {
     /// An HTTP request; healthy when the status is expected.
@@ -232,7 +252,8 @@ impl Default for UpstreamDto {
 }
 
 /// `upstreams.<name>.circuit_breaker`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct BreakerDto {
     /// Whether the breaker acts.
@@ -243,14 +264,17 @@ pub struct BreakerDto {
     pub failure_ratio: f64,
     /// The rolling window of the ratio.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub window: Duration,
     /// Requests needed in the window before the ratio counts.
     pub min_requests: u32,
     /// How long it stays open the first time.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub open_for: Duration,
     /// Longest open time (it doubles on each failed probe round).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub max_open_for: Duration,
     /// Successful probes that close it (also the most probes at once).
     pub half_open_probes: u32,
@@ -276,7 +300,7 @@ impl Default for BreakerDto {
 }
 
 /// `upstreams.<name>.algorithm`.
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AlgorithmDto {
     /// Smooth weighted round robin.
@@ -291,7 +315,7 @@ pub enum AlgorithmDto {
 }
 
 /// `upstreams.<name>.hash_on`.
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HashOnDto {
     /// The client's IP address.
@@ -303,7 +327,8 @@ pub enum HashOnDto {
 }
 
 /// `upstreams.<name>.backends[i]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct BackendDto {
     /// `ip:port` or `host:port`.
     pub address: String,
@@ -317,7 +342,8 @@ fn default_weight() -> u32 {
 }
 
 /// `routes[i]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct RouteDto {
     /// Unique name, used in error messages (and in metrics once they exist).
     pub name: String,
@@ -356,6 +382,7 @@ pub struct RouteDto {
     pub rate_limit: bool,
     /// The route's plugins, in order: a list of `- name: {config}`.
     #[serde(default)]
+    #[schemars(with = "Option<Vec<PluginEntrySchema>>")]
     pub plugins: serde_yaml_ng::Value,
 }
 
@@ -364,7 +391,8 @@ fn default_true() -> bool {
 }
 
 /// `routes[i].retry`.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct RetryDto {
     /// Retries after an upstream answered one of `on_statuses` (0 = never).
@@ -383,7 +411,8 @@ impl Default for RetryDto {
 }
 
 /// `upstreams.<name>.retry_budget`.
-#[derive(Debug, Deserialize, Clone, Copy)]
+#[derive(Debug, Deserialize, Clone, Copy, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct RetryBudgetDto {
     /// Retries allowed per request sent to the pool (0.2 = 20% extra load).
@@ -402,7 +431,7 @@ impl Default for RetryBudgetDto {
 }
 
 /// `routes[i].auth`.
-#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AuthModeDto {
     /// Tokens are not looked at; callers are anonymous (limited by IP).
@@ -416,7 +445,8 @@ pub enum AuthModeDto {
 }
 
 /// `auth:` — how bearer tokens are verified.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct AuthDto {
     /// Where the public keys come from (EdDSA, RS256, ...).
@@ -430,6 +460,7 @@ pub struct AuthDto {
     pub audience: Option<String>,
     /// Clock skew allowed on `exp` and `nbf` (whole seconds).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub leeway: Duration,
     /// Longer tokens are refused without being parsed.
     pub max_token_bytes: usize,
@@ -452,18 +483,22 @@ impl Default for AuthDto {
 }
 
 /// `auth.jwks`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct JwksDto {
     /// `http://` or `https://` URL of the JSON Web Key Set.
     pub url: String,
     /// How often the set is fetched again.
     #[serde(default = "default_jwks_refresh", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub refresh_interval: Duration,
     /// A token with an unknown `kid` triggers a fetch at most this often.
     #[serde(default = "default_jwks_refetch", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub min_refetch_interval: Duration,
     /// Timeout of one fetch.
     #[serde(default = "default_jwks_timeout", with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
 }
 
@@ -480,7 +515,8 @@ fn default_jwks_timeout() -> Duration {
 }
 
 /// `rate_limit:` — the tier table, the anonymous class and Redis.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct RateLimitDto {
     /// Tiers from lowest to highest (the order `min_tier` compares by).
@@ -517,7 +553,8 @@ impl Default for RateLimitDto {
 }
 
 /// `rate_limit.tiers[i]`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct TierDto {
     /// Name, as carried in the token's `tier` claim (case-insensitive).
     pub name: String,
@@ -533,7 +570,8 @@ pub struct TierDto {
 }
 
 /// `rate_limit.anonymous`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct LimitsDto {
     /// Requests per minute.
@@ -552,6 +590,42 @@ pub enum LimitDto {
     Unlimited,
     /// At most this many requests per window.
     Count(u64),
+}
+
+impl JsonSchema for LimitDto {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Limit".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "A count, or `unlimited` (also the default when the key is absent).",
+            "oneOf": [
+                { "type": "integer", "minimum": 0 },
+                { "const": "unlimited" }
+            ]
+        })
+    }
+}
+
+/// One entry of a `plugins` list, for the JSON Schema only: a mapping
+/// with one key, the plugin's name, whose value is its config (checked by
+/// the plugin when the config is loaded; see docs/PLUGINS.md).
+pub struct PluginEntrySchema;
+
+impl JsonSchema for PluginEntrySchema {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "PluginEntry".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "`- name: {config}`: the plugin's name (cors, headers, ip-restriction, request-size-limit, rewrite, static-response, redirect, or a registered one) and its config; see docs/PLUGINS.md.",
+            "type": "object",
+            "minProperties": 1,
+            "maxProperties": 1
+        })
+    }
 }
 
 impl<'de> Deserialize<'de> for LimitDto {
@@ -585,7 +659,8 @@ impl<'de> Deserialize<'de> for LimitDto {
 }
 
 /// `rate_limit.redis`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct RedisDto {
     /// `redis://[user:password@]host:port[/db]`; the `TIERGATE_REDIS_URL`
@@ -601,12 +676,15 @@ pub struct RedisDto {
     /// Longest a request for a key with no leased tokens waits on Redis
     /// before deciding locally.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub cold_wait: Duration,
     /// A Redis call slower than this counts as a failure.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub timeout: Duration,
     /// Leased tokens unused this long go back to Redis.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub lease_idle: Duration,
 }
 
@@ -625,7 +703,8 @@ impl Default for RedisDto {
 }
 
 /// `routes[i].match`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct MatchDto {
     /// Host names (exact or `*.suffix`); empty matches any host.
@@ -639,7 +718,8 @@ pub struct MatchDto {
 }
 
 /// `routes[i].match.path`: exactly one of the three.
-#[derive(Debug, Default, Deserialize, Clone)]
+#[derive(Debug, Default, Deserialize, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct PathMatchDto {
     /// The whole path equals this.
@@ -651,7 +731,8 @@ pub struct PathMatchDto {
 }
 
 /// `routes[i].rewrite`: exactly one of the two.
-#[derive(Debug, Default, Deserialize, Clone)]
+#[derive(Debug, Default, Deserialize, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct RewriteDto {
     /// Replace the matched prefix with this one.
@@ -661,7 +742,8 @@ pub struct RewriteDto {
 }
 
 /// `routes[i].rewrite.regex`.
-#[derive(Debug, Deserialize, Clone)]
+#[derive(Debug, Deserialize, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct RegexRewriteDto {
     /// The pattern, applied to the path.
     pub pattern: String,
@@ -670,20 +752,25 @@ pub struct RegexRewriteDto {
 }
 
 /// `routes[i].timeouts`.
-#[derive(Debug, Deserialize, Clone, Copy)]
+#[derive(Debug, Deserialize, Clone, Copy, JsonSchema)]
+#[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct TimeoutsDto {
     /// TCP connect timeout per attempt.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub connect: Duration,
     /// Longest wait for each read from the upstream (headers or body).
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub read: Duration,
     /// Longest wait for each write to the upstream.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
     pub write: Duration,
     /// Budget for all attempts together; caps each attempt's timeouts.
     #[serde(with = "humantime_serde")]
+    #[schemars(with = "Option<String>")]
     pub total: Option<Duration>,
 }
 

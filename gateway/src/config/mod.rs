@@ -179,6 +179,8 @@ pub struct ServerSettings {
     pub upstream_keepalive_pool_size: usize,
     /// Proxies whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The binary-upgrade socket.
+    pub upgrade_sock: std::path::PathBuf,
 }
 
 /// A validated upstream pool.
@@ -461,6 +463,21 @@ pub fn parse_with(src: &str, registry: &Registry) -> Result<Config, ConfigErrors
             Err(ConfigErrors(errors))
         }
     }
+}
+
+/// The JSON Schema of the config file, generated from the types the file
+/// is read into (`conf/tiergate.schema.json` is this, kept in sync by a
+/// test; `tiergate config-schema` prints it). Editors with the YAML
+/// language server complete and check keys with it.
+pub fn json_schema() -> String {
+    let mut schema = schemars::schema_for!(dto::ConfigDto);
+    schema.insert(
+        "title".to_owned(),
+        serde_json::Value::String("tiergate gateway config (conf/tiergate.yaml)".to_owned()),
+    );
+    let mut text = serde_json::to_string_pretty(&schema).unwrap_or_default();
+    text.push('\n');
+    text
 }
 
 /// Lower-case hex SHA-256.

@@ -133,6 +133,12 @@ fn server(dto: &ConfigDto, errors: &mut Errors) -> Option<ServerSettings> {
             )),
         }
     }
+    if s.upgrade_sock.is_empty() || !s.upgrade_sock.starts_with('/') {
+        errors.push((
+            "server.upgrade_sock".into(),
+            format!("`{}` must be an absolute path", s.upgrade_sock),
+        ));
+    }
     let threads = match s.threads {
         Some(0) => {
             errors.push(("server.threads".into(), "must be at least 1".into()));
@@ -168,6 +174,7 @@ fn server(dto: &ConfigDto, errors: &mut Errors) -> Option<ServerSettings> {
         graceful_shutdown_timeout: s.graceful_shutdown_timeout,
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
         trusted_proxies,
+        upgrade_sock: s.upgrade_sock.clone().into(),
     })
 }
 
