@@ -198,10 +198,22 @@ impl Reloader {
                 Ok(s) => s,
                 Err(e) => return self.fail(vec![e.to_string()]),
             };
-        let restart: Vec<&str> = ["server", "admin"]
-            .into_iter()
-            .filter(|k| !same(k))
-            .collect();
+        // `server.trusted_proxies` lives in the snapshot and applies; the
+        // rest of `server`, and `admin`, need a restart.
+        let without_proxies = |v: &Value| {
+            let mut server = section(v, "server").cloned();
+            if let Some(Value::Mapping(m)) = server.as_mut() {
+                m.remove("trusted_proxies");
+            }
+            server
+        };
+        let mut restart: Vec<&str> = Vec::new();
+        if without_proxies(&good.yaml) != without_proxies(&yaml) {
+            restart.push("server");
+        }
+        if !same("admin") {
+            restart.push("admin");
+        }
         self.state.store(Arc::new(snapshot));
         self.metrics.record_reload(true);
         *good = Good {

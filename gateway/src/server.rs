@@ -181,8 +181,10 @@ impl GatewayServer {
         self.state.clone()
     }
 
-    /// Runs until SIGINT, SIGTERM or SIGQUIT, all graceful: stop accepting,
-    /// let in-flight requests finish for `grace_period`, then stop.
+    /// Runs until SIGINT or SIGTERM (graceful: stop accepting, let
+    /// in-flight requests finish for `grace_period`, then stop) or SIGQUIT
+    /// (hand the listeners to a new `--upgrade` process, then drain the
+    /// same way). SIGHUP reloads the config (see [`GatewayServer::watch`]).
     pub fn run(self) {
         tracing::info!(listen = ?self.listen, admin = ?self.admin, "tiergate gateway listening");
         self.start_watching();

@@ -118,8 +118,9 @@ pub struct ServerDto {
     pub threads: Option<usize>,
     /// Pingora's work-stealing runtime (slower for proxying on few cores).
     pub work_stealing: bool,
-    /// After SIGTERM/SIGINT the listeners close at once; in-flight requests
-    /// get this long (whole seconds, rounded up) before the runtimes stop.
+    /// After SIGTERM/SIGINT (or the hand-off of a SIGQUIT upgrade) the
+    /// listeners close; in-flight requests get this long (whole seconds,
+    /// rounded up) before the runtimes stop.
     #[serde(with = "humantime_serde")]
     #[schemars(with = "String")]
     pub grace_period: Duration,
