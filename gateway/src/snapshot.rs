@@ -136,7 +136,12 @@ impl Snapshot {
         };
         let limiter = match old {
             Some(old) if reuse.limiter => old.limiter.clone(),
-            _ => RateLimiter::new(&config.rate_limit, env.redis_url.as_ref(), bg),
+            _ => RateLimiter::after_reload(
+                &config.rate_limit,
+                env.redis_url.as_ref(),
+                bg,
+                old.map(|o| &*o.limiter),
+            ),
         };
         let auth = match old {
             Some(old) if reuse.auth => old.auth.clone(),

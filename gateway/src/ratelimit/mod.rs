@@ -74,6 +74,20 @@ fn slot(key: u64, class: usize) -> u64 {
     key ^ (class as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
+/// Whether buckets kept for `old` classes mean the same in `new`: the same
+/// classes (tiers, then anonymous) in the same order, with the same window
+/// periods; only limits may differ.
+fn compatible(old: &[ClassPolicy], new: &[ClassPolicy]) -> bool {
+    let periods = |c: &ClassPolicy| -> Vec<Duration> {
+        c.policy.windows().iter().map(|w| w.period()).collect()
+    };
+    old.len() == new.len()
+        && old
+            .iter()
+            .zip(new)
+            .all(|(a, b)| a.name == b.name && periods(a) == periods(b))
+}
+
 /// One class of callers: a tier, or the anonymous class (the last one).
 #[derive(Debug)]
 pub struct ClassPolicy {
@@ -171,7 +185,9 @@ pub enum DecisionSource {
 pub struct RateLimiter {
     classes: Vec<ClassPolicy>,
     default_tier: usize,
-    local: papaya::HashMap<u64, KeyState, PassThrough>,
+    /// Local buckets; shared with the limiter a reload replaces when its
+    /// tiers are compatible (see [`RateLimiter::after_reload`]).
+    local: Arc<papaya::HashMap<u64, KeyState, PassThrough>>,
     shared: Option<Arc<Shared>>,
     epoch: Instant,
 }
@@ -183,6 +199,24 @@ impl RateLimiter {
         settings: &RateLimitSettings,
         redis_url: Option<&crate::config::RedisUrl>,
         bg: Option<&Background>,
+    ) -> Arc<Self> {
+        Self::after_reload(settings, redis_url, bg, None)
+    }
+
+    /// [`RateLimiter::new`] for a reload that changed `rate_limit`. The
+    /// local buckets of `old` carry over when the tiers kept their names,
+    /// order and window periods (only limits changed): an unchanged tier
+    /// keeps its exact state, a tier whose limits changed keeps its
+    /// callers' debt (read against the new limits). Otherwise — tiers
+    /// added, removed, renamed or reordered, windows added or removed —
+    /// every bucket starts full (slots are numbered by class, so they
+    /// would mean something else). Counts in Redis carry on either way
+    /// (same keys).
+    pub fn after_reload(
+        settings: &RateLimitSettings,
+        redis_url: Option<&crate::config::RedisUrl>,
+        bg: Option<&Background>,
+        old: Option<&RateLimiter>,
     ) -> Arc<Self> {
         let instances = settings.redis.expected_instances;
         let mut classes: Vec<ClassPolicy> = settings
@@ -199,7 +233,8 @@ impl RateLimiter {
             Some(u) => Some(crate::config::RedisTarget::Single(u.clone())),
             None => settings.redis.target.clone(),
         };
-        let epoch = Instant::now();
+        let carried = old.filter(|old| compatible(&old.classes, &classes));
+        let epoch = carried.map_or_else(Instant::now, |old| old.epoch);
         let shared = match (target, bg) {
             (Some(target), Some(bg)) => Some(Shared::start(target, &settings.redis, epoch, bg)),
             _ => None,
@@ -207,14 +242,20 @@ impl RateLimiter {
         let limiter = Arc::new(Self {
             classes,
             default_tier: settings.default_tier,
-            local: papaya::HashMap::builder()
-                .hasher(PassThrough)
-                // Incremental: a resize is spread over later inserts. Blocking
-                // made a cold key 3× cheaper on average but stalled one
-                // request ~130 ms when a 1 M-key table grew (limiter_memory
-                // bench); this keeps the worst single decision ~0.5 ms.
-                .resize_mode(papaya::ResizeMode::Incremental(64))
-                .build(),
+            local: match carried {
+                Some(old) => old.local.clone(),
+                None => Arc::new(
+                    papaya::HashMap::builder()
+                        .hasher(PassThrough)
+                        // Incremental: a resize is spread over later inserts.
+                        // Blocking made a cold key 3× cheaper on average but
+                        // stalled one request ~130 ms when a 1 M-key table
+                        // grew (limiter_memory bench); this keeps the worst
+                        // single decision ~0.5 ms.
+                        .resize_mode(papaya::ResizeMode::Incremental(64))
+                        .build(),
+                ),
+            },
             shared,
             epoch,
         });
@@ -393,6 +434,48 @@ mod tests {
             l.class(0).policy_header.as_ref().unwrap(),
             "\"minute\";q=10;w=60, \"hour\";q=100;w=3600, \"day\";q=1000;w=86400"
         );
+    }
+
+    fn reloaded(old: &RateLimiter, yaml: &str) -> Arc<RateLimiter> {
+        let c = crate::config::parse(&format!(
+            "upstreams: {{p: {{backends: [{{address: \"127.0.0.1:1\"}}]}}}}\nroutes: [{{name: r, match: {{}}, upstream: p}}]\n{yaml}"
+        ))
+        .unwrap();
+        RateLimiter::after_reload(&c.rate_limit, None, None, Some(old))
+    }
+
+    #[test]
+    fn test_buckets_survive_a_reload_for_unchanged_tiers() {
+        let v1 = "rate_limit:\n  tiers:\n    - {name: FREE, per_minute: 3}\n    - {name: PRO, per_minute: 100}\n";
+        let l = limiter(v1);
+        for _ in 0..3 {
+            assert!(l.check_local(0, 42).unwrap().allowed);
+        }
+        assert!(!l.check_local(0, 42).unwrap().allowed);
+        // Only PRO's limit changes: FREE keeps its state.
+        let v2 = "rate_limit:\n  tiers:\n    - {name: FREE, per_minute: 3}\n    - {name: PRO, per_minute: 200}\n";
+        let l2 = reloaded(&l, v2);
+        assert!(
+            !l2.check_local(0, 42).unwrap().allowed,
+            "FREE key 42 is still spent"
+        );
+        assert!(l2.check_local(0, 43).unwrap().allowed);
+        // A tier added: the classes are numbered anew, buckets start full.
+        let added = "rate_limit:\n  tiers:\n    - {name: FREE, per_minute: 3}\n    - {name: PRO, per_minute: 200}\n    - {name: MAX, per_minute: 1000}\n";
+        assert!(reloaded(&l2, added).check_local(0, 42).unwrap().allowed);
+        // Tiers reordered: buckets start full.
+        let v3 = "rate_limit:\n  tiers:\n    - {name: PRO, per_minute: 200}\n    - {name: FREE, per_minute: 3}\n";
+        let l3 = reloaded(&l2, v3);
+        assert!(l3.check_local(1, 42).unwrap().allowed);
+        // A window added to a tier: buckets start full too.
+        let v4 = "rate_limit:\n  tiers:\n    - {name: PRO, per_minute: 200, per_hour: 1000}\n    - {name: FREE, per_minute: 3}\n";
+        let spent = reloaded(&l3, v3);
+        for _ in 0..3 {
+            spent.check_local(1, 7);
+        }
+        assert!(!spent.check_local(1, 7).unwrap().allowed);
+        let l4 = reloaded(&spent, v4);
+        assert!(l4.check_local(1, 7).unwrap().allowed);
     }
 
     #[test]
