@@ -452,33 +452,14 @@ impl ProxyHttp for Gateway {
                 // preflight) skips auth and rate limiting.
                 let before_auth =
                     !route.plugins.is_empty() && route.plugins.answers_before_auth(req);
-                let admitted = if before_auth {
-                    Ok(Admission {
+                if before_auth {
+                    ctx.admission = Some(Admission {
                         identity: None,
                         class: snapshot.limiter.anonymous(),
                         verdict: None,
-                    })
-                } else {
-                    guard::admit(&snapshot, route, &req.headers, client).await
-                };
-                match admitted {
-                    Ok(admission) => ctx.admission = Some(admission),
-                    Err(denial) => {
-                        ctx.admission = denial.admission;
-                        ctx.error_code = Some(denial.response.code);
-                        let id = ctx.request_id().clone();
-                        let trace = ctx.trace_id();
-                        denial
-                            .response
-                            .write(
-                                session,
-                                &id,
-                                trace.as_ref().map(TraceIdHex::as_str),
-                                &denial.headers,
-                            )
-                            .await?;
-                        return Ok(true);
-                    }
+                    });
+                } else if admit(session, ctx, &snapshot, route, client).await? {
+                    return Ok(true);
                 }
                 if idempotent && has_body && route.retry.attempts > 0 {
                     // Keep (up to 64 KiB of) the body so a retry can resend it;
@@ -505,26 +486,7 @@ impl ProxyHttp for Gateway {
                     if before_auth {
                         // It was to be answered without a caller, but no
                         // plugin did: admit it like any other request.
-                        let req = session.req_header();
-                        match guard::admit(&snapshot, route, &req.headers, client).await {
-                            Ok(admission) => ctx.admission = Some(admission),
-                            Err(denial) => {
-                                ctx.admission = denial.admission;
-                                ctx.error_code = Some(denial.response.code);
-                                let id = ctx.request_id().clone();
-                                let trace = ctx.trace_id();
-                                denial
-                                    .response
-                                    .write(
-                                        session,
-                                        &id,
-                                        trace.as_ref().map(TraceIdHex::as_str),
-                                        &denial.headers,
-                                    )
-                                    .await?;
-                                return Ok(true);
-                            }
-                        }
+                        return admit(session, ctx, &snapshot, route, client).await;
                     }
                     return Ok(false);
                 };
@@ -535,31 +497,18 @@ impl ProxyHttp for Gateway {
                 ctx.plugins = Some(p);
                 written.map(|()| true)
             }
-            RouteMatch::NotFound => {
-                ctx.error_code = Some(respond::NOT_FOUND.code);
-                let id = ctx.request_id().clone();
-                let trace = ctx.trace_id();
-                respond::NOT_FOUND
-                    .write(session, &id, trace.as_ref().map(TraceIdHex::as_str), &[])
-                    .await?;
-                Ok(true)
-            }
+            RouteMatch::NotFound => refuse(session, ctx, &respond::NOT_FOUND, &[]).await,
             RouteMatch::MethodNotAllowed(methods) => {
                 let allow: Vec<&str> = methods.iter().map(|m| m.as_str()).collect();
                 let allow = HeaderValue::from_str(&allow.join(", "))
                     .unwrap_or_else(|_| HeaderValue::from_static(""));
-                ctx.error_code = Some(respond::METHOD_NOT_ALLOWED.code);
-                let id = ctx.request_id().clone();
-                let trace = ctx.trace_id();
-                respond::METHOD_NOT_ALLOWED
-                    .write(
-                        session,
-                        &id,
-                        trace.as_ref().map(TraceIdHex::as_str),
-                        &[("allow", allow)],
-                    )
-                    .await?;
-                Ok(true)
+                refuse(
+                    session,
+                    ctx,
+                    &respond::METHOD_NOT_ALLOWED,
+                    &[("allow", allow)],
+                )
+                .await
             }
         }
     }
@@ -942,6 +891,50 @@ impl ProxyHttp for Gateway {
         FailToProxy {
             error_code: code,
             can_reuse_downstream: false,
+        }
+    }
+}
+
+/// Writes one of the gateway's own error responses (with the request and
+/// trace ids) and records its code. `Ok(true)`: the response is sent.
+async fn refuse(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    response: &ErrorResponse,
+    headers: &[(&'static str, HeaderValue)],
+) -> Result<bool> {
+    ctx.error_code = Some(response.code);
+    let id = ctx.request_id().clone();
+    let trace = ctx.trace_id();
+    response
+        .write(
+            session,
+            &id,
+            trace.as_ref().map(TraceIdHex::as_str),
+            headers,
+        )
+        .await?;
+    Ok(true)
+}
+
+/// Token, tier and role access, rate limit ([`guard::admit`]); the
+/// admission goes into `ctx`. `Ok(true)` when refused (the refusal is
+/// sent).
+async fn admit(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    snapshot: &Snapshot,
+    route: &RouteSpec,
+    client: Option<IpAddr>,
+) -> Result<bool> {
+    match guard::admit(snapshot, route, &session.req_header().headers, client).await {
+        Ok(admission) => {
+            ctx.admission = Some(admission);
+            Ok(false)
+        }
+        Err(denial) => {
+            ctx.admission = denial.admission;
+            refuse(session, ctx, &denial.response, &denial.headers).await
         }
     }
 }

@@ -277,6 +277,11 @@ pub async fn json_of(req: reqwest::RequestBuilder) -> Value {
     req.send().await.unwrap().json().await.unwrap()
 }
 
+/// Sends `req` and returns the body as text.
+pub async fn text_of(req: reqwest::RequestBuilder) -> String {
+    req.send().await.unwrap().text().await.unwrap()
+}
+
 /// Upstreams and routes YAML: pool `svc` of one backend, one route `all`
 /// sending every path to it.
 pub fn one_route(upstream: SocketAddr) -> String {

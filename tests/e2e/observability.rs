@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use gateway::secret::Environment;
 use serde_json::Value;
 
-use crate::common::{client, gateway, gateway_with_env, upstream, TestGateway};
+use crate::common::{client, gateway, gateway_with_env, json_of, upstream, TestGateway};
 use crate::tokens::{auth_yaml, claims, jwks_server, rs256};
 
 /// One sample of the text exposition: name, labels, value.
@@ -247,14 +247,7 @@ rate_limit:\n  tiers:\n    - {{ name: FREE, per_minute: 10 }}\n    - {{ name: PR
         }
     }
     // The status page's data agrees.
-    let status: Value = client()
-        .get(gw.admin_url("/api/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = json_of(client().get(gw.admin_url("/api/status"))).await;
     assert_eq!(status["requests"]["total"], 17);
     assert_eq!(status["requests"]["errors"], 1);
     assert_eq!(status["requests"]["rate_limited"], 1);

@@ -13,7 +13,9 @@ use gateway::secret::Environment;
 use gateway::server::{GatewayServer, RunningGateway};
 use serde_json::Value;
 
-use crate::common::{backend_of, client, free_port, serve, upstream, wait_for_port};
+use crate::common::{
+    backend_of, client, free_port, json_of, serve, text_of, upstream, wait_for_port,
+};
 
 struct Watched {
     running: RunningGateway,
@@ -139,14 +141,7 @@ impl Load {
 }
 
 async fn metric(w: &Watched, line_start: &str) -> Option<f64> {
-    let text = client()
-        .get(format!("http://{}/metrics", w.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = text_of(client().get(format!("http://{}/metrics", w.admin))).await;
     text.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
@@ -154,14 +149,7 @@ async fn metric(w: &Watched, line_start: &str) -> Option<f64> {
 }
 
 async fn services(w: &Watched) -> Value {
-    client()
-        .get(format!("http://{}/health/services", w.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    json_of(client().get(format!("http://{}/health/services", w.admin))).await
 }
 
 fn sha256_of(file: &Path) -> String {
@@ -206,14 +194,7 @@ async fn test_reloads_under_load_apply_valid_changes_and_keep_serving_through_in
     let took = written.elapsed();
     let mut to_b = 0;
     for _ in 0..100 {
-        let v: Value = client()
-            .get(w.url("/api/z"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = json_of(client().get(w.url("/api/z"))).await;
         to_b += usize::from(backend_of(&v) == "b");
     }
     assert!(

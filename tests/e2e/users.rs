@@ -18,7 +18,7 @@ use backend_common::service_auth::ServiceTokens;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::common::{client, free_port, gateway, json_of, serve, TestGateway};
+use crate::common::{client, free_port, gateway, json_of, serve, text_of, TestGateway};
 
 const SECRET: &str = "test-service-secret-0123456789abcdef";
 const PASSWORD: &str = "correct horse 9";
@@ -220,6 +220,16 @@ async fn get_auth(base: &str, path: &str, token: &str) -> (StatusCode, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// A login attempt.
+async fn login(base: &str, email: &str, password: &str) -> (StatusCode, Value) {
+    post(
+        base,
+        "/api/auth/login",
+        json!({"email": email, "password": password}),
+    )
+    .await
+}
+
 /// The status of a refresh with `token`.
 async fn refresh_status(base: &str, token: &Value) -> StatusCode {
     post(base, "/api/auth/refresh", json!({ "refresh_token": token }))
@@ -253,12 +263,7 @@ async fn signed_up(base: &str, inbox: &Inbox, email: &str) -> Value {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (status, pair) = post(
-        base,
-        "/api/auth/login",
-        json!({"email": email, "password": PASSWORD}),
-    )
-    .await;
+    let (status, pair) = login(base, email, PASSWORD).await;
     assert_eq!(status, StatusCode::OK, "{pair}");
     pair
 }
@@ -356,12 +361,7 @@ async fn test_account_lifecycle_through_the_gateway() {
     );
 
     // Log in again, log out: the refresh token stops working.
-    let (_, pair3) = post(
-        &base,
-        "/api/auth/login",
-        json!({"email": "ANN@example.com", "password": PASSWORD}),
-    )
-    .await;
+    let (_, pair3) = login(&base, "ANN@example.com", PASSWORD).await;
     let r3 = pair3["refresh_token"].as_str().unwrap();
     let r = client()
         .post(format!("{base}/api/auth/logout"))
@@ -515,12 +515,8 @@ async fn tier_events_apply_once(base: &str, access: &str) {
     // A new login carries the tier.
     let (_, me) = get_auth(base, "/api/users/me", access).await;
     assert_eq!(me["tier"], "PREMIUM");
-    let (_, pair) = post(
-        base,
-        "/api/auth/login",
-        json!({"email": me["email"], "password": PASSWORD}),
-    )
-    .await;
+    let email = me["email"].as_str().unwrap();
+    let (_, pair) = login(base, email, PASSWORD).await;
     let claims: Value = {
         use base64::Engine;
         let payload = pair["access_token"]
@@ -585,14 +581,7 @@ async fn test_outbox_delivers_after_subscriber_outage_and_producer_restart() {
     .await;
     assert_eq!(status, StatusCode::CREATED);
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text_of(client().get(format!("{base}/metrics"))).await;
     assert!(metrics.contains("outbox_deliveries_total{event_type=\"user.registered\",result=\"failed\",service=\"users\"}"), "{metrics}");
     let (inbox, _, _h) = inbox_on(Some(sub_addr)).await;
     inbox.wait_for("user.registered", "late@example.com").await;
@@ -839,22 +828,12 @@ async fn test_bad_input_gets_clear_4xx_envelopes() {
         json!({"email": "new@example.com", "password": PASSWORD, "name": "N"}),
     )
     .await;
-    let (status, v) = post(
-        &base,
-        "/api/auth/login",
-        json!({"email": "new@example.com", "password": PASSWORD}),
-    )
-    .await;
+    let (status, v) = login(&base, "new@example.com", PASSWORD).await;
     assert_eq!(
         (status, v["error"]["code"].as_str()),
         (StatusCode::FORBIDDEN, Some("email_not_verified"))
     );
-    let (status, _) = post(
-        &base,
-        "/api/auth/login",
-        json!({"email": "new@example.com", "password": "wrong password 1"}),
-    )
-    .await;
+    let (status, _) = login(&base, "new@example.com", "wrong password 1").await;
     assert_eq!(
         status,
         StatusCode::UNAUTHORIZED,
@@ -898,14 +877,7 @@ async fn test_bad_input_gets_clear_4xx_envelopes() {
         .unwrap();
     assert!(r.status().is_client_error(), "huge header: {}", r.status());
     // Nothing above was a server error.
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text_of(client().get(format!("{base}/metrics"))).await;
     assert!(!metrics.contains("status=\"500\""), "{metrics}");
     let _ = inbox;
     svc.stop().await;
@@ -949,19 +921,9 @@ async fn test_password_reset_is_single_use_and_revokes_sessions() {
         StatusCode::UNAUTHORIZED,
         "sessions revoked"
     );
-    let (status, _) = post(
-        &base,
-        "/api/auth/login",
-        json!({"email": "reset@example.com", "password": PASSWORD}),
-    )
-    .await;
+    let (status, _) = login(&base, "reset@example.com", PASSWORD).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    let (status, _) = post(
-        &base,
-        "/api/auth/login",
-        json!({"email": "reset@example.com", "password": new_password}),
-    )
-    .await;
+    let (status, _) = login(&base, "reset@example.com", new_password).await;
     assert_eq!(status, StatusCode::OK);
     // The verification link was single-use too.
     let registered = inbox.wait_for("user.registered", "reset@example.com").await;
@@ -1065,19 +1027,8 @@ async fn test_resent_verification_and_profile_changes() {
     assert_eq!(count_of(&inbox, "user.registered", "nobody@example.com"), 0);
 
     // Password change: the current password is required and checked.
-    let login = |email: &'static str, password: &'static str| {
-        let base = base.clone();
-        async move {
-            post(
-                &base,
-                "/api/auth/login",
-                json!({"email": email, "password": password}),
-            )
-            .await
-        }
-    };
-    let (_, here) = login(email, PASSWORD).await;
-    let (_, elsewhere) = login(email, PASSWORD).await;
+    let (_, here) = login(&base, email, PASSWORD).await;
+    let (_, elsewhere) = login(&base, email, PASSWORD).await;
     let token = here["access_token"].as_str().unwrap().to_owned();
     let new_password = "new password 77";
     let (status, body) = patch_me(&base, &token, json!({"password": new_password})).await;
@@ -1115,8 +1066,11 @@ async fn test_resent_verification_and_profile_changes() {
         refresh_status(&base, &here["refresh_token"]).await,
         StatusCode::OK
     );
-    assert_eq!(login(email, PASSWORD).await.0, StatusCode::UNAUTHORIZED);
-    assert_eq!(login(email, new_password).await.0, StatusCode::OK);
+    assert_eq!(
+        login(&base, email, PASSWORD).await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(login(&base, email, new_password).await.0, StatusCode::OK);
 
     // E-mail change: refused for a taken address; else a link to the new
     // address, and the change only when it is used.
@@ -1163,10 +1117,13 @@ async fn test_resent_verification_and_profile_changes() {
         (Some("new@example.com"), Some(true))
     );
     assert_eq!(
-        login("new@example.com", new_password).await.0,
+        login(&base, "new@example.com", new_password).await.0,
         StatusCode::OK
     );
-    assert_eq!(login(email, new_password).await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        login(&base, email, new_password).await.0,
+        StatusCode::UNAUTHORIZED
+    );
     let (status, _) = post(&base, "/api/auth/verify-email", json!({"token": link})).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "single use");
     // Nothing to change is a clear 422.
@@ -1308,14 +1265,7 @@ async fn test_operational_endpoints() {
         );
     }
     assert!(doc["components"]["schemas"]["ErrorEnvelope"].is_object());
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text_of(client().get(format!("{base}/metrics"))).await;
     assert!(metrics.contains("http_requests_total{method=\"GET\",route=\"/health\",status=\"200\",service=\"users\"} 1"), "{metrics}");
     // A second service on the same data directory shares the signing key.
     let other = start(settings(&dir, None, Subscribers::new()));
