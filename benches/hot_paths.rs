@@ -109,7 +109,7 @@ fn bench_selection(c: &mut Criterion) {
         b.iter(|| pool.members().select(black_box(&tried), None))
     });
     c.bench_function("request_id_uuidv7", |b| {
-        b.iter(gateway::proxy::new_request_id)
+        b.iter(gateway::request_id::new_request_id)
     });
 }
 

@@ -19,9 +19,10 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_proxy::{ProxyHttp, Session};
 
+use crate::exposition;
 use crate::health;
 use crate::metrics::Metrics;
-use crate::proxy::new_request_id;
+use crate::request_id::new_request_id;
 use crate::respond::{self, ErrorResponse};
 use crate::snapshot::Snapshot;
 
@@ -90,7 +91,7 @@ impl ProxyHttp for Admin {
                 .await?;
             }
             "/metrics" => {
-                let body = self.metrics.render(&snapshot);
+                let body = exposition::render(&self.metrics, &snapshot);
                 respond::write(
                     session,
                     StatusCode::OK,
@@ -102,7 +103,7 @@ impl ProxyHttp for Admin {
                 .await?;
             }
             "/api/status" => {
-                let doc = self.metrics.status(&snapshot);
+                let doc = exposition::status(&self.metrics, &snapshot);
                 respond::write_json(session, StatusCode::OK, &id, doc.to_string().into(), &[])
                     .await?;
             }

@@ -1,30 +1,21 @@
 //! Admission of a routed request, in order: who is calling (bearer token
 //! per the route's `auth` mode), may they use this route (`min_tier`,
-//! `roles`), and are they within their tier's limits. Also the headers
-//! these steps add: identity headers upstream, rate-limit headers down.
+//! `roles`), and are they within their tier's limits. Also the rate-limit
+//! headers these steps add to responses.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{HeaderMap, HeaderValue, StatusCode};
 use ipnet::IpNet;
 
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::{AuthMode, RouteSpec};
+use crate::forward::X_FORWARDED_FOR;
 use crate::ratelimit::{key_of, Verdict};
 use crate::respond::ErrorResponse;
 use crate::snapshot::Snapshot;
-
-/// `X-User-Id`.
-pub static X_USER_ID: HeaderName = HeaderName::from_static("x-user-id");
-/// `X-User-Tier`.
-pub static X_USER_TIER: HeaderName = HeaderName::from_static("x-user-tier");
-/// `X-User-Roles`.
-pub static X_USER_ROLES: HeaderName = HeaderName::from_static("x-user-roles");
-/// `X-User-Tenant`.
-pub static X_USER_TENANT: HeaderName = HeaderName::from_static("x-user-tenant");
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Who the request was admitted as.
 #[derive(Debug, Default)]

@@ -4,9 +4,12 @@
 
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
-use pingora_error::Result;
+use lua_free_plugins::{Chain, PluginCtx, Response as PluginResponse};
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::ResponseHeader;
 use pingora_proxy::Session;
+
+use crate::request_id::X_REQUEST_ID;
 
 /// A gateway-made error response.
 #[derive(Debug, Clone)]
@@ -111,6 +114,45 @@ pub const INTERNAL: ErrorResponse = ErrorResponse {
     message: "the gateway failed to handle this request",
 };
 
+/// Maps a Pingora error to the response the client gets; `None` when the
+/// client is gone and nothing can be written.
+pub fn error_response(e: &Error) -> Option<ErrorResponse> {
+    use ErrorType as T;
+    Some(match e.etype() {
+        T::HTTPStatus(400) => BAD_REQUEST,
+        T::HTTPStatus(408) => REQUEST_TIMEOUT,
+        T::HTTPStatus(502) => BAD_GATEWAY,
+        T::HTTPStatus(503) => NO_BACKEND,
+        T::HTTPStatus(504) => GATEWAY_TIMEOUT,
+        T::HTTPStatus(code) => match StatusCode::from_u16(*code) {
+            Ok(status) if status.is_client_error() => ErrorResponse {
+                status,
+                ..BAD_REQUEST
+            },
+            _ => INTERNAL,
+        },
+        etype => match e.esource() {
+            ErrorSource::Upstream => match etype {
+                T::ConnectTimedout | T::ReadTimedout | T::WriteTimedout => GATEWAY_TIMEOUT,
+                T::InvalidHTTPHeader | T::H1Error | T::H2Error | T::InvalidH2 => {
+                    BAD_UPSTREAM_RESPONSE
+                }
+                _ => BAD_GATEWAY,
+            },
+            ErrorSource::Downstream => match etype {
+                T::ReadError | T::WriteError | T::ConnectionClosed => return None,
+                T::ReadTimedout => REQUEST_TIMEOUT,
+                _ => BAD_REQUEST,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => match etype {
+                T::ConnectTimedout => GATEWAY_TIMEOUT,
+                T::ConnectRefused | T::ConnectNoRoute | T::ConnectError => BAD_GATEWAY,
+                _ => INTERNAL,
+            },
+        },
+    })
+}
+
 /// Writes a JSON response the gateway produced itself: status, JSON
 /// content type, length, request id, `Cache-Control: no-store`, plus `extra`
 /// headers; no body for `HEAD`.
@@ -149,4 +191,53 @@ pub async fn write(
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// Writes a plugin's response, after the chain's `response` hooks (with
+/// `Content-Length` and the request id).
+pub async fn write_plugin_response(
+    session: &mut Session,
+    request_id: &HeaderValue,
+    chain: &Chain,
+    resp: PluginResponse,
+    p: &mut PluginCtx,
+) -> Result<()> {
+    let mut h = ResponseHeader::build(resp.status, Some(resp.headers.len() + 2))?;
+    for (name, value) in resp.headers {
+        h.append_header(name, value)?;
+    }
+    // No Content-Length on statuses that cannot have a body (RFC 9110).
+    if !matches!(resp.status.as_u16(), 100..=199 | 204 | 304) {
+        h.insert_header(http::header::CONTENT_LENGTH, resp.body.len())?;
+    }
+    h.insert_header(X_REQUEST_ID.clone(), request_id.clone())?;
+    chain.response(session.req_header(), &mut h, p);
+    let head_only = session.req_header().method == http::Method::HEAD || resp.body.is_empty();
+    session
+        .write_response_header(Box::new(h), head_only)
+        .await?;
+    if !head_only {
+        session.write_response_body(Some(resp.body), true).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_errors_map_to_statuses() {
+        let status = |e: Box<Error>| error_response(&e).map(|r| r.status.as_u16());
+        let mut refused = Error::new(ErrorType::ConnectRefused);
+        refused.esource = ErrorSource::Upstream;
+        assert_eq!(status(refused), Some(502));
+        let mut slow = Error::new(ErrorType::ReadTimedout);
+        slow.esource = ErrorSource::Upstream;
+        assert_eq!(status(slow), Some(504));
+        let mut gone = Error::new(ErrorType::ConnectionClosed);
+        gone.esource = ErrorSource::Downstream;
+        assert_eq!(status(gone), None);
+        assert_eq!(status(Error::new(ErrorType::HTTPStatus(503))), Some(503));
+    }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use jsonwebtoken::Algorithm as JwtAlgorithm;
 
 use super::dto::{AuthDto, LimitDto, LimitsDto, RateLimitDto, RedisDto};
-use super::validate::{valid_name, Errors};
+use super::rules::{valid_name, Errors};
 
 /// Longest tier name.
 const MAX_TIERS: usize = 32;

@@ -7,6 +7,7 @@
 mod access;
 pub mod dto;
 mod lines;
+mod rules;
 pub(crate) mod validate;
 
 use std::fmt;

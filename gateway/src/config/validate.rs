@@ -14,6 +14,7 @@ use super::dto::{
     AlgorithmDto, BackendDto, CheckTypeDto, ConfigDto, HashOnDto, HealthCheckDto, PathMatchDto,
     RouteDto, TimeoutsDto, UpstreamDto,
 };
+use super::rules::{valid_name, Errors};
 use super::{
     AccessLogSettings, AdminSettings, Algorithm, BackendAddress, BackendSpec, CheckKind, Config,
     DnsSettings, HashKey, HealthCheckSpec, HostMatch, LogTarget, PathMatch, PathRewrite, RouteSpec,
@@ -26,9 +27,6 @@ pub(crate) const MAX_BACKENDS: usize = 256;
 pub(crate) const MAX_WEIGHT: u32 = 1000;
 /// Compiled-regex size cap, so a config cannot make the gateway eat memory.
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
-
-/// Errors as (path, message).
-pub(super) type Errors = Vec<(String, String)>;
 
 pub(super) fn validate(dto: ConfigDto, registry: &Registry) -> Result<Config, Errors> {
     let mut errors = Errors::new();
@@ -176,14 +174,6 @@ fn server(dto: &ConfigDto, errors: &mut Errors) -> Option<ServerSettings> {
         trusted_proxies,
         upgrade_sock: s.upgrade_sock.clone().into(),
     })
-}
-
-pub(super) fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn upstream(name: &str, u: &UpstreamDto, errors: &mut Errors) -> Option<UpstreamSpec> {

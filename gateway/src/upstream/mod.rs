@@ -1,5 +1,6 @@
 //! Upstream pools: backends, their prebuilt peers, and selection.
 
+pub mod attempt;
 pub mod breaker;
 pub mod check;
 pub mod discovery;

@@ -13,6 +13,11 @@
 //!
 //! A request whose host and path match some route but whose method matches
 //! none gets [`RouteMatch::MethodNotAllowed`] with the methods that would.
+//!
+//! A route's rewrite ([`rewrite`]) applies to the matched path on its way
+//! upstream.
+
+pub mod rewrite;
 
 use std::collections::HashMap;
 
