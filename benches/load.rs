@@ -383,10 +383,13 @@ mod harness {
     /// its algorithm), tier rate limits shared through Redis (leases; limits
     /// far above the load so nothing is refused), metrics (always on; the
     /// admin listener serves them), JSON access log of every request to a
-    /// file, request ids and trace context.
+    /// file, request ids and trace context. `environment: development`
+    /// only because the HS256 dev secret needs it (`tiergate gateway`
+    /// refuses the secret in production); it changes nothing else.
     /// `{port}`, `{n}`, `{admin}`, `{dir}` are substituted; followed by
     /// [`TIERGATE_ROUTE_YAML`].
-    const TIERGATE_YAML: &str = r#"server:
+    const TIERGATE_YAML: &str = r#"environment: development
+server:
   listen: ["127.0.0.1:{port}"]
   threads: {n}
 admin:

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use backend_common::config::Environment;
 use clap::{Parser, Subcommand};
-use gateway::config::{self, Config, ConfigErrors, LoadError};
+use gateway::config::{self, Config, ConfigErrors, LoadError, RunMode};
 use gateway::error::GatewayError;
 use gateway::server::GatewayServer;
 use lua_free_plugins::Registry;
@@ -243,7 +243,7 @@ fn main() -> ExitCode {
                 p.exists().then_some(p)
             });
             match loaded {
-                Ok(config) => serve(&config, watched.as_deref(), false),
+                Ok(config) => serve(&config, watched.as_deref(), false, RunMode::Development),
                 Err(code) => code,
             }
         }
@@ -251,7 +251,7 @@ fn main() -> ExitCode {
             config: path,
             upgrade,
         } => match load(&path) {
-            Ok(config) => serve(&config, Some(&path), upgrade),
+            Ok(config) => serve(&config, Some(&path), upgrade, RunMode::Production),
             Err(code) => code,
         },
         Command::ConfigSchema => {
@@ -292,10 +292,14 @@ fn report(errors: &ConfigErrors) -> ExitCode {
 }
 
 /// Runs the gateway; with `file`, reloads it on change and on SIGHUP; with
-/// `upgrade`, takes the listeners over from the running gateway.
-fn serve(config: &Config, file: Option<&Path>, upgrade: bool) -> ExitCode {
+/// `upgrade`, takes the listeners over from the running gateway. `mode`
+/// applies unless the config sets `environment`.
+fn serve(config: &Config, file: Option<&Path>, upgrade: bool, mode: RunMode) -> ExitCode {
     let env = match gateway::secret::Environment::from_env() {
-        Ok(env) => env,
+        Ok(env) => gateway::secret::Environment {
+            default_mode: mode,
+            ..env
+        },
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::from(EXIT_START_FAILED);
@@ -313,7 +317,9 @@ fn serve(config: &Config, file: Option<&Path>, upgrade: bool) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(match e {
-                GatewayError::Config(_) | GatewayError::Load(_) => EXIT_BAD_CONFIG,
+                GatewayError::Config(_) | GatewayError::Load(_) | GatewayError::Unsafe(_) => {
+                    EXIT_BAD_CONFIG
+                }
                 GatewayError::Resolve { .. }
                 | GatewayError::PoolSize { .. }
                 | GatewayError::Server(_) => EXIT_START_FAILED,

@@ -9,6 +9,12 @@
 //! * `GET /health`, `GET /health/services` — as on the public listener.
 //!
 //! Anything else is a 404 in the usual JSON envelope.
+//!
+//! With `TIERGATE_ADMIN_TOKEN` set, every request needs it: as a bearer
+//! token (`Authorization: Bearer <token>`, for Prometheus and scripts) or
+//! as the password of HTTP Basic authentication (any user name; browsers
+//! ask for it when they get the 401). Without a token the listener must be
+//! on a loopback address ([`crate::server::check_safety`]).
 
 use std::sync::Arc;
 
@@ -19,11 +25,15 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_proxy::{ProxyHttp, Session};
 
+use base64::Engine as _;
+
+use crate::auth::Authenticator;
 use crate::exposition;
 use crate::health;
 use crate::metrics::Metrics;
 use crate::request_id::new_request_id;
 use crate::respond::{self, ErrorResponse};
+use crate::secret::Secret;
 use crate::snapshot::Snapshot;
 
 /// The status page.
@@ -40,18 +50,69 @@ const NOT_FOUND: ErrorResponse = ErrorResponse {
     message: "the admin listener serves GET /, /api/status, /metrics, /health and /health/services",
 };
 
+/// A request without the admin token.
+const UNAUTHORIZED: ErrorResponse = ErrorResponse {
+    status: StatusCode::UNAUTHORIZED,
+    code: "admin_token_required",
+    message: "the admin listener needs its token (Authorization: Bearer, or Basic with the token as password)",
+};
+
 /// The admin service; reads the same snapshot cell as the proxy.
 #[derive(Debug)]
 pub struct Admin {
     state: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
+    /// SHA-256 of the token every request must carry, when one is set.
+    token_digest: Option<[u8; 32]>,
 }
 
 impl Admin {
-    /// An admin service over `state` and `metrics`.
-    pub fn new(state: Arc<ArcSwap<Snapshot>>, metrics: Arc<Metrics>) -> Self {
-        Self { state, metrics }
+    /// An admin service over `state` and `metrics`, requiring `token`
+    /// when given.
+    pub fn new(
+        state: Arc<ArcSwap<Snapshot>>,
+        metrics: Arc<Metrics>,
+        token: Option<&Secret>,
+    ) -> Self {
+        Self {
+            state,
+            metrics,
+            token_digest: token.map(|t| digest(t.expose().as_bytes())),
+        }
     }
+
+    /// Whether `authorization` carries the token (always, without one).
+    fn authorized(&self, authorization: Option<&HeaderValue>) -> bool {
+        let Some(want) = &self.token_digest else {
+            return true;
+        };
+        let Some(header) = authorization else {
+            return false;
+        };
+        let offered = match header.as_bytes().split_at_checked(6) {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case(b"basic ") => {
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(rest.trim_ascii())
+                    .unwrap_or_default();
+                match decoded.iter().position(|&b| b == b':') {
+                    Some(colon) => decoded[colon + 1..].to_vec(),
+                    None => return false,
+                }
+            }
+            _ => match Authenticator::bearer(Some(header)) {
+                Some(token) => token.to_vec(),
+                None => return false,
+            },
+        };
+        // Digests of equal length, compared without an early exit.
+        let got = digest(&offered);
+        got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).into()
 }
 
 #[async_trait]
@@ -62,9 +123,22 @@ impl ProxyHttp for Admin {
 
     async fn request_filter(&self, session: &mut Session, _ctx: &mut ()) -> Result<bool> {
         let id = new_request_id();
+        let snapshot = self.state.load_full();
+        crate::proxy::keep_alive(session, &snapshot);
+        if !self.authorized(
+            session
+                .req_header()
+                .headers
+                .get(http::header::AUTHORIZATION),
+        ) {
+            let challenge = HeaderValue::from_static("Basic realm=\"tiergate admin\", Bearer");
+            UNAUTHORIZED
+                .write(session, &id, None, &[("www-authenticate", challenge)])
+                .await?;
+            return Ok(true);
+        }
         let req = session.req_header();
         let get = req.method == http::Method::GET || req.method == http::Method::HEAD;
-        let snapshot = self.state.load_full();
         let path = req.uri.path();
         if !get {
             NOT_FOUND.write(session, &id, None, &[]).await?;
@@ -107,7 +181,7 @@ impl ProxyHttp for Admin {
                 respond::write_json(session, StatusCode::OK, &id, doc.to_string().into(), &[])
                     .await?;
             }
-            _ => match health::answer(&snapshot, path) {
+            _ => match health::answer(&snapshot, path, health::View::Admin) {
                 Some((status, doc)) => {
                     respond::write_json(session, status, &id, doc.to_string().into(), &[]).await?;
                 }

@@ -30,6 +30,11 @@ pub enum GatewayError {
         /// How many it had.
         count: usize,
     },
+    /// The config and environment together would run unsafely (the
+    /// development secret in production, an open admin listener without a
+    /// token).
+    #[error("refusing to start: {0}")]
+    Unsafe(String),
     /// The Pingora server could not be created or run.
     #[error("server: {0}")]
     Server(String),

@@ -55,6 +55,9 @@ pub struct Forward<'a> {
     pub backend: Option<&'a Backend>,
     /// The TCP peer.
     pub peer: Option<IpAddr>,
+    /// The peer is one of `server.trusted_proxies`: its `X-Forwarded-*`
+    /// headers are kept and extended rather than replaced.
+    pub peer_trusted: bool,
 }
 
 /// Applies [`upstream_request`] to Pingora's header type.
@@ -127,15 +130,23 @@ pub fn upstream_request(parts: &mut http::request::Parts, f: &Forward<'_>) -> Re
             h.insert(HOST, v.clone());
         }
     }
-    if let Some(host) = original_host {
-        h.insert(X_FORWARDED_HOST.clone(), host);
+    // What a client says about earlier hops is believed only from a
+    // trusted proxy; anyone else's is replaced by what we saw.
+    let keep = |h: &HeaderMap, name: &HeaderName| f.peer_trusted && h.contains_key(name);
+    if !keep(h, &X_FORWARDED_HOST) {
+        match original_host {
+            Some(host) => h.insert(X_FORWARDED_HOST.clone(), host),
+            None => h.remove(&X_FORWARDED_HOST),
+        };
     }
-    h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    if !keep(h, &X_FORWARDED_PROTO) {
+        h.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    }
     if let Some(ip) = f.peer {
         let prior = h
             .get(&X_FORWARDED_FOR)
             .and_then(|v| v.to_str().ok())
-            .filter(|p| !p.is_empty());
+            .filter(|p| f.peer_trusted && !p.is_empty());
         let mut xff = String::with_capacity(prior.map_or(0, |p| p.len() + 2) + 39);
         if let Some(prior) = prior {
             xff.push_str(prior);
@@ -149,14 +160,27 @@ pub fn upstream_request(parts: &mut http::request::Parts, f: &Forward<'_>) -> Re
     Ok(())
 }
 
-/// Client-sent identity headers are never believed. One scan of the names
-/// first, instead of four lookups.
+/// Client-sent identity headers are never believed: every name starting
+/// with `x-user-` or `x_user_` goes, also ones the gateway does not set
+/// itself (`X-User-Email`). One scan of the names finds none in the usual
+/// case.
 fn strip_identity(h: &mut HeaderMap) {
-    if h.keys().any(|k| k.as_str().starts_with("x-user-")) {
-        for name in [&X_USER_ID, &X_USER_TIER, &X_USER_ROLES, &X_USER_TENANT] {
-            h.remove(name);
-        }
+    if !h.keys().any(is_identity) {
+        return;
     }
+    let names: Vec<HeaderName> = h.keys().filter(|n| is_identity(n)).cloned().collect();
+    for name in names {
+        h.remove(name);
+    }
+}
+
+fn is_identity(name: &HeaderName) -> bool {
+    let n = name.as_str().as_bytes();
+    n.len() > 7
+        && n[0] == b'x'
+        && (n[1] == b'-' || n[1] == b'_')
+        && &n[2..6] == b"user"
+        && (n[6] == b'-' || n[6] == b'_')
 }
 
 /// `X-Request-Id` and the `rate` headers (from `rate_headers`, which hands

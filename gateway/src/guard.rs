@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use crate::auth::{AuthError, Authenticator, Identity};
 use crate::config::{AuthMode, RouteSpec};
 use crate::forward::X_FORWARDED_FOR;
-use crate::ratelimit::{key_of, Verdict};
+use crate::ratelimit::Verdict;
 use crate::respond::ErrorResponse;
 use crate::snapshot::Snapshot;
 
@@ -75,10 +75,7 @@ pub async fn admit(
     client: Option<IpAddr>,
 ) -> Result<Admission, Denial> {
     let limiter = &snapshot.limiter;
-    let ip_key = || match client.unwrap_or(IpAddr::from([0, 0, 0, 0])) {
-        IpAddr::V4(v4) => key_of(&[b"ip", &v4.octets()]),
-        IpAddr::V6(v6) => key_of(&[b"ip", &v6.octets()]),
-    };
+    let ip_key = || limiter.anonymous_key(client).key;
     let identity = match route.auth {
         AuthMode::None => None,
         AuthMode::Optional | AuthMode::Required => {
@@ -139,8 +136,8 @@ pub async fn admit(
                     .await
             }
             None => {
-                let ip = client.unwrap_or(IpAddr::from([0, 0, 0, 0]));
-                limiter.check(class, ip_key(), || format!("ip:{ip}")).await
+                let anon = limiter.anonymous_key(client);
+                limiter.check(class, anon.key, || anon.redis_id()).await
             }
         };
         if let Some(v) = &verdict {

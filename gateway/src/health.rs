@@ -1,5 +1,8 @@
-//! `/health` (liveness) and `/health/services` (every pool and backend)
-//! on the public listener, as the seed report's commands expect.
+//! `/health` (liveness) and `/health/services` (every pool and backend),
+//! as the seed report's commands expect. The admin listener answers the
+//! whole document; the public listener a summary (each pool's status and
+//! backend counts) unless `server.health_details` opts in, since backend
+//! addresses, errors and the config hash tell an attacker about the inside.
 //!
 //! `/health/services` reports each pool's backends: address, weight,
 //! health-check state (`unchecked` without a health check, else `unknown`
@@ -54,13 +57,30 @@ impl Overall {
     }
 }
 
+/// Who is asking.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// The admin listener: the whole document.
+    Admin,
+    /// The public listener: the whole document only with `details`
+    /// (`server.health_details`), else each pool's status and counts.
+    Public {
+        /// `server.health_details`.
+        details: bool,
+    },
+}
+
 /// The answer to a GET/HEAD of `path` if it is one of the health paths:
 /// its HTTP status and JSON document.
-pub fn answer(snapshot: &Snapshot, path: &str) -> Option<(http::StatusCode, Value)> {
+pub fn answer(snapshot: &Snapshot, path: &str, view: View) -> Option<(http::StatusCode, Value)> {
     let (status, doc) = match path {
         LIVENESS_PATH => (200, json!({"status": "ok"})),
         SERVICES_PATH => {
             let (overall, doc) = services(snapshot);
+            let doc = match view {
+                View::Admin | View::Public { details: true } => doc,
+                View::Public { details: false } => summary(&doc),
+            };
             (overall.http_status(), doc)
         }
         _ => return None,
@@ -69,6 +89,55 @@ pub fn answer(snapshot: &Snapshot, path: &str) -> Option<(http::StatusCode, Valu
         http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK),
         doc,
     ))
+}
+
+/// The public listener's `/`: what this is and where to look.
+pub fn info() -> Value {
+    json!({
+        "name": "tiergate",
+        "version": env!("CARGO_PKG_VERSION"),
+        "links": {
+            "health": LIVENESS_PATH,
+            "services": SERVICES_PATH,
+        },
+    })
+}
+
+/// The public view of the services document: overall and per-pool status
+/// and backend counts; no addresses, errors or config hash.
+fn summary(doc: &Value) -> Value {
+    let pools: Vec<Value> = doc["pools"]
+        .as_array()
+        .map(|pools| {
+            pools
+                .iter()
+                .map(|p| {
+                    let backends = p["backends"].as_array();
+                    let current = backends.map_or(0, |b| {
+                        b.iter()
+                            .filter(|b| b["draining"] != Value::Bool(true))
+                            .count()
+                    });
+                    let up = backends.map_or(0, |b| {
+                        b.iter()
+                            .filter(|b| {
+                                b["draining"] != Value::Bool(true)
+                                    && b["circuit"] == "closed"
+                                    && b["health"] != "unhealthy"
+                            })
+                            .count()
+                    });
+                    json!({
+                        "name": p["name"],
+                        "status": p["status"],
+                        "backends": current,
+                        "backends_up": up,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    json!({"status": doc["status"], "pools": pools})
 }
 
 /// The `/health/services` document and its overall status.

@@ -25,8 +25,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use http::Method;
 use prometheus::core::Collector;
 use prometheus::{
-    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry,
+    Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::ratelimit::DecisionSource;
@@ -77,6 +77,14 @@ pub struct Metrics {
     pub in_flight: IntGauge,
     /// Access-log lines dropped because the writer fell behind.
     pub access_log_dropped: IntCounter,
+    /// Requests and connections the connection layer refused, by reason.
+    pub downstream_refused: IntCounterVec,
+    /// Request bodies that stalled past `client_timeouts.body_idle`.
+    pub body_timeouts: IntCounter,
+    /// Open client connections, by listener (`proxy`, `admin`).
+    pub downstream_open: IntGaugeVec,
+    /// Client connections accepted, by listener.
+    pub downstream_accepted: IntCounterVec,
     pub(crate) started: Instant,
 }
 
@@ -147,6 +155,28 @@ impl Metrics {
             "tiergate_access_log_dropped_total",
             "Access-log lines dropped because the writer could not keep up.",
         )?;
+        let downstream_refused = IntCounterVec::new(
+            Opts::new(
+                "tiergate_downstream_refused_total",
+                "Requests and connections refused before routing, by reason (sizes, timeouts, bytes, connection caps).",
+            ),
+            &["reason"],
+        )?;
+        let body_timeouts = downstream_refused.with_label_values(&["body_timeout"]);
+        let downstream_open = IntGaugeVec::new(
+            Opts::new(
+                "tiergate_downstream_connections",
+                "Open client connections, by listener (proxy, admin).",
+            ),
+            &["listener"],
+        )?;
+        let downstream_accepted = IntCounterVec::new(
+            Opts::new(
+                "tiergate_downstream_connections_total",
+                "Client connections accepted (refused ones too), by listener.",
+            ),
+            &["listener"],
+        )?;
         let build = IntGauge::with_opts(
             Opts::new("tiergate_build_info", "Build information; always 1.")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -156,7 +186,10 @@ impl Metrics {
             reloads.with_label_values(&[result]);
         }
         last_reload.set(unix_secs());
-        let collectors: [Box<dyn Collector>; 10] = [
+        let collectors: [Box<dyn Collector>; 13] = [
+            Box::new(downstream_refused.clone()),
+            Box::new(downstream_open.clone()),
+            Box::new(downstream_accepted.clone()),
             Box::new(requests.clone()),
             Box::new(duration.clone()),
             Box::new(upstream.clone()),
@@ -182,6 +215,10 @@ impl Metrics {
             last_reload,
             in_flight,
             access_log_dropped,
+            downstream_refused,
+            body_timeouts,
+            downstream_open,
+            downstream_accepted,
             started: Instant::now(),
         }))
     }

@@ -27,7 +27,7 @@ use http::header::HOST;
 use http::HeaderValue;
 use lua_free_plugins::{LogSummary, PluginCtx, Response as PluginResponse};
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorType, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use prometheus::IntGauge;
@@ -37,6 +37,7 @@ use crate::config::RouteSpec;
 use crate::forward::{self, Caller, Forward};
 use crate::guard::{self, Admission};
 use crate::health;
+use crate::hygiene;
 use crate::metrics::Metrics;
 use crate::request_id;
 use crate::respond::{self, ErrorResponse};
@@ -168,6 +169,15 @@ impl RequestCtx {
     }
 }
 
+/// Bounds the connection's idle time after this request by
+/// `client_timeouts.keepalive` (Pingora's HTTP/1.1 default, set when the
+/// request was read, is to wait for the next request forever). A client's
+/// `Connection: close` still closes it.
+pub fn keep_alive(session: &mut Session, snapshot: &Snapshot) {
+    let secs = snapshot.edge.keepalive_secs;
+    session.set_keepalive((secs > 0).then_some(secs));
+}
+
 fn client_ip(session: &Session) -> Option<IpAddr> {
     session
         .client_addr()
@@ -223,14 +233,22 @@ impl ProxyHttp for Gateway {
         ));
         let snapshot = self.state.load_full();
         ctx.snapshot = Some(snapshot.clone());
-        if req.method == http::Method::GET || req.method == http::Method::HEAD {
-            if let Some((status, doc)) = health::answer(&snapshot, req.uri.path()) {
+        keep_alive(session, &snapshot);
+        if let Err(bad) = hygiene::prepare(session.req_header_mut(), &snapshot.edge) {
+            return refuse(session, ctx, &bad.response(), &[]).await;
+        }
+        let req = session.req_header();
+        let get = req.method == http::Method::GET || req.method == http::Method::HEAD;
+        if get {
+            let view = health::View::Public {
+                details: snapshot.health_details,
+            };
+            if let Some((status, doc)) = health::answer(&snapshot, req.uri.path(), view) {
                 let id = ctx.request_id().clone();
                 respond::write_json(session, status, &id, doc.to_string().into(), &[]).await?;
                 return Ok(true);
             }
         }
-        let req = session.req_header();
         let host = req
             .headers
             .get(HOST)
@@ -255,6 +273,14 @@ impl ProxyHttp for Gateway {
                     body_buffered: false,
                 });
                 admit_and_run_plugins(session, ctx, &snapshot, route, client).await
+            }
+            RouteMatch::NotFound if get && req.uri.path() == "/" => {
+                // The gateway's own landing document, unless a route
+                // takes `/`.
+                let id = ctx.request_id().clone();
+                let doc = health::info().to_string();
+                respond::write_json(session, http::StatusCode::OK, &id, doc.into(), &[]).await?;
+                Ok(true)
             }
             RouteMatch::NotFound => refuse(session, ctx, &respond::NOT_FOUND, &[]).await,
             RouteMatch::MethodNotAllowed(methods) => {
@@ -353,13 +379,18 @@ impl ProxyHttp for Gateway {
             }),
             _ => None,
         };
+        let peer = client_ip(session);
         let forward = Forward {
             request_id: &id,
             trace: ctx.trace.as_ref(),
             route,
             caller,
             backend: ctx.attempts.backend().map(|b| &**b),
-            peer: client_ip(session),
+            peer,
+            peer_trusted: match (snapshot, peer) {
+                (Some(s), Some(ip)) => s.trusted_proxies.iter().any(|n| n.contains(&ip)),
+                _ => false,
+            },
         };
         forward::edit_upstream(upstream, &forward)?;
         if let Some(mut p) = ctx.plugins.ctx.take() {
@@ -575,6 +606,9 @@ impl ProxyHttp for Gateway {
                 error_code: status,
                 can_reuse_downstream: false,
             };
+        }
+        if e.etype() == &ErrorType::ReadTimedout && e.esource() == &ErrorSource::Downstream {
+            self.metrics.body_timeouts.inc();
         }
         let response = respond::error_response(e);
         let code = match response {

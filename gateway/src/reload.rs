@@ -172,6 +172,9 @@ impl Reloader {
             Ok(c) => c,
             Err(errors) => return self.fail(errors.0.iter().map(ToString::to_string).collect()),
         };
+        if let Err(why) = crate::server::check_safety(&config, &self.env) {
+            return self.fail(vec![why]);
+        }
         let yaml = yaml_of(&text);
         let old = self.state.load_full();
         let same = |key: &str| section(&good.yaml, key) == section(&yaml, key);
@@ -198,17 +201,19 @@ impl Reloader {
                 Ok(s) => s,
                 Err(e) => return self.fail(vec![e.to_string()]),
             };
-        // `server.trusted_proxies` lives in the snapshot and applies; the
-        // rest of `server`, and `admin`, need a restart.
-        let without_proxies = |v: &Value| {
+        // What of `server` lives in the snapshot applies; the rest of
+        // `server`, and `admin`, need a restart.
+        let restart_only = |v: &Value| {
             let mut server = section(v, "server").cloned();
             if let Some(Value::Mapping(m)) = server.as_mut() {
-                m.remove("trusted_proxies");
+                for key in RELOADABLE_SERVER_KEYS {
+                    m.remove(key);
+                }
             }
             server
         };
         let mut restart: Vec<&str> = Vec::new();
-        if without_proxies(&good.yaml) != without_proxies(&yaml) {
+        if restart_only(&good.yaml) != restart_only(&yaml) {
             restart.push("server");
         }
         if !same("admin") {
@@ -244,6 +249,17 @@ impl Reloader {
         self.tried.lock().map_or(true, |t| *t != sha256)
     }
 }
+
+/// `server` keys a reload applies (they live in the snapshot; connection
+/// limits and timeouts apply to connections opened after the reload).
+const RELOADABLE_SERVER_KEYS: [&str; 6] = [
+    "trusted_proxies",
+    "limits",
+    "client_timeouts",
+    "path",
+    "underscores_in_headers",
+    "health_details",
+];
 
 /// Runs `reloader` until the runtime stops: reloads on SIGHUP at once, and
 /// when the file's content changed and then stayed the same for

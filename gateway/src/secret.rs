@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use crate::config::RedisUrl;
+use crate::config::{Config, RedisUrl, RunMode};
 
 /// A secret string: never printed by `Debug` or `Display`.
 #[derive(Clone, PartialEq, Eq)]
@@ -32,13 +32,20 @@ impl fmt::Display for Secret {
     }
 }
 
-/// Settings read from the environment rather than the YAML file.
+/// Settings from outside the YAML file: environment variables, and the
+/// run mode the command implies.
 #[derive(Debug, Clone, Default)]
 pub struct Environment {
     /// `TIERGATE_DEV_JWT_SECRET`: enables HS256 tokens (development only).
     pub dev_jwt_secret: Option<Secret>,
     /// `TIERGATE_REDIS_URL`: overrides `rate_limit.redis.url`.
     pub redis_url: Option<RedisUrl>,
+    /// `TIERGATE_ADMIN_TOKEN` (or the file `TIERGATE_ADMIN_TOKEN_FILE`
+    /// names): the bearer token the admin listener requires.
+    pub admin_token: Option<Secret>,
+    /// The run mode when the config sets no `environment`: production for
+    /// `tiergate gateway`, development for `tiergate up`.
+    pub default_mode: RunMode,
 }
 
 impl Environment {
@@ -55,10 +62,39 @@ impl Environment {
             }
             _ => None,
         };
+        let admin_token = secret_from_env_or_file("TIERGATE_ADMIN_TOKEN")?;
         Ok(Self {
             dev_jwt_secret,
             redis_url,
+            admin_token,
+            default_mode: RunMode::Production,
         })
+    }
+
+    /// The run mode of `config` under this environment.
+    pub fn mode(&self, config: &Config) -> RunMode {
+        RunMode::of(config, self.default_mode)
+    }
+}
+
+/// `NAME` from the environment, else the content of the file
+/// `NAME_FILE` names (trimmed); empty counts as unset. An unreadable file
+/// is an error.
+fn secret_from_env_or_file(name: &str) -> Result<Option<Secret>, String> {
+    if let Ok(v) = std::env::var(name) {
+        if !v.trim().is_empty() {
+            return Ok(Some(Secret::new(v.trim().to_owned())));
+        }
+    }
+    let file_var = format!("{name}_FILE");
+    match std::env::var(&file_var) {
+        Ok(path) if !path.is_empty() => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| format!("{file_var}: cannot read {path}: {e}"))?;
+            let text = text.trim();
+            Ok((!text.is_empty()).then(|| Secret::new(text.to_owned())))
+        }
+        _ => Ok(None),
     }
 }
 

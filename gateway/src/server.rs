@@ -13,9 +13,13 @@ use pingora_core::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch}
 use lua_free_plugins::Registry;
 use tokio::sync::Notify;
 
+use pingora_core::services::listening::Service;
+use pingora_proxy::{HttpProxy, ProxyHttp};
+
 use crate::admin::Admin;
 use crate::background::Background;
-use crate::config::Config;
+use crate::config::{Config, RunMode};
+use crate::edge::Edge;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
 use crate::proxy::Gateway;
@@ -67,6 +71,7 @@ impl GatewayServer {
         env: &Environment,
         upgrade: bool,
     ) -> Result<Self, GatewayError> {
+        check_safety(config, env).map_err(GatewayError::Unsafe)?;
         let background = Background::start().map_err(|e| {
             GatewayError::Server(format!("cannot start the background thread: {e}"))
         })?;
@@ -101,20 +106,24 @@ impl GatewayServer {
         let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
         server.bootstrap();
         let state = Arc::new(ArcSwap::from_pointee(snapshot));
-        let mut service = pingora_proxy::http_proxy_service_with_name(
-            &server.configuration,
+        let mut service = edge_service(
+            &server,
             Gateway::new(state.clone(), metrics.clone()),
-            "tiergate proxy",
+            &state,
+            &metrics,
+            "proxy",
         );
         for addr in &s.listen {
             service.add_tcp(&addr.to_string());
         }
         server.add_service(service);
         if !config.admin.listen.is_empty() {
-            let mut admin = pingora_proxy::http_proxy_service_with_name(
-                &server.configuration,
-                Admin::new(state.clone(), metrics.clone()),
-                "tiergate admin",
+            let mut admin = edge_service(
+                &server,
+                Admin::new(state.clone(), metrics.clone(), env.admin_token.as_ref()),
+                &state,
+                &metrics,
+                "admin",
             );
             // Operator traffic: one thread is plenty.
             admin.threads = Some(1);
@@ -218,6 +227,53 @@ impl GatewayServer {
             state,
         }
     }
+}
+
+/// Refuses what would run unsafely: the HS256 development secret outside
+/// development (anyone who learns it can mint tokens of any tier), and an
+/// admin listener on a non-loopback address without `TIERGATE_ADMIN_TOKEN`
+/// (the admin listener shows backend addresses and errors). A reload
+/// checks the same.
+pub fn check_safety(config: &Config, env: &Environment) -> Result<(), String> {
+    if env.dev_jwt_secret.is_some() && env.mode(config) == RunMode::Production {
+        return Err(
+            "TIERGATE_DEV_JWT_SECRET is set, but this gateway runs in production \
+             mode, where anyone who knows the development secret could mint tokens of any tier. \
+             Unset it, or set `environment: development` in the config for a development gateway."
+                .into(),
+        );
+    }
+    if env.admin_token.is_none() {
+        if let Some(addr) = config.admin.listen.iter().find(|a| !a.ip().is_loopback()) {
+            return Err(format!(
+                "admin.listen has {addr}, which is not a loopback address, and no admin token is \
+                 set. Set TIERGATE_ADMIN_TOKEN (or TIERGATE_ADMIN_TOKEN_FILE) so the admin \
+                 listener requires it, or listen on 127.0.0.1."
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A listening service running `inner` behind the connection layer
+/// ([`Edge`]), named `tiergate <name>` and counted as listener `name`.
+fn edge_service<SV>(
+    server: &Server,
+    inner: SV,
+    state: &Arc<ArcSwap<Snapshot>>,
+    metrics: &Metrics,
+    name: &str,
+) -> Service<Edge<SV>>
+where
+    SV: ProxyHttp + Send + Sync + 'static,
+    SV::CTX: Send + Sync,
+{
+    let mut proxy = HttpProxy::new(inner, server.configuration.clone());
+    proxy.handle_init_modules();
+    Service::new(
+        format!("tiergate {name}"),
+        Edge::new(proxy, state.clone(), metrics, name),
+    )
 }
 
 fn ceil_secs(d: std::time::Duration) -> u64 {

@@ -33,6 +33,10 @@ pub struct Snapshot {
     pub limiter: Arc<RateLimiter>,
     /// Peers whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Request hygiene: limits, timeouts, path and header normalisation.
+    pub edge: crate::config::EdgeSettings,
+    /// The public `/health/services` shows the full document.
+    pub health_details: bool,
     /// Metric handles for these routes, tiers and pools.
     pub metrics: RequestMetrics,
     /// The access log, when enabled.
@@ -147,7 +151,9 @@ impl Snapshot {
             Some(old) if reuse.auth => old.auth.clone(),
             _ => Arc::new(Authenticator::new(
                 &config.auth,
-                env.dev_jwt_secret.as_ref(),
+                env.dev_jwt_secret
+                    .as_ref()
+                    .filter(|_| env.mode(config) == crate::config::RunMode::Development),
                 bg,
             )),
         };
@@ -164,6 +170,8 @@ impl Snapshot {
             auth,
             limiter,
             trusted_proxies: config.server.trusted_proxies.clone(),
+            edge: config.server.edge,
+            health_details: config.server.health_details,
             metrics,
             access_log,
             config_sha256: config.source_sha256.clone(),

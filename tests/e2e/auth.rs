@@ -4,7 +4,7 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use gateway::secret::{Environment, Secret};
+use gateway::secret::Environment;
 use serde_json::{json, Value};
 
 use crate::common::{client, gateway_with_env, upstream, TestGateway, Upstream};
@@ -30,9 +30,10 @@ async fn setup_with_keys(dev_secret: bool, kids: &[&str]) -> (Upstream, JwksServ
     let up = upstream("svc").await;
     let jwks = jwks_server().await;
     jwks.serve_only(kids);
-    let env = Environment {
-        dev_jwt_secret: dev_secret.then(|| Secret::new(tokens::DEV_SECRET.into())),
-        redis_url: None,
+    let env = if dev_secret {
+        tokens::dev_env(tokens::DEV_SECRET)
+    } else {
+        Environment::default()
     };
     let gw = gateway_with_env(&format!("{}{}", routes(&up), auth_yaml(&jwks)), &env);
     (up, jwks, gw)
@@ -159,8 +160,13 @@ async fn test_token_attacks_are_401_and_never_crash_the_gateway() {
         ("tampered payload", tampered),
         ("bad base64", "@@@.###.$$$".to_owned()),
         ("not a JWT", "hello".to_owned()),
-        ("100 KB token", "a".repeat(100 * 1024)),
+        ("7 KB token", "a".repeat(7 * 1024)),
     ];
+    // Longer than a header line may be (8 KiB by default): refused before
+    // any parsing.
+    let (status, _, body) = call(&gw, "/api/me", Some(&"a".repeat(100 * 1024)), &[]).await;
+    assert_eq!(status, 431, "100 KB token: {body}");
+    assert_eq!(body["error"]["code"], "header_too_large");
     for (name, token) in &attacks {
         let (status, headers, body) = call(&gw, "/api/me", Some(token), &[]).await;
         assert_eq!(status, 401, "{name}: {body}");
@@ -296,4 +302,37 @@ async fn test_a_client_sending_bad_tokens_is_throttled_before_verification() {
     let fresh = rs256(&claims("someone", "FREE"), "rsa-1");
     assert_eq!(call(&gw, "/api/me", Some(&fresh), &other).await.0, 200);
     assert_eq!(call(&gw, "/api/me", Some(&forged(10)), &other).await.0, 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_cached_tokens_of_a_key_that_left_the_jwks_are_refused_after_the_refresh() {
+    let (_up, jwks, gw) = setup_with_keys(false, &["rsa-1", "ed-1"]).await;
+    let ed = eddsa(&claims("e", "FREE"), "ed-1");
+    let rsa = rs256(&claims("r", "FREE"), "rsa-1");
+    assert_eq!(call(&gw, "/api/me", Some(&ed), &[]).await.0, 200);
+    assert_eq!(call(&gw, "/api/me", Some(&rsa), &[]).await.0, 200);
+    assert!(gw.snapshot().auth.cached(ed.as_bytes()).is_some());
+    // `ed-1` is withdrawn (rotated out, or compromised). An unknown kid
+    // makes the gateway fetch the set again, once the refetch interval
+    // has passed: poll until it did.
+    jwks.serve_only(&["rsa-1"]);
+    let before = jwks.hits.load(Ordering::SeqCst);
+    let unknown = rs256(&claims("x", "FREE"), "rsa-9");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while jwks.hits.load(Ordering::SeqCst) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no JWKS refetch in 10 s"
+        );
+        call(&gw, "/api/me", Some(&unknown), &[]).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (status, _, body) = call(&gw, "/api/me", Some(&ed), &[]).await;
+    assert_eq!(status, 401, "the cached token of a withdrawn key: {body}");
+    assert_eq!(body["error"]["code"], "invalid_token");
+    assert_eq!(
+        call(&gw, "/api/me", Some(&rsa), &[]).await.0,
+        200,
+        "other keys' tokens stay"
+    );
 }

@@ -322,9 +322,48 @@ fn test_auth_and_rate_limit_errors_are_all_reported() {
         "rate_limit.tiers[1].name (line 21): duplicate tier `free`",
         "rate_limit.redis.url (line 22): a Redis URL starts with `redis://`",
         "rate_limit.redis.expected_instances (line 22): must be at least 1",
+        // A key set alone would accept any of its issuer's tokens.
+        "auth.issuer (line 14): is required with `auth.jwks` (the `iss` claim tokens must carry)",
+        "auth.audience (line 14): is required with `auth.jwks` (the `aud` claim tokens must carry)",
     ] {
         assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
     }
+}
+
+#[test]
+fn test_edge_limits_and_environment_errors_are_all_reported() {
+    let extra = [
+        "environment: production",
+        "auth:",
+        "  algorithms: [EdDSA, HS256]",
+        "server:",
+        "  limits: { request_line_bytes: 10, headers: 1000, head_bytes: 100, connections: 0 }",
+        "  client_timeouts: { request_head: 0s, keepalive: 2h }",
+        "rate_limit:",
+        "  anonymous_keys: { ipv6_prefix: 200, overflow_ipv4_prefix: 40 }",
+    ];
+    let yaml = format!("{VALID}{}\n", extra.join("\n"));
+    let (code, out) = check(&yaml);
+    assert_eq!(code, 64, "{out}");
+    for expected in [
+        "auth.algorithms[1] (line 13): HS256 (the development secret) needs `environment: development`",
+        "server.limits.request_line_bytes (line 15): must be between 256 and `head_bytes` (100), got 10",
+        "server.limits.head_bytes (line 15): must be between 1024 and 1048576, got 100",
+        "server.limits.headers (line 15): must be between 1 and 256, got 1000",
+        "server.limits.connections (line 15): must be at least 1",
+        "server.client_timeouts.request_head (line 16): must be greater than 0 and at most 1h",
+        "server.client_timeouts.keepalive (line 16): must be at most 1h",
+        "rate_limit.anonymous_keys.ipv6_prefix (line 18): must be between 16 and 128",
+        "rate_limit.anonymous_keys.overflow_ipv4_prefix (line 18): must be between 8 and 32",
+    ] {
+        assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
+    }
+    let (code, out) = check(&format!(
+        "{VALID}server:\n  path: {{ escaped_slashes: maybe }}\n"
+    ));
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("server.path.escaped_slashes"), "{out}");
+    assert!(out.contains("reject") && out.contains("decode"), "{out}");
 }
 
 #[test]

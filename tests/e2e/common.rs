@@ -344,3 +344,84 @@ pub fn binary_gateway(command: &str, threads: usize, upstream: SocketAddr) -> Bi
         config,
     }
 }
+
+/// A response read off a raw connection.
+#[derive(Debug)]
+pub struct RawResponse {
+    /// Its status, 0 when the connection closed before a status line.
+    pub status: u16,
+    /// The head as text (status line and headers).
+    pub head: String,
+    /// The body (everything after the head).
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// A header's value (name in lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// Sends `request` as is on a new connection (nothing normalises it on
+/// the way: dot segments, odd bytes and duplicate headers reach the
+/// gateway as written) and reads until the server closes the connection,
+/// at most 20 s.
+pub async fn raw_http(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut out)).await;
+    parse_raw(&out)
+}
+
+/// A raw response's parts.
+pub fn parse_raw(bytes: &[u8]) -> RawResponse {
+    let split = bytes
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map_or(bytes.len(), |i| i + 4);
+    let head = String::from_utf8_lossy(&bytes[..split]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    RawResponse {
+        status,
+        head,
+        body: bytes[split..].to_vec(),
+    }
+}
+
+/// `GET <target>` with `Host` and `Connection: close` plus `extra` header
+/// lines, sent raw (see [`raw_http`]).
+pub async fn raw_get(addr: SocketAddr, target: &str, extra: &[&str]) -> RawResponse {
+    let mut req = format!("GET {target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n");
+    for line in extra {
+        req.push_str(line);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    raw_http(addr, req.as_bytes()).await
+}
+
+/// The value of the first Prometheus sample whose line starts with
+/// `line_start` (e.g. `tiergate_downstream_refused_total{reason="x"}`)
+/// on the admin listener at `admin`, if present.
+pub async fn metric_value(admin: SocketAddr, line_start: &str) -> Option<f64> {
+    let text = text_of(client().get(format!("http://{admin}/metrics"))).await;
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

@@ -13,6 +13,7 @@ mod check_config;
 mod common;
 mod discovery;
 mod errors;
+mod hardening;
 mod health_checks;
 mod observability;
 mod plugins;

@@ -21,10 +21,7 @@ mod api_key;
 const SECRET: &str = "plugins-test-secret";
 
 fn env() -> Environment {
-    Environment {
-        dev_jwt_secret: Some(gateway::secret::Secret::new(SECRET.to_owned())),
-        ..Environment::default()
-    }
+    crate::tokens::dev_env(SECRET)
 }
 
 fn token(sub: &str) -> String {

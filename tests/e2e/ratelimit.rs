@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use gateway::secret::{Environment, Secret};
+use gateway::secret::Environment;
 use serde_json::Value;
 
 use crate::common::{
@@ -21,10 +21,7 @@ use crate::tokens::{self, claims, hs256};
 const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 
 fn dev_env() -> Environment {
-    Environment {
-        dev_jwt_secret: Some(Secret::new(tokens::DEV_SECRET.into())),
-        redis_url: None,
-    }
+    tokens::dev_env(tokens::DEV_SECRET)
 }
 
 fn token(sub: &str, tier: &str) -> String {

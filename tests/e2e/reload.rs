@@ -14,7 +14,7 @@ use gateway::server::{GatewayServer, RunningGateway};
 use serde_json::Value;
 
 use crate::common::{
-    backend_of, client, free_port, json_of, serve, text_of, upstream, wait_for_port,
+    backend_of, client, free_port, json_of, metric_value, serve, upstream, wait_for_port,
 };
 
 struct Watched {
@@ -141,11 +141,7 @@ impl Load {
 }
 
 async fn metric(w: &Watched, line_start: &str) -> Option<f64> {
-    let text = text_of(client().get(format!("http://{}/metrics", w.admin))).await;
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    metric_value(w.admin, line_start).await
 }
 
 async fn services(w: &Watched) -> Value {

@@ -146,7 +146,7 @@ async fn test_health_services_reports_circuits_ok_degraded_down() {
     let (status, v) = crate::common::get_json(&c, &gw.url("/health")).await;
     assert_eq!((status, v["status"].as_str()), (200, Some("ok")));
     let services = || async {
-        let (status, v) = crate::common::get_json(&c, &gw.url("/health/services")).await;
+        let (status, v) = crate::common::get_json(&c, &gw.admin_url("/health/services")).await;
         (status, v)
     };
     let (status, v) = services().await;

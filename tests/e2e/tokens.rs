@@ -165,7 +165,18 @@ pub async fn jwks_server() -> JwksServer {
 /// The `auth:` section for a JWKS server.
 pub fn auth_yaml(jwks: &JwksServer) -> String {
     format!(
-        "auth:\n  jwks: {{url: \"{}\", min_refetch_interval: 1s, timeout: 1s}}\n  issuer: {ISSUER}\n  audience: {AUDIENCE}\n  leeway: 5s\n",
+        "auth:\n  jwks: {{url: \"{}\", min_refetch_interval: 1s, timeout: 1s}}\n  algorithms: [EdDSA, RS256, HS256]\n  issuer: {ISSUER}\n  audience: {AUDIENCE}\n  leeway: 5s\n",
         jwks.url()
     )
+}
+
+/// A development environment whose HS256 secret is `secret` (the gateway
+/// runs as `tiergate up` would: development unless the config says
+/// otherwise).
+pub fn dev_env(secret: &str) -> gateway::secret::Environment {
+    gateway::secret::Environment {
+        dev_jwt_secret: Some(gateway::secret::Secret::new(secret.to_owned())),
+        default_mode: gateway::config::RunMode::Development,
+        ..gateway::secret::Environment::default()
+    }
 }

@@ -124,6 +124,8 @@ pub struct Jwks {
     /// `started` offset (ms) of the last fetch triggered by an unknown kid.
     last_demand_ms: AtomicU64,
     started: Instant,
+    /// Bumped each time the key set is replaced.
+    generation: AtomicU64,
     /// Fetches that failed / succeeded (for metrics).
     pub failures: AtomicU64,
     /// Successful fetches.
@@ -141,6 +143,7 @@ impl Jwks {
             fetching: AtomicBool::new(false),
             last_demand_ms: AtomicU64::new(u64::MAX),
             started: Instant::now(),
+            generation: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             refreshes: AtomicU64::new(0),
         })
@@ -155,6 +158,13 @@ impl Jwks {
     /// and benches that have no JWKS server).
     pub fn replace_keys(&self, set: KeySet) {
         self.keys.store(Arc::new(set));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// How many times the key set was replaced (cached tokens remember the
+    /// generation their key was last seen in).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Starts the refresh task; it ends when the last `Arc<Jwks>` is gone.

@@ -5,11 +5,14 @@
 //! A verified token is remembered (bounded cache, until it expires), so a
 //! reused token costs a hash, a lookup and a byte comparison of the token.
 //! The comparison matters: the cache is keyed by a 64-bit hash, and a hash
-//! alone must never be what authenticates someone.
+//! alone must never be what authenticates someone. A cached token whose
+//! key left the JWKS at a refresh is dropped at its next use, so a rotated
+//! out (or compromised) key stops working at once, not at token expiry.
 
 pub mod jwks;
 
 use std::hash::BuildHasher;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -95,6 +98,16 @@ enum Roles {
 struct Cached {
     token: Box<str>,
     identity: Arc<Identity>,
+    /// The JWKS key that verified it (`None`: the development secret).
+    key: Option<KeyRef>,
+}
+
+/// Which JWKS key verified a cached token, and the key set generation it
+/// was last seen in.
+struct KeyRef {
+    kid: Option<Box<str>>,
+    alg: Algorithm,
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// Verifies tokens for one config.
@@ -212,12 +225,13 @@ impl Authenticator {
                 }
             }
         }
-        let identity = result.map_err(Unverified::into_error)?;
+        let (identity, key) = result.map_err(Unverified::into_error)?;
         self.cache.insert(
             self.hasher.hash_one(token.as_bytes()),
             Arc::new(Cached {
                 token: token.into(),
                 identity: identity.clone(),
+                key,
             }),
         );
         Ok(identity)
@@ -234,21 +248,36 @@ impl Authenticator {
             self.cache.remove(&hash);
             return None;
         }
+        if let (Some(key), Some(jwks)) = (&hit.key, &self.jwks) {
+            // A refresh replaced the key set: a token whose key left it
+            // is verified again (and refused), not served from here.
+            let generation = jwks.generation();
+            if key.generation.load(Ordering::Relaxed) != generation {
+                if jwks.keys().find(key.kid.as_deref(), key.alg).is_none() {
+                    self.cache.remove(&hash);
+                    return None;
+                }
+                key.generation.store(generation, Ordering::Relaxed);
+            }
+        }
         Some(hit.identity.clone())
     }
 
     /// Full verification without the cache and without refetching the key
     /// set (what a first-seen token costs).
     pub fn verify_uncached(&self, token: &str) -> Result<Arc<Identity>, AuthError> {
-        self.verify_once(token).map_err(Unverified::into_error)
+        self.verify_once(token)
+            .map(|(id, _)| id)
+            .map_err(Unverified::into_error)
     }
 
-    fn verify_once(&self, token: &str) -> Result<Arc<Identity>, Unverified> {
+    fn verify_once(&self, token: &str) -> Result<(Arc<Identity>, Option<KeyRef>), Unverified> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| reject(e.kind()))?;
         let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
             return Err(reject(&ErrorKind::InvalidAlgorithm));
         };
         let keys;
+        let mut key_ref = None;
         let key = if header.alg.family() == AlgorithmFamily::Hmac {
             self.hmac
                 .as_ref()
@@ -261,15 +290,23 @@ impl Authenticator {
                     "no key set is configured for this algorithm",
                 )));
             };
+            let generation = jwks.generation();
             keys = jwks.keys();
+            key_ref = Some(KeyRef {
+                kid: header.kid.as_deref().map(Into::into),
+                alg: header.alg,
+                generation: std::sync::atomic::AtomicU64::new(generation),
+            });
             keys.find(header.kid.as_deref(), header.alg)
                 .ok_or(Unverified::UnknownKey)?
         };
         let data =
             jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| reject(e.kind()))?;
-        self.identity(data.claims)
+        let identity = self
+            .identity(data.claims)
             .map(Arc::new)
-            .map_err(Unverified::Rejected)
+            .map_err(Unverified::Rejected)?;
+        Ok((identity, key_ref))
     }
 
     fn identity(&self, c: Claims) -> Result<Identity, AuthError> {
@@ -357,7 +394,7 @@ mod tests {
 
     fn settings() -> AuthSettings {
         let c = crate::config::parse(
-            "upstreams: {p: {backends: [{address: \"127.0.0.1:1\"}]}}\nroutes: [{name: r, match: {}, upstream: p}]\nauth: {issuer: iss, audience: aud}\n",
+            "upstreams: {p: {backends: [{address: \"127.0.0.1:1\"}]}}\nroutes: [{name: r, match: {}, upstream: p}]\nauth: {issuer: iss, audience: aud, algorithms: [EdDSA, HS256]}\n",
         )
         .unwrap();
         c.auth

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use jsonwebtoken::Algorithm as JwtAlgorithm;
 
-use super::dto::{AuthDto, LimitDto, LimitsDto, RateLimitDto, RedisDto};
+use super::dto::{AnonymousKeysDto, AuthDto, LimitDto, LimitsDto, RateLimitDto, RedisDto};
 use super::rules::{valid_name, Errors};
+use super::RunMode;
 
 /// Longest tier name.
 const MAX_TIERS: usize = 32;
@@ -98,6 +99,8 @@ pub struct RateLimitSettings {
     pub default_tier: usize,
     /// Limits of anonymous callers (per client IP).
     pub anonymous: Limits,
+    /// How anonymous callers are keyed.
+    pub anonymous_keys: AnonymousKeys,
     /// Redis settings (`target: None` = local limits only, unless
     /// `TIERGATE_REDIS_URL` is set).
     pub redis: RedisSettings,
@@ -109,6 +112,63 @@ impl RateLimitSettings {
         self.tiers
             .iter()
             .position(|t| t.name.eq_ignore_ascii_case(name))
+    }
+}
+
+/// Validated `rate_limit.anonymous_keys`: anonymous callers are keyed by
+/// their address, IPv6 ones by a prefix; past `max_tracked` keys, new
+/// callers share a bucket per overflow prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnonymousKeys {
+    /// Prefix length keying IPv6 callers.
+    pub ipv6_prefix: u8,
+    /// Most anonymous keys tracked.
+    pub max_tracked: usize,
+    /// Overflow prefix of IPv4 callers.
+    pub overflow_ipv4_prefix: u8,
+    /// Overflow prefix of IPv6 callers.
+    pub overflow_ipv6_prefix: u8,
+}
+
+impl Default for AnonymousKeys {
+    fn default() -> Self {
+        let d = AnonymousKeysDto::default();
+        Self {
+            ipv6_prefix: d.ipv6_prefix,
+            max_tracked: d.max_tracked,
+            overflow_ipv4_prefix: d.overflow_ipv4_prefix,
+            overflow_ipv6_prefix: d.overflow_ipv6_prefix,
+        }
+    }
+}
+
+fn anonymous_keys(k: &AnonymousKeysDto, errors: &mut Errors) -> AnonymousKeys {
+    let mut check = |key: &str, ok: bool, what: &str| {
+        if !ok {
+            errors.push((format!("rate_limit.anonymous_keys.{key}"), what.to_owned()));
+        }
+    };
+    check(
+        "ipv6_prefix",
+        (16..=128).contains(&k.ipv6_prefix),
+        "must be between 16 and 128",
+    );
+    check(
+        "overflow_ipv6_prefix",
+        (8..=k.ipv6_prefix.max(8)).contains(&k.overflow_ipv6_prefix),
+        "must be between 8 and `ipv6_prefix`",
+    );
+    check(
+        "overflow_ipv4_prefix",
+        (8..=32).contains(&k.overflow_ipv4_prefix),
+        "must be between 8 and 32",
+    );
+    check("max_tracked", k.max_tracked >= 1, "must be at least 1");
+    AnonymousKeys {
+        ipv6_prefix: k.ipv6_prefix,
+        max_tracked: k.max_tracked,
+        overflow_ipv4_prefix: k.overflow_ipv4_prefix,
+        overflow_ipv6_prefix: k.overflow_ipv6_prefix,
     }
 }
 
@@ -185,7 +245,7 @@ impl fmt::Debug for RedisUrl {
     }
 }
 
-pub(super) fn auth(a: &AuthDto, errors: &mut Errors) -> AuthSettings {
+pub(super) fn auth(a: &AuthDto, environment: Option<RunMode>, errors: &mut Errors) -> AuthSettings {
     let mut algorithms = Vec::new();
     for (i, name) in a.algorithms.iter().enumerate() {
         let at = format!("auth.algorithms[{i}]");
@@ -229,8 +289,26 @@ pub(super) fn auth(a: &AuthDto, errors: &mut Errors) -> AuthSettings {
         }
     });
     for (key, value) in [("issuer", &a.issuer), ("audience", &a.audience)] {
-        if value.as_deref() == Some("") {
-            errors.push((format!("auth.{key}"), "must not be empty".into()));
+        match value.as_deref() {
+            Some("") => errors.push((format!("auth.{key}"), "must not be empty".into())),
+            // Any key set's tokens would do otherwise: a token minted by
+            // the same identity provider for another service, say.
+            None if a.jwks.is_some() => errors.push((
+                format!("auth.{key}"),
+                format!(
+                    "is required with `auth.jwks` (the `{}` claim tokens must carry)",
+                    &key[..3]
+                ),
+            )),
+            _ => {}
+        }
+    }
+    if let Some(i) = algorithms.iter().position(|a| *a == JwtAlgorithm::HS256) {
+        if environment == Some(RunMode::Production) {
+            errors.push((
+                format!("auth.algorithms[{i}]"),
+                "HS256 (the development secret) needs `environment: development`".into(),
+            ));
         }
     }
     if a.max_token_bytes < 64 {
@@ -339,11 +417,13 @@ pub(super) fn rate_limit(r: &RateLimitDto, errors: &mut Errors) -> RateLimitSett
             .unwrap_or(0),
     };
     let anonymous = limits("rate_limit.anonymous", &r.anonymous, errors);
+    let anonymous_keys = anonymous_keys(&r.anonymous_keys, errors);
     let redis = redis(r.redis.as_ref(), errors);
     RateLimitSettings {
         tiers,
         default_tier,
         anonymous,
+        anonymous_keys,
         redis,
     }
 }

@@ -16,6 +16,10 @@ use serde::Deserialize;
 #[schemars(deny_unknown_fields)]
 #[serde(default)]
 pub struct ConfigDto {
+    /// `production` or `development`. Unset: `tiergate gateway` runs as
+    /// production, `tiergate up` as development. Only development accepts
+    /// the HS256 development secret (`TIERGATE_DEV_JWT_SECRET`).
+    pub environment: Option<EnvironmentDto>,
     /// Listeners and process tuning.
     pub server: ServerDto,
     /// Upstream pools by name.
@@ -36,6 +40,16 @@ pub struct ConfigDto {
     /// `- name: {config}`; checked by the plugin registry.
     #[schemars(with = "Option<Vec<PluginEntrySchema>>")]
     pub plugins: serde_yaml_ng::Value,
+}
+
+/// `environment`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EnvironmentDto {
+    /// Safe defaults enforced.
+    Production,
+    /// Development conveniences allowed (the HS256 secret).
+    Development,
 }
 
 /// `access_log:` — one JSON line per request, written by a background thread.
@@ -138,6 +152,134 @@ pub struct ServerDto {
     /// sockets to the new process (`tiergate gateway --upgrade`, then
     /// SIGQUIT to the old one).
     pub upgrade_sock: String,
+    /// Sizes of request heads, and connection counts, beyond which
+    /// requests and connections are refused.
+    pub limits: LimitsOfServerDto,
+    /// How long clients may take.
+    pub client_timeouts: ClientTimeoutsDto,
+    /// How request paths are normalised before routing.
+    pub path: PathDto,
+    /// Request headers whose name contains `_`: `drop` (default; nginx's
+    /// `underscores_in_headers off`) or `allow`.
+    pub underscores_in_headers: UnderscoresDto,
+    /// Whether the public listener's `/health/services` shows the full
+    /// document (backend addresses, errors, config hash); otherwise it shows
+    /// each pool's status and counts only, and the details are on the
+    /// admin listener.
+    pub health_details: bool,
+}
+
+/// `server.limits`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+#[serde(default)]
+pub struct LimitsOfServerDto {
+    /// Longest request line (method, target, version); longer: 414.
+    pub request_line_bytes: usize,
+    /// Longest single header line; longer: 431.
+    pub header_line_bytes: usize,
+    /// Largest request head (request line and every header); larger: 431.
+    pub head_bytes: usize,
+    /// Most header lines; more: 431.
+    pub headers: usize,
+    /// Most open client connections of this instance; beyond, new ones get
+    /// a 503 and are closed.
+    pub connections: usize,
+    /// Most open connections from one client address (IPv6: per /64);
+    /// 0 turns the cap off.
+    pub connections_per_ip: usize,
+}
+
+impl Default for LimitsOfServerDto {
+    fn default() -> Self {
+        Self {
+            request_line_bytes: 8 * 1024,
+            header_line_bytes: 8 * 1024,
+            head_bytes: 32 * 1024,
+            headers: 100,
+            connections: 10_000,
+            connections_per_ip: 0,
+        }
+    }
+}
+
+/// `server.client_timeouts`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+#[serde(default)]
+pub struct ClientTimeoutsDto {
+    /// Longest time to receive a whole request head, from its first byte
+    /// (from the connection's start for its first request); then 408 and
+    /// the connection is closed.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub request_head: Duration,
+    /// Longest wait for the next piece of a request body; then 408.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub body_idle: Duration,
+    /// How long an idle keep-alive connection is kept open (whole seconds;
+    /// `0s` turns keep-alive off).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub keepalive: Duration,
+}
+
+impl Default for ClientTimeoutsDto {
+    fn default() -> Self {
+        Self {
+            request_head: Duration::from_secs(10),
+            body_idle: Duration::from_secs(60),
+            keepalive: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `server.path`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+#[serde(default)]
+pub struct PathDto {
+    /// Merge repeated slashes (`//a///b` → `/a/b`).
+    pub merge_slashes: bool,
+    /// `%2F`, `%5C` and a raw `\` in a path: `reject` (400, default),
+    /// `keep` (forwarded encoded, inside one segment) or `decode` (turned
+    /// into `/` before normalising).
+    pub escaped_slashes: EscapedSlashesDto,
+}
+
+impl Default for PathDto {
+    fn default() -> Self {
+        Self {
+            merge_slashes: true,
+            escaped_slashes: EscapedSlashesDto::Reject,
+        }
+    }
+}
+
+/// `server.path.escaped_slashes`.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashesDto {
+    /// Answer 400.
+    #[default]
+    Reject,
+    /// Forward them encoded.
+    Keep,
+    /// Decode them to `/`.
+    Decode,
+}
+
+/// `server.underscores_in_headers`.
+#[derive(Debug, Default, Deserialize, Clone, Copy, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum UnderscoresDto {
+    /// Remove such headers before routing (many frameworks fold `X_User_Tier`
+    /// and `X-User-Tier` into one variable).
+    #[default]
+    Drop,
+    /// Keep them (identity headers are stripped in either spelling).
+    Allow,
 }
 
 impl Default for ServerDto {
@@ -151,6 +293,11 @@ impl Default for ServerDto {
             upstream_keepalive_pool_size: 256,
             trusted_proxies: Vec::new(),
             upgrade_sock: "/tmp/tiergate-upgrade.sock".to_owned(),
+            limits: LimitsOfServerDto::default(),
+            client_timeouts: ClientTimeoutsDto::default(),
+            path: PathDto::default(),
+            underscores_in_headers: UnderscoresDto::default(),
+            health_details: false,
         }
     }
 }
@@ -452,8 +599,9 @@ pub enum AuthModeDto {
 pub struct AuthDto {
     /// Where the public keys come from (EdDSA, RS256, ...).
     pub jwks: Option<JwksDto>,
-    /// Accepted `alg` values. `HS256` works only when the
-    /// `TIERGATE_DEV_JWT_SECRET` environment variable is set.
+    /// Accepted `alg` values. `HS256` must be listed here to be accepted,
+    /// and then works only with `environment: development` and the
+    /// `TIERGATE_DEV_JWT_SECRET` environment variable set.
     pub algorithms: Vec<String>,
     /// Required `iss` claim, when set.
     pub issuer: Option<String>,
@@ -473,7 +621,7 @@ impl Default for AuthDto {
     fn default() -> Self {
         Self {
             jwks: None,
-            algorithms: vec!["EdDSA".into(), "RS256".into(), "HS256".into()],
+            algorithms: vec!["EdDSA".into(), "RS256".into()],
             issuer: None,
             audience: None,
             leeway: Duration::from_secs(30),
@@ -527,8 +675,38 @@ pub struct RateLimitDto {
     pub default_tier: Option<String>,
     /// Limits of callers without a token, per client IP.
     pub anonymous: LimitsDto,
+    /// How anonymous callers are keyed.
+    pub anonymous_keys: AnonymousKeysDto,
     /// Shared limits across gateway instances.
     pub redis: Option<RedisDto>,
+}
+
+/// `rate_limit.anonymous_keys`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+#[serde(default)]
+pub struct AnonymousKeysDto {
+    /// IPv6 clients share a bucket per prefix of this length (a client
+    /// usually holds a whole /64, so per address would let it rotate).
+    pub ipv6_prefix: u8,
+    /// Most anonymous keys tracked at once. Beyond, a client not yet
+    /// tracked shares a bucket per overflow prefix.
+    pub max_tracked: usize,
+    /// The overflow prefix of IPv4 clients.
+    pub overflow_ipv4_prefix: u8,
+    /// The overflow prefix of IPv6 clients.
+    pub overflow_ipv6_prefix: u8,
+}
+
+impl Default for AnonymousKeysDto {
+    fn default() -> Self {
+        Self {
+            ipv6_prefix: 64,
+            max_tracked: 100_000,
+            overflow_ipv4_prefix: 24,
+            overflow_ipv6_prefix: 48,
+        }
+    }
 }
 
 impl Default for RateLimitDto {
@@ -548,6 +726,7 @@ impl Default for RateLimitDto {
             ],
             default_tier: None,
             anonymous: LimitsDto::default(),
+            anonymous_keys: AnonymousKeysDto::default(),
             redis: None,
         }
     }

@@ -19,8 +19,8 @@ use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 
 pub use access::{
-    AuthMode, AuthSettings, JwksSettings, Limits, RateLimitSettings, RedisSettings, RedisTarget,
-    RedisUrl, TierSpec,
+    AnonymousKeys, AuthMode, AuthSettings, JwksSettings, Limits, RateLimitSettings, RedisSettings,
+    RedisTarget, RedisUrl, TierSpec,
 };
 use lines::{join_key, LineMap};
 use lua_free_plugins::{Chain, Registry};
@@ -68,6 +68,9 @@ impl fmt::Display for ConfigErrors {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `environment`, when the file sets it (else the command decides:
+    /// `gateway` is production, `up` development).
+    pub environment: Option<RunMode>,
     /// Listeners and runtime tuning.
     pub server: ServerSettings,
     /// Upstream pools, sorted by name.
@@ -86,6 +89,84 @@ pub struct Config {
     pub access_log: AccessLogSettings,
     /// SHA-256 of the config text (hex), as `sha256sum` prints it.
     pub source_sha256: String,
+}
+
+/// Production or development.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RunMode {
+    /// Safe defaults enforced: no HS256 development secret.
+    #[default]
+    Production,
+    /// The HS256 development secret may be used.
+    Development,
+}
+
+impl RunMode {
+    /// The config's `environment`, else `default` (the command's).
+    pub fn of(config: &Config, default: RunMode) -> RunMode {
+        config.environment.unwrap_or(default)
+    }
+}
+
+/// Request hygiene at the edge: sizes and times beyond which the
+/// connection layer refuses a request or a connection, and how the router
+/// normalises paths and headers. Lives in the snapshot: a reload applies
+/// it (to new connections; open ones keep theirs until they close).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EdgeSettings {
+    /// Longest request line (414 beyond).
+    pub request_line_bytes: usize,
+    /// Longest header line (431 beyond).
+    pub header_line_bytes: usize,
+    /// Largest request head, request line included (431 beyond).
+    pub head_bytes: usize,
+    /// Most header lines (431 beyond).
+    pub headers: usize,
+    /// Most open client connections.
+    pub connections: usize,
+    /// Most open connections per client address (IPv6 per /64); 0: off.
+    pub connections_per_ip: usize,
+    /// Longest time to receive a request head.
+    pub head_timeout: Duration,
+    /// Longest wait between two reads of a request body.
+    pub body_idle_timeout: Duration,
+    /// Idle keep-alive time, whole seconds (0: no keep-alive).
+    pub keepalive_secs: u64,
+    /// Path normalisation.
+    pub path: PathSettings,
+    /// Whether header names with `_` are dropped.
+    pub drop_underscore_headers: bool,
+}
+
+/// How request paths are normalised (see [`crate::router::canonical`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathSettings {
+    /// Merge repeated slashes.
+    pub merge_slashes: bool,
+    /// `%2F`, `%5C` and a raw `\`.
+    pub escaped_slashes: EscapedSlashes,
+}
+
+impl Default for PathSettings {
+    fn default() -> Self {
+        Self {
+            merge_slashes: true,
+            escaped_slashes: EscapedSlashes::Reject,
+        }
+    }
+}
+
+/// What to do with `%2F`, `%5C` and a raw `\` in a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EscapedSlashes {
+    /// 400: a backend that decodes them would see other segments than
+    /// routing did.
+    #[default]
+    Reject,
+    /// Forward them encoded (`%2F`, `%5C`), inside one segment.
+    Keep,
+    /// Decode them to `/` before the path is normalised.
+    Decode,
 }
 
 /// The access log.
@@ -182,6 +263,10 @@ pub struct ServerSettings {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The binary-upgrade socket.
     pub upgrade_sock: std::path::PathBuf,
+    /// Request hygiene.
+    pub edge: EdgeSettings,
+    /// The public `/health/services` shows the full document.
+    pub health_details: bool,
 }
 
 /// A validated upstream pool.

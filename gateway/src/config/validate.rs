@@ -9,16 +9,17 @@ use lua_free_plugins::{build_chain, Chain, Registry};
 use regex::{Regex, RegexBuilder};
 
 use super::access::{self, AuthMode, RateLimitSettings};
-use super::dto::AuthModeDto;
 use super::dto::{
     AlgorithmDto, BackendDto, CheckTypeDto, ConfigDto, HashOnDto, HealthCheckDto, PathMatchDto,
     RouteDto, TimeoutsDto, UpstreamDto,
 };
+use super::dto::{AuthModeDto, EnvironmentDto, EscapedSlashesDto, UnderscoresDto};
 use super::rules::{valid_name, Errors};
 use super::{
     AccessLogSettings, AdminSettings, Algorithm, BackendAddress, BackendSpec, CheckKind, Config,
-    DnsSettings, HashKey, HealthCheckSpec, HostMatch, LogTarget, PathMatch, PathRewrite, RouteSpec,
-    ServerSettings, Timeouts, UpstreamHost, UpstreamSpec,
+    DnsSettings, EdgeSettings, EscapedSlashes, HashKey, HealthCheckSpec, HostMatch, LogTarget,
+    PathMatch, PathRewrite, PathSettings, RouteSpec, RunMode, ServerSettings, Timeouts,
+    UpstreamHost, UpstreamSpec,
 };
 
 /// Most backends one pool may have (after DNS expansion too).
@@ -32,7 +33,11 @@ pub(super) fn validate(dto: ConfigDto, registry: &Registry) -> Result<Config, Er
     let mut errors = Errors::new();
     let global = plugins("plugins", &dto.plugins, registry, &mut errors);
     let server = server(&dto, &mut errors);
-    let auth = access::auth(&dto.auth, &mut errors);
+    let environment = dto.environment.map(|e| match e {
+        EnvironmentDto::Production => RunMode::Production,
+        EnvironmentDto::Development => RunMode::Development,
+    });
+    let auth = access::auth(&dto.auth, environment, &mut errors);
     let rate_limit = access::rate_limit(&dto.rate_limit, &mut errors);
     let admin = admin(&dto, &mut errors);
     let dns = dns(&dto, &mut errors);
@@ -70,6 +75,7 @@ pub(super) fn validate(dto: ConfigDto, registry: &Registry) -> Result<Config, Er
     duplicate_matchers(&dto.routes, &mut errors);
     match server {
         Some(server) if errors.is_empty() => Ok(Config {
+            environment,
             server,
             upstreams,
             routes,
@@ -164,6 +170,7 @@ fn server(dto: &ConfigDto, errors: &mut Errors) -> Option<ServerSettings> {
             )),
         }
     }
+    let edge = edge(s, errors);
     (errors.len() == before).then_some(ServerSettings {
         listen,
         threads,
@@ -173,7 +180,91 @@ fn server(dto: &ConfigDto, errors: &mut Errors) -> Option<ServerSettings> {
         upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
         trusted_proxies,
         upgrade_sock: s.upgrade_sock.clone().into(),
+        edge,
+        health_details: s.health_details,
     })
+}
+
+/// Largest request head Pingora itself reads (its own cap is 1 MiB).
+const MAX_HEAD_BYTES: usize = 1 << 20;
+/// Most header lines Pingora's parser takes.
+const MAX_HEADERS: usize = 256;
+
+fn edge(s: &super::dto::ServerDto, errors: &mut Errors) -> EdgeSettings {
+    let l = &s.limits;
+    let t = &s.client_timeouts;
+    let mut check = |key: &str, ok: bool, what: String| {
+        if !ok {
+            errors.push((format!("server.{key}"), what));
+        }
+    };
+    for (key, v) in [
+        ("request_line_bytes", l.request_line_bytes),
+        ("header_line_bytes", l.header_line_bytes),
+    ] {
+        check(
+            &format!("limits.{key}"),
+            (256..=l.head_bytes.max(256)).contains(&v),
+            format!(
+                "must be between 256 and `head_bytes` ({}), got {v}",
+                l.head_bytes
+            ),
+        );
+    }
+    check(
+        "limits.head_bytes",
+        (1024..=MAX_HEAD_BYTES).contains(&l.head_bytes),
+        format!(
+            "must be between 1024 and {MAX_HEAD_BYTES}, got {}",
+            l.head_bytes
+        ),
+    );
+    check(
+        "limits.headers",
+        (1..=MAX_HEADERS).contains(&l.headers),
+        format!("must be between 1 and {MAX_HEADERS}, got {}", l.headers),
+    );
+    check(
+        "limits.connections",
+        l.connections >= 1,
+        "must be at least 1".into(),
+    );
+    check(
+        "client_timeouts.request_head",
+        !t.request_head.is_zero() && t.request_head <= Duration::from_secs(3600),
+        "must be greater than 0 and at most 1h".into(),
+    );
+    check(
+        "client_timeouts.body_idle",
+        !t.body_idle.is_zero() && t.body_idle <= Duration::from_secs(3600),
+        "must be greater than 0 and at most 1h".into(),
+    );
+    check(
+        "client_timeouts.keepalive",
+        t.keepalive <= Duration::from_secs(3600),
+        "must be at most 1h (0s turns keep-alive off)".into(),
+    );
+    EdgeSettings {
+        request_line_bytes: l.request_line_bytes,
+        header_line_bytes: l.header_line_bytes,
+        head_bytes: l.head_bytes,
+        headers: l.headers,
+        connections: l.connections.max(1),
+        connections_per_ip: l.connections_per_ip,
+        head_timeout: t.request_head,
+        body_idle_timeout: t.body_idle,
+        // Pingora counts whole seconds; round up so `500ms` is not "off".
+        keepalive_secs: t.keepalive.as_secs() + u64::from(t.keepalive.subsec_nanos() > 0),
+        path: PathSettings {
+            merge_slashes: s.path.merge_slashes,
+            escaped_slashes: match s.path.escaped_slashes {
+                EscapedSlashesDto::Reject => EscapedSlashes::Reject,
+                EscapedSlashesDto::Keep => EscapedSlashes::Keep,
+                EscapedSlashesDto::Decode => EscapedSlashes::Decode,
+            },
+        },
+        drop_underscore_headers: s.underscores_in_headers == UnderscoresDto::Drop,
+    }
 }
 
 fn upstream(name: &str, u: &UpstreamDto, errors: &mut Errors) -> Option<UpstreamSpec> {

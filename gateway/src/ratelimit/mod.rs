@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 
 use http::HeaderValue;
 
+use std::net::IpAddr;
+
 use crate::background::Background;
-use crate::config::{Limits, RateLimitSettings};
+use crate::config::{AnonymousKeys, Limits, RateLimitSettings};
 use gcra::{KeyState, Policy, Window};
 use shared::Shared;
 
@@ -69,9 +71,50 @@ impl BuildHasher for PassThrough {
     }
 }
 
-/// The map key of (caller key, class).
-fn slot(key: u64, class: usize) -> u64 {
-    key ^ (class as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+/// The map key of (caller key, class), by the class's seed: a hash of its
+/// tier name, so a key keeps its slot when a reload reorders the tiers.
+fn slot(key: u64, seed: u64) -> u64 {
+    key ^ seed
+}
+
+/// The seed of a class named `name` ([`slot`]).
+fn seed_of(name: &str) -> u64 {
+    use std::hash::BuildHasher as _;
+    static SEEDS: LazyLock<foldhash::fast::FixedState> =
+        LazyLock::new(|| foldhash::fast::FixedState::with_seed(0x5eed_c1a5));
+    SEEDS.hash_one(name) | 1
+}
+
+/// The seed of the per-address count of failed token verifications.
+static VERIFICATION_SEED: LazyLock<u64> = LazyLock::new(|| seed_of("\0verification"));
+
+/// An anonymous caller's key: its address, or the prefix it is counted by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AnonymousKey {
+    /// The limiter key.
+    pub key: u64,
+    /// The network it stands for (a /32 for an IPv4 address).
+    pub net: ipnet::IpNet,
+}
+
+impl AnonymousKey {
+    fn of(net: ipnet::IpNet) -> Self {
+        let net = net.trunc();
+        let key = match net {
+            ipnet::IpNet::V4(n) => key_of(&[b"ip", &n.addr().octets(), &[n.prefix_len()]]),
+            ipnet::IpNet::V6(n) => key_of(&[b"ip6", &n.addr().octets(), &[n.prefix_len()]]),
+        };
+        Self { key, net }
+    }
+
+    /// How the key is named in Redis: `ip:<address>` for a whole IPv4
+    /// address, `ip:<network>/<len>` for a prefix.
+    pub fn redis_id(&self) -> String {
+        match self.net {
+            ipnet::IpNet::V4(n) if n.prefix_len() == 32 => format!("ip:{}", n.addr()),
+            net => format!("ip:{net}"),
+        }
+    }
 }
 
 /// Whether buckets kept for `old` classes mean the same in `new`: the same
@@ -93,6 +136,8 @@ fn compatible(old: &[ClassPolicy], new: &[ClassPolicy]) -> bool {
 pub struct ClassPolicy {
     /// Tier name (`anonymous` for the anonymous class).
     pub name: String,
+    /// Its slot seed ([`slot`]).
+    seed: u64,
     /// The full limits.
     pub policy: Policy,
     /// Each instance's share while Redis is unreachable.
@@ -131,6 +176,7 @@ impl ClassPolicy {
             .collect();
         Self {
             name: name.to_owned(),
+            seed: seed_of(name),
             redis_args,
             policy: Policy::new(windows),
             fallback: Policy::new(fallback),
@@ -185,11 +231,31 @@ pub enum DecisionSource {
 pub struct RateLimiter {
     classes: Vec<ClassPolicy>,
     default_tier: usize,
-    /// Local buckets; shared with the limiter a reload replaces when its
-    /// tiers are compatible (see [`RateLimiter::after_reload`]).
-    local: Arc<papaya::HashMap<u64, KeyState, PassThrough>>,
+    anonymous_keys: AnonymousKeys,
+    /// Local buckets of the tiers; shared with the limiter a reload
+    /// replaces when its tiers are compatible (see
+    /// [`RateLimiter::after_reload`]).
+    local: Arc<LocalMap>,
+    /// Local buckets of anonymous callers and their failed token
+    /// verifications: kept apart so their number can be capped.
+    local_anonymous: Arc<LocalMap>,
     shared: Option<Arc<Shared>>,
     epoch: Instant,
+}
+
+type LocalMap = papaya::HashMap<u64, KeyState, PassThrough>;
+
+fn local_map() -> Arc<LocalMap> {
+    Arc::new(
+        papaya::HashMap::builder()
+            .hasher(PassThrough)
+            // Incremental: a resize is spread over later inserts. Blocking
+            // made a cold key 3× cheaper on average but stalled one request
+            // ~130 ms when a 1 M-key table grew (limiter_memory bench);
+            // this keeps the worst single decision ~0.5 ms.
+            .resize_mode(papaya::ResizeMode::Incremental(64))
+            .build(),
+    )
 }
 
 impl RateLimiter {
@@ -235,27 +301,29 @@ impl RateLimiter {
         };
         let carried = old.filter(|old| compatible(&old.classes, &classes));
         let epoch = carried.map_or_else(Instant::now, |old| old.epoch);
-        let shared = match (target, bg) {
-            (Some(target), Some(bg)) => Some(Shared::start(target, &settings.redis, epoch, bg)),
+        // The Redis side (leases, debt still to charge) carries over
+        // whenever the target is the same, whatever else changed.
+        let kept_shared = old
+            .and_then(|o| o.shared.as_ref())
+            .zip(target.as_ref())
+            .filter(|(s, t)| s.serves(t, &settings.redis))
+            .map(|(s, _)| {
+                s.retune(&settings.redis);
+                s.clone()
+            });
+        let shared = match (kept_shared, target, bg) {
+            (Some(kept), _, _) => Some(kept),
+            (None, Some(target), Some(bg)) => {
+                Some(Shared::start(target, &settings.redis, Instant::now(), bg))
+            }
             _ => None,
         };
         let limiter = Arc::new(Self {
             classes,
             default_tier: settings.default_tier,
-            local: match carried {
-                Some(old) => old.local.clone(),
-                None => Arc::new(
-                    papaya::HashMap::builder()
-                        .hasher(PassThrough)
-                        // Incremental: a resize is spread over later inserts.
-                        // Blocking made a cold key 3× cheaper on average but
-                        // stalled one request ~130 ms when a 1 M-key table
-                        // grew (limiter_memory bench); this keeps the worst
-                        // single decision ~0.5 ms.
-                        .resize_mode(papaya::ResizeMode::Incremental(64))
-                        .build(),
-                ),
-            },
+            anonymous_keys: settings.anonymous_keys,
+            local: carried.map_or_else(local_map, |old| old.local.clone()),
+            local_anonymous: carried.map_or_else(local_map, |old| old.local_anonymous.clone()),
             shared,
             epoch,
         });
@@ -306,16 +374,17 @@ impl RateLimiter {
         if class_policy.unlimited() {
             return None;
         }
-        let slot = slot(key, class);
+        let slot = slot(key, class_policy.seed);
+        let anonymous = class >= self.anonymous();
         match &self.shared {
             Some(shared) => Some(
                 shared
-                    .check(class_policy, slot, || {
+                    .check(class_policy, slot, anonymous, || {
                         format!("{}:{}", redis_id(), class_policy.name)
                     })
                     .await,
             ),
-            None => Some(self.decide_local(class_policy, slot)),
+            None => Some(self.decide_local(class_policy, slot, anonymous)),
         }
     }
 
@@ -327,15 +396,59 @@ impl RateLimiter {
         if class_policy.unlimited() {
             return None;
         }
-        Some(self.decide_local(class_policy, slot(key, class)))
+        let anonymous = class >= self.anonymous();
+        Some(self.decide_local(class_policy, slot(key, class_policy.seed), anonymous))
     }
 
-    fn decide_local(&self, class: &ClassPolicy, slot: u64) -> Verdict {
+    fn local_map(&self, anonymous: bool) -> &LocalMap {
+        if anonymous {
+            &self.local_anonymous
+        } else {
+            &self.local
+        }
+    }
+
+    fn decide_local(&self, class: &ClassPolicy, slot: u64, anonymous: bool) -> Verdict {
         let now = self.now_ns();
-        let map = self.local.pin();
+        let map = self.local_map(anonymous).pin();
         let state = map.get_or_insert_with(slot, KeyState::default);
         let d = class.policy.check(state, now);
         verdict_of(&d, DecisionSource::Local)
+    }
+
+    /// The key of an anonymous caller at `ip`: the address (IPv4), or its
+    /// `ipv6_prefix` (IPv6). Once `max_tracked` anonymous keys are tracked,
+    /// a caller not tracked yet gets the key of its overflow prefix
+    /// instead, shared with its neighbours: rotating addresses can neither
+    /// reset a limit nor grow memory (and Redis traffic) without bound.
+    pub fn anonymous_key(&self, ip: Option<IpAddr>) -> AnonymousKey {
+        let k = &self.anonymous_keys;
+        let ip = match ip.unwrap_or(IpAddr::from([0, 0, 0, 0])) {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        let net = |v4_len: u8, v6_len: u8| match ip {
+            IpAddr::V4(a) => ipnet::IpNet::new(IpAddr::V4(a), v4_len),
+            IpAddr::V6(a) => ipnet::IpNet::new(IpAddr::V6(a), v6_len),
+        };
+        let own = AnonymousKey::of(net(32, k.ipv6_prefix).unwrap_or_else(|_| ip.into()));
+        if self.tracked_anonymous() < k.max_tracked || self.is_tracked_anonymous(own.key) {
+            return own;
+        }
+        net(k.overflow_ipv4_prefix, k.overflow_ipv6_prefix).map_or(own, AnonymousKey::of)
+    }
+
+    /// Anonymous keys held now (local buckets, and Redis-side entries).
+    pub fn tracked_anonymous(&self) -> usize {
+        self.local_anonymous.len() + self.shared.as_ref().map_or(0, |s| s.tracked_anonymous())
+    }
+
+    fn is_tracked_anonymous(&self, key: u64) -> bool {
+        let slot = slot(key, self.class(self.anonymous()).seed);
+        match &self.shared {
+            Some(s) => s.tracks_anonymous(slot),
+            None => self.local_anonymous.pin().contains_key(&slot),
+        }
     }
 
     /// Whether the client at `ip_key` may have a token verified now: each
@@ -347,8 +460,8 @@ impl RateLimiter {
         if anonymous.unlimited() {
             return Ok(());
         }
-        let map = self.local.pin();
-        let Some(state) = map.get(&slot(ip_key, self.classes.len())) else {
+        let map = self.local_anonymous.pin();
+        let Some(state) = map.get(&slot(ip_key, *VERIFICATION_SEED)) else {
             return Ok(());
         };
         let wait = anonymous.policy.wait_time(state, self.now_ns());
@@ -365,20 +478,25 @@ impl RateLimiter {
         if anonymous.unlimited() {
             return;
         }
-        let _ = self.decide_local(anonymous, slot(ip_key, self.classes.len()));
+        let _ = self.decide_local(anonymous, slot(ip_key, *VERIFICATION_SEED), true);
     }
 
     /// Keys tracked (local and shared).
     pub fn tracked_keys(&self) -> usize {
-        self.local.len() + self.shared.as_ref().map_or(0, |s| s.tracked_keys())
+        self.local.len()
+            + self.local_anonymous.len()
+            + self.shared.as_ref().map_or(0, |s| s.tracked_keys())
     }
 
     /// Forgets every local key whose buckets are full again.
     pub fn sweep(&self) {
         let now = self.now_ns();
         self.local.pin().retain(|_, state| !state.is_idle(now));
+        self.local_anonymous
+            .pin()
+            .retain(|_, state| !state.is_idle(now));
         if let Some(shared) = &self.shared {
-            shared.sweep(now);
+            shared.sweep();
         }
     }
 }

@@ -57,13 +57,29 @@ const FIRST_CONNECT_WAIT: Duration = Duration::from_secs(1);
 /// once), deducts `delta` first (debt when positive, returned tokens when
 /// negative). Time is Redis's own, so instances' clocks do not matter.
 /// Returns {granted, ms until one more token, tightest window index,
-/// tokens left in it, ms until it is full}.
+/// tokens left in it, ms until it is full, delta charged, 1 when this is
+/// a replayed answer}.
+///
+/// Idempotent per call id: each instance keeps its last call's id and
+/// answer in the key's hash (field `c:<instance>`). A call whose answer
+/// was lost (a timeout after the script ran) is sent again with the same
+/// id and gets the same answer back, so its grant is not lost and its
+/// debt not charged twice.
 const LEASE_SCRIPT: &str = r"
+local n = tonumber(ARGV[3])
+local field = ARGV[4 + 2 * n]
+local cid = ARGV[5 + 2 * n]
+local last = redis.call('HGET', KEYS[1], field)
+if last then
+  local id, g, w, ti, r, f, d = string.match(last, '^(%d+),(%-?%d+),(%-?%d+),(%-?%d+),(%-?%d+),(%-?%d+),(%-?%d+)$')
+  if id == cid then
+    return {tonumber(g), tonumber(w), tonumber(ti), tonumber(r), tonumber(f), tonumber(d), 1}
+  end
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local want = tonumber(ARGV[1])
 local delta = tonumber(ARGV[2])
-local n = tonumber(ARGV[3])
 local fields = redis.call('HMGET', KEYS[1], 'ts', 'l1', 'l2', 'l3')
 local ts = tonumber(fields[1]) or now
 local elapsed = now - ts
@@ -100,9 +116,11 @@ for i = 1, n do
     tight_reset = math.ceil((limit[i] - level[i]) * period[i] / limit[i])
   end
 end
+set[#set + 1] = field
+set[#set + 1] = table.concat({cid, grant, wait, tight - 1, tight_rem, tight_reset, delta}, ',')
 redis.call('HSET', KEYS[1], unpack(set))
 redis.call('PEXPIRE', KEYS[1], maxp * 2)
-return {grant, wait, tight - 1, tight_rem, tight_reset}
+return {grant, wait, tight - 1, tight_rem, tight_reset, delta, 0}
 ";
 
 /// Counters of the Redis side (exported as metrics).
@@ -120,6 +138,10 @@ pub struct SharedStats {
     pub cold_waits: AtomicU64,
     /// Times Redis was declared unreachable.
     pub outages: AtomicU64,
+    /// Calls that timed out (their answer may come again on a replay).
+    pub timeouts: AtomicU64,
+    /// Answers Redis gave again for a call whose first answer was lost.
+    pub replays: AtomicU64,
 }
 
 /// One (caller, tier) key's shared state.
@@ -141,6 +163,9 @@ struct Entry {
     /// Admissions made without a lease, not yet charged in Redis;
     /// negative when leased tokens are being handed back.
     debt: AtomicI64,
+    /// The id of a call whose answer never arrived (0: none): the next
+    /// call sends it again, so Redis answers it instead of running twice.
+    unacked: AtomicU64,
     in_flight: AtomicBool,
     /// Which of the shared `Notify`s waiters of this key park on.
     stripe: u8,
@@ -173,16 +198,34 @@ impl Clone for Conn {
     }
 }
 
-/// The Redis side of the limiter.
+/// A key's state in this instance, by slot.
+type Entries = papaya::HashMap<u64, Arc<Entry>, PassThrough>;
+
+/// A lease call to make: the key, and its class's current windows (a
+/// reload may have changed the limits since the key was first seen).
+type Call = (Arc<Entry>, Arc<[(u64, u64)]>);
+
+/// The Redis side of the limiter. Kept across reloads while the Redis
+/// target and key prefix stay the same ([`Shared::serves`]), so leases and
+/// debt still to charge survive a change of tiers or limits.
 pub struct Shared {
     target: RedisTarget,
     key_prefix: String,
-    instances: u64,
-    cold_wait: Duration,
-    timeout: Duration,
-    lease_idle: u64,
-    entries: papaya::HashMap<u64, Arc<Entry>, PassThrough>,
-    tx: mpsc::UnboundedSender<Arc<Entry>>,
+    /// The tunables a reload may change ([`Shared::retune`]).
+    instances: AtomicU64,
+    cold_wait_ns: AtomicU64,
+    timeout_ns: AtomicU64,
+    lease_idle: AtomicU64,
+    /// This instance's field in each key's hash (`c:<random id>`).
+    field: String,
+    /// The last call id used.
+    call_ids: AtomicU64,
+    /// Timeouts since the last answer.
+    timeouts_in_a_row: AtomicU32,
+    entries: Entries,
+    /// Anonymous callers' keys, apart so their number can be capped.
+    anonymous: Entries,
+    tx: mpsc::UnboundedSender<Call>,
     /// Cold-key waiters park here, by key.
     stripes: Box<[Notify]>,
     conn: Mutex<Option<Conn>>,
@@ -212,21 +255,28 @@ impl Shared {
         bg: &Background,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let shared = Arc::new(Self {
-            target,
-            key_prefix: settings.key_prefix.clone(),
-            instances: u64::from(settings.expected_instances.max(1)),
-            cold_wait: settings.cold_wait,
-            timeout: settings.timeout,
-            lease_idle: settings.lease_idle.as_nanos() as u64,
-            entries: papaya::HashMap::builder()
+        let entries = || {
+            papaya::HashMap::builder()
                 .hasher(PassThrough)
                 // Incremental: a resize is spread over later inserts. Blocking
                 // made a cold key 3× cheaper on average but stalled one
                 // request ~130 ms when a 1 M-key table grew (limiter_memory
                 // bench); this keeps the worst single decision ~0.5 ms.
                 .resize_mode(papaya::ResizeMode::Incremental(64))
-                .build(),
+                .build()
+        };
+        let shared = Arc::new(Self {
+            target,
+            key_prefix: settings.key_prefix.clone(),
+            instances: AtomicU64::new(0),
+            cold_wait_ns: AtomicU64::new(0),
+            timeout_ns: AtomicU64::new(0),
+            lease_idle: AtomicU64::new(0),
+            field: format!("c:{:016x}", fastrand::u64(..)),
+            call_ids: AtomicU64::new(0),
+            timeouts_in_a_row: AtomicU32::new(0),
+            entries: entries(),
+            anonymous: entries(),
             tx,
             stripes: (0..STRIPES).map(|_| Notify::new()).collect(),
             conn: Mutex::new(None),
@@ -235,11 +285,37 @@ impl Shared {
             epoch,
             stats: SharedStats::default(),
         });
+        shared.retune(settings);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         bg.spawn(probe_loop(Arc::downgrade(&shared), ready_tx));
         bg.spawn(lease_loop(Arc::downgrade(&shared), rx));
         let _ = ready_rx.recv_timeout(FIRST_CONNECT_WAIT);
         shared
+    }
+
+    /// Whether this serves `target` under `settings`' key prefix (then a
+    /// reload keeps it).
+    pub fn serves(&self, target: &RedisTarget, settings: &RedisSettings) -> bool {
+        self.target == *target && self.key_prefix == settings.key_prefix
+    }
+
+    /// Takes a reload's tunables: instances, cold wait, timeout, lease idle.
+    pub fn retune(&self, settings: &RedisSettings) {
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.instances.store(
+            u64::from(settings.expected_instances.max(1)),
+            Ordering::Relaxed,
+        );
+        self.cold_wait_ns
+            .store(ns(settings.cold_wait), Ordering::Relaxed);
+        self.timeout_ns
+            .store(ns(settings.timeout), Ordering::Relaxed);
+        self.lease_idle
+            .store(ns(settings.lease_idle), Ordering::Relaxed);
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_nanos(self.timeout_ns.load(Ordering::Relaxed))
     }
 
     /// Whether Redis is currently used (not in fallback).
@@ -249,7 +325,17 @@ impl Shared {
 
     /// Keys tracked.
     pub fn tracked_keys(&self) -> usize {
-        self.entries.len()
+        self.entries.len() + self.anonymous.len()
+    }
+
+    /// Anonymous callers' keys tracked.
+    pub fn tracked_anonymous(&self) -> usize {
+        self.anonymous.len()
+    }
+
+    /// Whether an anonymous caller's key is tracked.
+    pub(super) fn tracks_anonymous(&self, slot: u64) -> bool {
+        self.anonymous.pin().contains_key(&slot)
     }
 
     fn now(&self) -> u64 {
@@ -260,11 +346,17 @@ impl Shared {
         &self,
         class: &ClassPolicy,
         slot: u64,
+        anonymous: bool,
         redis_id: impl FnOnce() -> String,
     ) -> Verdict {
         let now = self.now();
+        let entries = if anonymous {
+            &self.anonymous
+        } else {
+            &self.entries
+        };
         let entry = {
-            let map = self.entries.pin();
+            let map = entries.pin();
             map.get_or_insert_with(slot, || Arc::new(self.entry(class, redis_id(), slot, now)))
                 .clone()
         };
@@ -282,9 +374,10 @@ impl Shared {
         // Cold (or exhausted) key: ask Redis and wait a little. The
         // stripe is shared, so a wake-up may be another key's: re-check.
         self.stats.cold_waits.fetch_add(1, Ordering::Relaxed);
-        let deadline = tokio::time::Instant::now() + self.cold_wait;
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_nanos(self.cold_wait_ns.load(Ordering::Relaxed));
         let stripe = &self.stripes[usize::from(entry.stripe)];
-        self.request(&entry, now);
+        self.request(&entry, class, now);
         loop {
             let mut notified = pin!(stripe.notified());
             notified.as_mut().enable();
@@ -313,6 +406,7 @@ impl Shared {
             windows: class.redis_args.clone(),
             lease: AtomicU64::new(0),
             debt: AtomicI64::new(0),
+            unacked: AtomicU64::new(0),
             in_flight: AtomicBool::new(false),
             stripe: (slot % STRIPES as u64) as u8,
             tight_window: AtomicU8::new(0),
@@ -336,7 +430,7 @@ impl Shared {
             .ok()?;
         let left = (prev & LEASE_MASK) - 1;
         if left <= u64::from(entry.want.load(Ordering::Relaxed) / 2) {
-            self.request(entry, now);
+            self.request(entry, class, now);
         }
         self.stats.leased.fetch_add(1, Ordering::Relaxed);
         let window = usize::from(entry.tight_window.load(Ordering::Relaxed));
@@ -395,7 +489,7 @@ impl Shared {
     }
 
     /// Queues a lease call for `entry` unless one is pending.
-    fn request(&self, entry: &Arc<Entry>, now: u64) {
+    fn request(&self, entry: &Arc<Entry>, class: &ClassPolicy, now: u64) {
         if entry.in_flight.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -404,53 +498,70 @@ impl Shared {
         let elapsed = now.saturating_sub(since).max(1_000_000);
         let per_lookahead =
             (u128::from(count) * LOOKAHEAD.as_nanos()).div_ceil(u128::from(elapsed));
-        let min_limit = entry.windows.iter().map(|w| w.0).min().unwrap_or(1);
-        let cap = (min_limit / (2 * self.instances)).clamp(1, u64::from(u32::MAX));
+        let min_limit = class.redis_args.iter().map(|w| w.0).min().unwrap_or(1);
+        let instances = self.instances.load(Ordering::Relaxed).max(1);
+        let cap = (min_limit / (2 * instances)).clamp(1, u64::from(u32::MAX));
         let want = u64::try_from(per_lookahead)
             .unwrap_or(u64::MAX)
             .clamp(1, cap);
         entry
             .want
             .store(u32::try_from(want).unwrap_or(u32::MAX), Ordering::Relaxed);
-        if self.tx.send(entry.clone()).is_err() {
+        if self
+            .tx
+            .send((entry.clone(), class.redis_args.clone()))
+            .is_err()
+        {
             entry.in_flight.store(false, Ordering::Release);
         }
     }
 
-    /// One script call for `entry` (on the background runtime).
-    async fn sync(&self, entry: Arc<Entry>, want: u64) {
+    /// One script call for `entry` with its class's `windows` (on the
+    /// background runtime).
+    async fn sync(&self, entry: Arc<Entry>, want: u64, windows: Arc<[(u64, u64)]>) {
         // The debt stays on the entry until Redis has charged it, so
         // `remaining` (lease + Redis left - debt) never counts it as free
         // while the call is in flight.
         let delta = entry.debt.load(Ordering::Acquire);
+        let call_id = match entry.unacked.load(Ordering::Acquire) {
+            0 => self.call_ids.fetch_add(1, Ordering::Relaxed) + 1,
+            lost => lost,
+        };
         let key = format!("{}{}", self.key_prefix, entry.id);
         let conn = self.conn.lock().ok().and_then(|c| c.clone());
+        let timeout = self.timeout();
         let result = match conn {
             Some(mut conn) => {
                 self.stats.calls.fetch_add(1, Ordering::Relaxed);
                 let mut call = self.script.key(&key);
-                call.arg(want).arg(delta).arg(entry.windows.len());
-                for (limit, period_ms) in entry.windows.iter() {
+                call.arg(want).arg(delta).arg(windows.len());
+                for (limit, period_ms) in windows.iter() {
                     call.arg(*limit).arg(*period_ms);
                 }
+                call.arg(&self.field).arg(call_id);
                 let fut = async {
                     match &mut conn {
                         Conn::Single(c) => call.invoke_async::<Vec<i64>>(c).await,
                         Conn::Cluster(c) => call.invoke_async::<Vec<i64>>(c).await,
                     }
                 };
-                match tokio::time::timeout(self.timeout, fut).await {
-                    Ok(Ok(reply)) if reply.len() == 5 => Ok(reply),
-                    Ok(Ok(_)) => Err("unexpected script reply".to_owned()),
-                    Ok(Err(e)) => Err(e.to_string()),
-                    Err(_) => Err(format!("no answer within {:?}", self.timeout)),
+                match tokio::time::timeout(timeout, fut).await {
+                    Ok(Ok(reply)) if reply.len() == 7 => Ok(reply),
+                    Ok(Ok(_)) => Err(Failed::Other("unexpected script reply".to_owned())),
+                    Ok(Err(e)) => Err(Failed::Other(e.to_string())),
+                    Err(_) => Err(Failed::Timeout(timeout)),
                 }
             }
-            None => Err("not connected".to_owned()),
+            None => Err(Failed::Other("not connected".to_owned())),
         };
         let now = self.now();
         match result {
             Ok(r) => {
+                self.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                entry.unacked.store(0, Ordering::Release);
+                if r[6] == 1 {
+                    self.stats.replays.fetch_add(1, Ordering::Relaxed);
+                }
                 let granted = r[0].max(0);
                 let wait_ms = r[1].max(0) as u64;
                 entry
@@ -472,13 +583,27 @@ impl Shared {
                         let lease = ((s & LEASE_MASK) + granted as u64).min(LEASE_MASK);
                         Some((redis_left << 32) | lease)
                     });
-                entry.debt.fetch_sub(delta, Ordering::AcqRel);
+                // What this call charged: `delta` for a first answer, the
+                // lost call's for a replay.
+                entry.debt.fetch_sub(r[5], Ordering::AcqRel);
             }
-            Err(why) => {
-                // The debt stays for the next call: still owed, or tokens
-                // still to hand back.
+            Err(failed) => {
+                // The script may have run: the next call sends this id
+                // again, and gets this call's answer if it did. The debt
+                // stays for it: still owed, or tokens still to hand back.
+                entry.unacked.store(call_id, Ordering::Release);
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                self.mark_down(&why);
+                match failed {
+                    // One slow answer is not an outage; two in a row with
+                    // no answer between are.
+                    Failed::Timeout(t) => {
+                        self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
+                        if self.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) >= 1 {
+                            self.mark_down(&format!("no answer within {t:?}"));
+                        }
+                    }
+                    Failed::Other(why) => self.mark_down(&why),
+                }
             }
         }
         entry.in_flight.store(false, Ordering::Release);
@@ -506,11 +631,18 @@ impl Shared {
     }
 
     /// Returns idle leases and forgets keys that hold nothing.
-    pub(super) fn sweep(&self, now: u64) {
-        let map = self.entries.pin();
+    pub(super) fn sweep(&self) {
+        let now = self.now();
+        self.sweep_map(&self.entries, now);
+        self.sweep_map(&self.anonymous, now);
+    }
+
+    fn sweep_map(&self, entries: &Entries, now: u64) {
+        let lease_idle = self.lease_idle.load(Ordering::Relaxed);
+        let map = entries.pin();
         map.retain(|_, e| {
             let idle = now.saturating_sub(e.last_seen.load(Ordering::Relaxed));
-            if idle < self.lease_idle || e.in_flight.load(Ordering::Acquire) {
+            if idle < lease_idle || e.in_flight.load(Ordering::Acquire) {
                 return true;
             }
             let lease = (e.lease.fetch_and(!LEASE_MASK, Ordering::AcqRel) & LEASE_MASK) as i64;
@@ -519,7 +651,7 @@ impl Shared {
                 e.debt.fetch_sub(lease, Ordering::AcqRel);
                 if !e.in_flight.swap(true, Ordering::AcqRel) {
                     e.want.store(0, Ordering::Relaxed);
-                    let _ = self.tx.send(e.clone());
+                    let _ = self.tx.send((e.clone(), e.windows.clone()));
                 }
                 return true;
             }
@@ -537,9 +669,11 @@ impl Shared {
             match &self.target {
                 RedisTarget::Single(url) => {
                     let client = redis::Client::open(url.expose()).map_err(|e| e.to_string())?;
+                    // The response timeout is a backstop: `sync` times out
+                    // first and keeps the call's id for a replay.
                     let config = ConnectionManagerConfig::new()
-                        .set_connection_timeout(Some(self.timeout))
-                        .set_response_timeout(Some(self.timeout))
+                        .set_connection_timeout(Some(self.timeout()))
+                        .set_response_timeout(Some(self.timeout() * 4))
                         .set_number_of_retries(1);
                     ConnectionManager::new_with_config(client, config)
                         .await
@@ -550,8 +684,8 @@ impl Shared {
                     let client = redis::cluster::ClusterClient::builder(
                         nodes.iter().map(|u| u.expose().to_owned()),
                     )
-                    .connection_timeout(self.timeout)
-                    .response_timeout(self.timeout)
+                    .connection_timeout(self.timeout())
+                    .response_timeout(self.timeout() * 4)
                     .build()
                     .map_err(|e| e.to_string())?;
                     client
@@ -562,7 +696,7 @@ impl Shared {
                 }
             }
         };
-        tokio::time::timeout(self.timeout * 5, fut)
+        tokio::time::timeout(self.timeout() * 5, fut)
             .await
             .map_err(|_| "connect timed out".to_owned())?
     }
@@ -575,7 +709,7 @@ impl Shared {
                 Conn::Cluster(c) => cmd.query_async::<String>(c).await,
             }
         };
-        matches!(tokio::time::timeout(self.timeout, fut).await, Ok(Ok(_)))
+        matches!(tokio::time::timeout(self.timeout(), fut).await, Ok(Ok(_)))
     }
 }
 
@@ -588,11 +722,19 @@ fn window_limit(class: &ClassPolicy, window: usize) -> u64 {
         .map_or(0, |w| w.limit())
 }
 
-async fn lease_loop(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Arc<Entry>>) {
-    while let Some(entry) = rx.recv().await {
+/// Why a lease call got no answer.
+enum Failed {
+    /// None within the timeout (the script may still have run).
+    Timeout(Duration),
+    /// An error (not connected, connection lost, a script error).
+    Other(String),
+}
+
+async fn lease_loop(shared: Weak<Shared>, mut rx: mpsc::UnboundedReceiver<Call>) {
+    while let Some((entry, windows)) = rx.recv().await {
         let Some(s) = shared.upgrade() else { return };
         let want = u64::from(entry.want.load(Ordering::Relaxed));
-        tokio::spawn(async move { s.sync(entry, want).await });
+        tokio::spawn(async move { s.sync(entry, want, windows).await });
     }
 }
 

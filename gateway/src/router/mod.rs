@@ -14,9 +14,10 @@
 //! A request whose host and path match some route but whose method matches
 //! none gets [`RouteMatch::MethodNotAllowed`] with the methods that would.
 //!
-//! A route's rewrite ([`rewrite`]) applies to the matched path on its way
-//! upstream.
+//! Matching runs on the request's canonical path ([`canonical`]), and a
+//! route's rewrite ([`rewrite`]) applies to that path on its way upstream.
 
+pub mod canonical;
 pub mod rewrite;
 
 use std::collections::HashMap;
