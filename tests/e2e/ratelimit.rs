@@ -519,3 +519,207 @@ async fn test_limits_work_on_redis_cluster() {
     assert_eq!(shared.stats.errors.load(Ordering::Relaxed), 0);
     assert!(shared.stats.calls.load(Ordering::Relaxed) >= 30);
 }
+
+/// A TCP proxy in front of the machine's Redis that stalls every reply
+/// for `stall` once every `every`: calls time out after Redis ran them.
+struct StallingProxy {
+    addr: std::net::SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StallingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl StallingProxy {
+    async fn start(stall: Duration, every: Duration) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let epoch = Instant::now();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:6379").await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match sr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        // Inside a stall window: hold the reply until it ends.
+                        let phase = epoch.elapsed().as_nanos() % every.as_nanos();
+                        if phase < stall.as_nanos() {
+                            let left = stall.as_nanos() - phase;
+                            tokio::time::sleep(Duration::from_nanos(left as u64)).await;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, task }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_calls_timing_out_after_redis_ran_them_lose_no_grant_and_charge_no_debt_twice() {
+    require_redis();
+    const LIMIT: u64 = 3000;
+    let up = upstream("svc").await;
+    let key_prefix = prefix("stall");
+    // Each instance talks to Redis through its own proxy, which holds the
+    // replies for 150 ms in every 400 ms: longer than the 60 ms timeout,
+    // after Redis has run the script.
+    let mut proxies = Vec::new();
+    let mut gws = Vec::new();
+    for _ in 0..3 {
+        let p = StallingProxy::start(Duration::from_millis(100), Duration::from_millis(400)).await;
+        let rl = format!(
+            "rate_limit:\n  tiers:\n    - {{ name: FREE, per_minute: 10 }}\n    - {{ name: BULK, per_hour: {LIMIT} }}\n  redis: {{ url: \"redis://{}\", key_prefix: \"{key_prefix}\", expected_instances: 3, timeout: 60ms, lease_idle: 200ms }}\n",
+            p.addr
+        );
+        gws.push(gateway_with_env(&config(&up, &rl), &dev_env()));
+        proxies.push(p);
+    }
+    // Each has connected (its first PING may have met a stall).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gws
+        .iter()
+        .all(|g| g.snapshot().limiter.shared().unwrap().is_up())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "Redis not reachable through the proxies"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outages_before: u64 = gws
+        .iter()
+        .map(|g| {
+            g.snapshot()
+                .limiter
+                .shared()
+                .unwrap()
+                .stats
+                .outages
+                .load(Ordering::Relaxed)
+        })
+        .sum();
+    let tok = token("stalled-user", "BULK");
+    let admitted = Arc::new(AtomicU64::new(0));
+    let rejected = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let run_for = Duration::from_secs(4);
+    let mut tasks = Vec::new();
+    for gw in &gws {
+        for _ in 0..4 {
+            let url = gw.url("/api/data");
+            let (tok, a, r) = (tok.clone(), admitted.clone(), rejected.clone());
+            tasks.push(tokio::spawn(async move {
+                let c = client();
+                while started.elapsed() < run_for {
+                    let resp = c
+                        .get(&url)
+                        .header("authorization", format!("Bearer {tok}"))
+                        .send()
+                        .await
+                        .unwrap();
+                    match resp.status().as_u16() {
+                        200 => a.fetch_add(1, Ordering::Relaxed),
+                        429 => r.fetch_add(1, Ordering::Relaxed),
+                        other => panic!("status {other}"),
+                    };
+                    let _ = resp.bytes().await;
+                    // ~250 req/s per client: the limit runs out mid-run.
+                    tokio::time::sleep(Duration::from_millis(4)).await;
+                }
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let admitted = admitted.load(Ordering::Relaxed);
+    let rejected = rejected.load(Ordering::Relaxed);
+    let (mut timeouts, mut replays, mut fallback) = (0, 0, 0);
+    for gw in &gws {
+        let snap = gw.snapshot();
+        let s = &snap.limiter.shared().unwrap().stats;
+        timeouts += s.timeouts.load(Ordering::Relaxed);
+        replays += s.replays.load(Ordering::Relaxed);
+        fallback += s.fallback.load(Ordering::Relaxed);
+    }
+    println!(
+        "stalling Redis: {admitted} admitted, {rejected} rejected (limit {LIMIT}); {timeouts} timeouts, {replays} replayed answers, {fallback} fallback decisions"
+    );
+    assert!(
+        timeouts > 0 && replays > 0,
+        "calls timed out and were replayed"
+    );
+    let outages: u64 = gws
+        .iter()
+        .map(|g| {
+            g.snapshot()
+                .limiter
+                .shared()
+                .unwrap()
+                .stats
+                .outages
+                .load(Ordering::Relaxed)
+        })
+        .sum();
+    assert_eq!(
+        outages, outages_before,
+        "stalls shorter than the outage rule are not outages"
+    );
+    assert!(rejected > 0, "the limit was reached");
+    // Nothing over-admitted...
+    let refill = |elapsed: Duration| (LIMIT as f64 * elapsed.as_secs_f64() / 3600.0).ceil();
+    let upper = (LIMIT as f64 + refill(started.elapsed())) * 1.01;
+    assert!((admitted as f64) <= upper, "admitted {admitted} > {upper}");
+    // ...and every admission charged exactly once, every grant used or
+    // returned: once the idle leases are back, Redis holds exactly the
+    // limit less what was admitted (plus the hour's refill). A lost grant
+    // or a debt charged twice leaves it lower.
+    let key = format!("{key_prefix}u:stalled-user:BULK");
+    let mut conn = redis::Client::open(SHARED_REDIS)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let level: Option<String> = redis::cmd("HGET")
+            .arg(&key)
+            .arg("l1")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let level: f64 = level.unwrap().parse().unwrap();
+        let accounted = level + admitted as f64;
+        let expected = LIMIT as f64;
+        if accounted >= expected - 1.0 && accounted <= expected + refill(started.elapsed()) + 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis level {level} + admitted {admitted} = {accounted}, expected {expected} (+ refill)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

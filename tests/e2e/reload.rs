@@ -358,3 +358,55 @@ async fn test_sighup_reloads_the_binary_and_keeps_it_running() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A reload that changes the tiers and limits but not Redis keeps the
+/// Redis side of the limiter: the same leases (used on after the reload,
+/// not stranded) and any debt still to charge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_a_rate_limit_reload_keeps_the_shared_lease_state() {
+    let up = upstream("svc").await;
+    let prefix = format!("tgtest:reload-lease:{}:", uuid::Uuid::now_v7());
+    let body = |tiers: &str, anonymous: u64| {
+        format!(
+            "upstreams:\n  svc: {{ backends: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\nrate_limit:\n  tiers: [{tiers}]\n  anonymous: {{ per_hour: {anonymous} }}\n  redis: {{ url: \"redis://127.0.0.1:6379\", key_prefix: \"{prefix}\", lease_idle: 60s }}\n",
+            up.addr
+        )
+    };
+    let w = start(&body("{ name: FREE, per_minute: 10 }", 100_000));
+    let c = client();
+    for _ in 0..50 {
+        assert_eq!(c.get(w.url("/x")).send().await.unwrap().status(), 200);
+    }
+    let before = w.running.state.load_full();
+    let shared = before.limiter.shared().unwrap().clone();
+    let calls = shared.stats.calls.load(Ordering::Relaxed);
+    let leased = shared.stats.leased.load(Ordering::Relaxed);
+    assert!(leased >= 49, "requests were admitted from leases");
+    // New limits and a new tier; the same Redis.
+    rewrite(
+        &w,
+        &body(
+            "{ name: FREE, per_minute: 20 }, { name: PRO, per_minute: 100 }",
+            200_000,
+        ),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while w.running.state.load_full().config_sha256 == before.config_sha256 {
+        assert!(Instant::now() < deadline, "the reload did not apply");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let after = w.running.state.load_full();
+    let kept = after.limiter.shared().unwrap();
+    assert!(Arc::ptr_eq(&shared, kept), "the Redis side carried over");
+    assert!(kept.tracked_keys() >= 1, "with its keys");
+    for _ in 0..5 {
+        assert_eq!(c.get(w.url("/x")).send().await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        kept.stats.leased.load(Ordering::Relaxed),
+        leased + 5,
+        "the lease taken before the reload serves after it"
+    );
+    assert!(kept.stats.calls.load(Ordering::Relaxed) >= calls);
+    w.running.shutdown();
+}

@@ -166,6 +166,8 @@ struct Entry {
     /// The id of a call whose answer never arrived (0: none): the next
     /// call sends it again, so Redis answers it instead of running twice.
     unacked: AtomicU64,
+    /// Redis answered for this key at least once.
+    heard: AtomicBool,
     in_flight: AtomicBool,
     /// Which of the shared `Notify`s waiters of this key park on.
     stripe: u8,
@@ -220,8 +222,9 @@ pub struct Shared {
     field: String,
     /// The last call id used.
     call_ids: AtomicU64,
-    /// Timeouts since the last answer.
-    timeouts_in_a_row: AtomicU32,
+    /// When the first call timed out since Redis last answered (our clock,
+    /// ns; 0: none did).
+    timing_out_since: AtomicU64,
     entries: Entries,
     /// Anonymous callers' keys, apart so their number can be capped.
     anonymous: Entries,
@@ -274,7 +277,7 @@ impl Shared {
             lease_idle: AtomicU64::new(0),
             field: format!("c:{:016x}", fastrand::u64(..)),
             call_ids: AtomicU64::new(0),
-            timeouts_in_a_row: AtomicU32::new(0),
+            timing_out_since: AtomicU64::new(0),
             entries: entries(),
             anonymous: entries(),
             tx,
@@ -407,6 +410,7 @@ impl Shared {
             lease: AtomicU64::new(0),
             debt: AtomicI64::new(0),
             unacked: AtomicU64::new(0),
+            heard: AtomicBool::new(false),
             in_flight: AtomicBool::new(false),
             stripe: (slot % STRIPES as u64) as u8,
             tight_window: AtomicU8::new(0),
@@ -469,6 +473,31 @@ impl Shared {
     /// The local decision at `limit / expected_instances`, remembered as debt.
     fn fallback(&self, entry: &Entry, class: &ClassPolicy, now: u64) -> Verdict {
         self.stats.fallback.fetch_add(1, Ordering::Relaxed);
+        // Redis is only slow (up, no answer in time) and has answered for
+        // this key before: admit no more than this instance's share of what
+        // it last said was left, so stalls near the limit cannot overspend
+        // it across instances. A key Redis never answered for is decided by
+        // the fallback buckets alone, as while Redis is down.
+        let slow_cap = (self.is_up() && entry.heard.load(Ordering::Acquire)).then(|| {
+            let s = entry.lease.load(Ordering::Acquire);
+            let instances = self.instances.load(Ordering::Relaxed).max(1);
+            (s & LEASE_MASK) + (s >> 32) / instances
+        });
+        let owed = entry.debt.load(Ordering::Acquire).max(0) as u64;
+        if slow_cap.is_some_and(|cap| owed >= cap) {
+            let window = usize::from(entry.tight_window.load(Ordering::Relaxed));
+            return Verdict {
+                allowed: false,
+                limit: window_limit(class, window),
+                remaining: 0,
+                reset: Duration::from_nanos(
+                    entry.full_at.load(Ordering::Relaxed).saturating_sub(now),
+                ),
+                retry_after: Duration::from_secs(1),
+                window,
+                source: DecisionSource::Fallback,
+            };
+        }
         let d = class.fallback.check(&entry.fallback, now);
         let debt = if d.allowed {
             entry.debt.fetch_add(1, Ordering::AcqRel) + 1
@@ -476,14 +505,8 @@ impl Shared {
             entry.debt.load(Ordering::Acquire)
         };
         let mut v = verdict_of(&d, DecisionSource::Fallback);
-        if self.is_up() {
-            // Redis is only slow: what it last said is the better estimate
-            // once this instance has heard from it.
-            let s = entry.lease.load(Ordering::Acquire);
-            if s != 0 {
-                let known = ((s & LEASE_MASK) + (s >> 32)).saturating_sub(debt.max(0) as u64);
-                v.remaining = v.remaining.min(known);
-            }
+        if let Some(cap) = slow_cap {
+            v.remaining = v.remaining.min(cap.saturating_sub(debt.max(0) as u64));
         }
         v
     }
@@ -557,8 +580,9 @@ impl Shared {
         let now = self.now();
         match result {
             Ok(r) => {
-                self.timeouts_in_a_row.store(0, Ordering::Relaxed);
+                self.timing_out_since.store(0, Ordering::Relaxed);
                 entry.unacked.store(0, Ordering::Release);
+                entry.heard.store(true, Ordering::Release);
                 if r[6] == 1 {
                     self.stats.replays.fetch_add(1, Ordering::Relaxed);
                 }
@@ -594,12 +618,24 @@ impl Shared {
                 entry.unacked.store(call_id, Ordering::Release);
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
                 match failed {
-                    // One slow answer is not an outage; two in a row with
-                    // no answer between are.
+                    // A slow answer is not an outage: calls that keep
+                    // timing out for another timeout's length, with no
+                    // answer between, are.
                     Failed::Timeout(t) => {
                         self.stats.timeouts.fetch_add(1, Ordering::Relaxed);
-                        if self.timeouts_in_a_row.fetch_add(1, Ordering::Relaxed) >= 1 {
-                            self.mark_down(&format!("no answer within {t:?}"));
+                        let since = match self.timing_out_since.compare_exchange(
+                            0,
+                            now,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        ) {
+                            Ok(_) => now,
+                            Err(first) => first,
+                        };
+                        if now.saturating_sub(since)
+                            >= u64::try_from(t.as_nanos()).unwrap_or(u64::MAX)
+                        {
+                            self.mark_down(&format!("calls keep timing out (timeout {t:?})"));
                         }
                     }
                     Failed::Other(why) => self.mark_down(&why),
@@ -755,6 +791,7 @@ async fn probe_loop(shared: Weak<Shared>, ready: std::sync::mpsc::Sender<()>) {
                         if let Ok(mut slot) = s.conn.lock() {
                             *slot = Some(c);
                         }
+                        s.timing_out_since.store(0, Ordering::Relaxed);
                         s.up.store(true, Ordering::Release);
                         if first.is_none() {
                             tracing::info!(redis = %s.target_name(),
