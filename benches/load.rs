@@ -724,6 +724,8 @@ http {
         }
 
         /// Starts an external server under the `supervise` role, stopped with `signal`.
+        /// Only the full-chain `tiergate` gets the dev secret (a production gateway
+        /// refuses to start with it set).
         fn supervised(
             &self,
             name: &str,
@@ -734,9 +736,12 @@ http {
             let mut cmd = Command::new(std::env::current_exe().context("current_exe")?);
             cmd.env(ROLE_ENV, "supervise")
                 .env("BENCH_STOP_SIGNAL", signal)
-                .env("TIERGATE_DEV_JWT_SECRET", BENCH_SECRET)
+                .env_remove("TIERGATE_DEV_JWT_SECRET")
                 .env_remove("TIERGATE_REDIS_URL")
                 .env("RUST_LOG", "warn");
+            if name == "tiergate" {
+                cmd.env("TIERGATE_DEV_JWT_SECRET", BENCH_SECRET);
+            }
             cmd.arg(program).args(args);
             ChildGuard::spawn(name, cmd, self.tmp.join(format!("{name}.log")))
         }

@@ -233,6 +233,16 @@ fn render_state(snapshot: &Snapshot, out: &mut String) {
                 "Times Redis became unreachable.",
                 &stats.outages,
             ),
+            (
+                "tiergate_redis_timeouts_total",
+                "Lease calls that got no answer within the timeout (sent again with the next call).",
+                &stats.timeouts,
+            ),
+            (
+                "tiergate_redis_replays_total",
+                "Answers Redis gave again for a call whose first answer was lost.",
+                &stats.replays,
+            ),
         ] {
             Family::new(out, name, "counter", help).sample(&[], v.load(Ordering::Relaxed));
         }
