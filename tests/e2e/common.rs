@@ -14,6 +14,36 @@ use gateway::secret::Environment;
 use gateway::server::{GatewayServer, RunningGateway};
 use serde_json::{json, Value};
 
+/// The PostgreSQL server the tests use, `postgres://USER@HOST:PORT` without
+/// a database: `TIERGATE_TEST_POSTGRES` (set by `scripts/test`), else the
+/// local default.
+pub fn postgres_server() -> String {
+    std::env::var("TIERGATE_TEST_POSTGRES")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432".to_owned())
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+/// The Redis the tests share, `redis://HOST:PORT`: `TIERGATE_TEST_REDIS`
+/// (set by `scripts/test`), else the local default.
+pub fn redis_url() -> String {
+    std::env::var("TIERGATE_TEST_REDIS")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// [`redis_url`]'s `host:port`.
+pub fn redis_addr() -> SocketAddr {
+    let url = redis_url();
+    let hostport = url.trim_start_matches("redis://").trim_end_matches('/');
+    hostport
+        .parse()
+        .unwrap_or_else(|_| panic!("TIERGATE_TEST_REDIS `{url}` is not redis://IP:PORT"))
+}
+
 /// A free TCP port on 127.0.0.1 (bound, then released).
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")

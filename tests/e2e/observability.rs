@@ -478,9 +478,10 @@ async fn test_grafana_dashboard_queries_only_exported_metrics() {
     jwks.serve_only(&["rsa-1"]);
     let gw = gateway(&format!(
         "upstreams:\n  svc: {{ backends: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\n\
-rate_limit:\n  anonymous: {{ per_minute: 1000 }}\n  redis: {{ url: \"redis://127.0.0.1:6379\", key_prefix: \"dash:\" }}\n{}",
+rate_limit:\n  anonymous: {{ per_minute: 1000 }}\n  redis: {{ url: \"{redis}\", key_prefix: \"dash:\" }}\n{}",
         up.addr,
-        auth_yaml(&jwks)
+        auth_yaml(&jwks),
+        redis = crate::common::redis_url(),
     ));
     assert_eq!(
         client().get(gw.url("/x")).send().await.unwrap().status(),

@@ -1,6 +1,6 @@
 //! Tier rate limits: local buckets, Redis-shared buckets across three
 //! gateway instances, and Redis dying mid-run. Real Redis on
-//! 127.0.0.1:6379 with a key prefix per test; the outage test runs its own
+//! TIERGATE_TEST_REDIS (default 127.0.0.1:6379) with a key prefix per test; the outage test runs its own
 //! `redis-server` on a free port.
 
 use std::net::SocketAddr;
@@ -13,12 +13,10 @@ use gateway::secret::Environment;
 use serde_json::Value;
 
 use crate::common::{
-    client, free_port, gateway_with_env, gateway_with_server, upstream, wait_for_port, TestGateway,
-    Upstream,
+    client, free_port, gateway_with_env, gateway_with_server, redis_addr, redis_url, upstream,
+    wait_for_port, TestGateway, Upstream,
 };
 use crate::tokens::{self, claims, hs256};
-
-const SHARED_REDIS: &str = "redis://127.0.0.1:6379";
 
 fn dev_env() -> Environment {
     tokens::dev_env(tokens::DEV_SECRET)
@@ -40,14 +38,10 @@ fn fastrand_u64() -> u64 {
 
 /// Fails with instructions when the machine's Redis is not running.
 fn require_redis() {
-    let ok = std::net::TcpStream::connect_timeout(
-        &"127.0.0.1:6379".parse().unwrap(),
-        Duration::from_secs(1),
-    )
-    .is_ok();
+    let ok = std::net::TcpStream::connect_timeout(&redis_addr(), Duration::from_secs(1)).is_ok();
     assert!(
         ok,
-        "these tests need Redis on 127.0.0.1:6379: start it with `redis-server --daemonize yes` \
+        "these tests need Redis at TIERGATE_TEST_REDIS (default 127.0.0.1:6379): run them with scripts/test, or start it with `redis-server --daemonize yes` \
          (or `service redis-server start`)"
     );
 }
@@ -137,7 +131,8 @@ async fn test_free_user_is_limited_at_11_through_redis() {
     require_redis();
     let up = upstream("svc").await;
     let rl = format!(
-        "rate_limit:\n  redis: {{ url: \"{SHARED_REDIS}\", key_prefix: \"{}\" }}\n",
+        "rate_limit:\n  redis: {{ url: \"{}\", key_prefix: \"{}\" }}\n",
+        redis_url(),
         prefix("free")
     );
     let gw = gateway_with_env(&config(&up, &rl), &dev_env());
@@ -214,7 +209,8 @@ async fn test_three_instances_share_one_limit_within_1_percent() {
     const LIMIT: u64 = 1200;
     let up = upstream("svc").await;
     let rl = format!(
-        "rate_limit:\n  tiers:\n    - {{ name: FREE, per_minute: 10 }}\n    - {{ name: BULK, per_hour: {LIMIT} }}\n  redis: {{ url: \"{SHARED_REDIS}\", key_prefix: \"{}\", expected_instances: 3 }}\n",
+        "rate_limit:\n  tiers:\n    - {{ name: FREE, per_minute: 10 }}\n    - {{ name: BULK, per_hour: {LIMIT} }}\n  redis: {{ url: \"{}\", key_prefix: \"{}\", expected_instances: 3 }}\n",
+        redis_url(),
         prefix("three")
     );
     let body = config(&up, &rl);
@@ -544,7 +540,7 @@ impl StallingProxy {
                 let Ok((client, _)) = listener.accept().await else {
                     continue;
                 };
-                let Ok(server) = tokio::net::TcpStream::connect("127.0.0.1:6379").await else {
+                let Ok(server) = tokio::net::TcpStream::connect(redis_addr()).await else {
                     continue;
                 };
                 let (mut cr, mut cw) = client.into_split();
@@ -697,7 +693,7 @@ async fn test_calls_timing_out_after_redis_ran_them_lose_no_grant_and_charge_no_
     // limit less what was admitted (plus the hour's refill). A lost grant
     // or a debt charged twice leaves it lower.
     let key = format!("{key_prefix}u:stalled-user:BULK");
-    let mut conn = redis::Client::open(SHARED_REDIS)
+    let mut conn = redis::Client::open(redis_url())
         .unwrap()
         .get_multiplexed_async_connection()
         .await

@@ -368,8 +368,9 @@ async fn test_a_rate_limit_reload_keeps_the_shared_lease_state() {
     let prefix = format!("tgtest:reload-lease:{}:", uuid::Uuid::now_v7());
     let body = |tiers: &str, anonymous: u64| {
         format!(
-            "upstreams:\n  svc: {{ backends: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\nrate_limit:\n  tiers: [{tiers}]\n  anonymous: {{ per_hour: {anonymous} }}\n  redis: {{ url: \"redis://127.0.0.1:6379\", key_prefix: \"{prefix}\", lease_idle: 60s }}\n",
-            up.addr
+            "upstreams:\n  svc: {{ backends: [{{ address: \"{}\" }}] }}\nroutes:\n  - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: svc }}\nrate_limit:\n  tiers: [{tiers}]\n  anonymous: {{ per_hour: {anonymous} }}\n  redis: {{ url: \"{}\", key_prefix: \"{prefix}\", lease_idle: 60s }}\n",
+            up.addr,
+            crate::common::redis_url()
         )
     };
     let w = start(&body("{ name: FREE, per_minute: 10 }", 100_000));

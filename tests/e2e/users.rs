@@ -78,21 +78,23 @@ fn start(s: users::UsersSettings) -> RunningService {
 /// not running.
 async fn fresh_postgres() -> String {
     sqlx::any::install_default_drivers();
-    let admin = sqlx::AnyPool::connect("postgres://postgres@127.0.0.1:5432/postgres")
+    let server = crate::common::postgres_server();
+    let admin = sqlx::AnyPool::connect(&format!("{server}/postgres"))
         .await
-        .expect("PostgreSQL must run on 127.0.0.1:5432 with trust auth for user postgres (e.g. `service postgresql start`)");
+        .unwrap_or_else(|e| panic!("PostgreSQL must answer at {server} (TIERGATE_TEST_POSTGRES) with trust auth: run the tests with scripts/test, which starts one ({e})"));
     let name = format!("tg_test_{}", uuid::Uuid::now_v7().simple());
     sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&admin)
         .await
         .unwrap();
     admin.close().await;
-    format!("postgres://postgres@127.0.0.1:5432/{name}")
+    format!("{server}/{name}")
 }
 
 async fn drop_postgres(url: &str) {
     let name = url.rsplit('/').next().unwrap().to_owned();
-    if let Ok(admin) = sqlx::AnyPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await {
+    let server = crate::common::postgres_server();
+    if let Ok(admin) = sqlx::AnyPool::connect(&format!("{server}/postgres")).await {
         let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
         )))
