@@ -267,7 +267,12 @@ const RELOADABLE_SERVER_KEYS: [&str; 6] = [
 pub async fn watch(reloader: Arc<Reloader>) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
+        Ok(s) => {
+            // Logged once the handler is installed: from here a SIGHUP
+            // reloads instead of ending the process.
+            tracing::info!(path = %reloader.path.display(), "reloading the config on change and on SIGHUP");
+            Some(s)
+        }
         Err(e) => {
             tracing::error!(error = %e, "cannot watch SIGHUP; reloads follow file changes only");
             None

@@ -169,10 +169,7 @@ impl GatewayServer {
 
     fn start_watching(&self) {
         match &self.reloader {
-            Some(r) => {
-                tracing::info!(path = %r.path().display(), "reloading the config on change and on SIGHUP");
-                self.background.spawn(crate::reload::watch(r.clone()));
-            }
+            Some(r) => self.background.spawn(crate::reload::watch(r.clone())),
             // Without a file SIGHUP must still not kill the process.
             None => self.background.spawn(async {
                 use tokio::signal::unix::{signal, SignalKind};

@@ -93,38 +93,77 @@ routes:
     assert_eq!(used.len(), 3, "{used:?}");
 }
 
+/// An upstream named `name` that holds every request until `release`
+/// turns true, then answers `{"backend": name}`.
+async fn held(
+    name: &'static str,
+    release: tokio::sync::watch::Receiver<bool>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let app = axum::Router::new().fallback(move || {
+        let mut release = release.clone();
+        async move {
+            let _ = release.wait_for(|r| *r).await;
+            axum::Json(serde_json::json!({ "backend": name }))
+        }
+    });
+    serve(app).await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_least_inflight_avoids_the_busy_backend() {
-    let a = upstream("a").await;
-    let b = upstream("b").await;
+    let (release, held_until) = tokio::sync::watch::channel(false);
+    let (a, _ta) = held("a", held_until.clone()).await;
+    let (b, _tb) = held("b", held_until).await;
     let gw = gateway(&format!(
         r#"
 upstreams:
   pool:
     algorithm: least_inflight
-    backends: [{{ address: "{}" }}, {{ address: "{}" }}]
+    backends: [{{ address: "{a}" }}, {{ address: "{b}" }}]
 routes:
   - {{ name: all, match: {{ path: {{ prefix: / }} }}, upstream: pool }}
-"#,
-        a.addr, b.addr
+"#
     ));
+    let inflight = || {
+        let snapshot = gw.snapshot();
+        let members = snapshot.pools[0].members();
+        members
+            .backends
+            .iter()
+            .map(|b| b.inflight())
+            .collect::<Vec<_>>()
+    };
+    // Park 4 requests, each once the one before is in flight: each goes
+    // to the backend with fewer in flight, so they end up 2 and 2.
     let c = client();
-    // Park 4 slow requests: they spread 2/2 or sit on whichever was idle.
-    let mut slow = Vec::new();
-    for _ in 0..4 {
-        let c = c.clone();
-        let url = gw.url("/x?sleep_ms=1500");
-        slow.push(tokio::spawn(async move {
+    let mut parked = Vec::new();
+    for i in 0..4 {
+        let (c, url) = (c.clone(), gw.url("/x"));
+        parked.push(tokio::spawn(async move {
             let v = json_of(c.get(&url)).await;
             backend_of(&v).to_owned()
         }));
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while inflight().iter().sum::<usize>() < i + 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "request {i} not in flight"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        let now = inflight();
+        assert!(
+            now[0].abs_diff(now[1]) <= 1,
+            "after {} requests: {now:?}",
+            i + 1
+        );
     }
+    assert_eq!(inflight(), [2, 2]);
+    release.send(true).unwrap();
     let mut busy = Vec::new();
-    for t in slow {
+    for t in parked {
         busy.push(t.await.unwrap());
     }
-    // Each slow request went to the backend with fewer in flight.
     assert_eq!(busy.iter().filter(|b| *b == "a").count(), 2, "{busy:?}");
     // While idle, requests alternate.
     let seen = counts(&gw, 20, None).await;

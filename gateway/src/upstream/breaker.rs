@@ -433,6 +433,45 @@ mod tests {
         assert_eq!(closed.state(), BreakerState::Closed);
     }
 
+    /// What `tests/e2e/resilience.rs` sees through the gateway, exactly:
+    /// 3 consecutive failures open for 400 ms; nothing passes meanwhile; one
+    /// probe, failing, reopens for 800 ms before a second is granted; after
+    /// that two good probes close it.
+    #[test]
+    fn test_sequential_traffic_sees_exactly_the_threshold_then_single_probes() {
+        let s = BreakerSettings {
+            consecutive_failures: 3,
+            open_for: Duration::from_millis(400),
+            half_open_probes: 2,
+            ..BreakerSettings::default()
+        };
+        let b = Breaker::default();
+        let mut passed = 0;
+        for i in 0..40u64 {
+            if send(&b, &s, true, i * MS).is_some() {
+                passed += 1;
+            }
+        }
+        assert_eq!(passed, 3, "only the threshold's requests reach it");
+        assert_eq!(b.state(), BreakerState::Open);
+        let opened = 2 * MS;
+        let probe_at = opened + 450 * MS;
+        assert_eq!(send(&b, &s, true, probe_at), Some(Permit::Probe));
+        assert_eq!(
+            b.acquire(&s, probe_at),
+            None,
+            "the failed probe reopened it"
+        );
+        assert_eq!(b.open_remaining(probe_at), Some(Duration::from_millis(800)));
+        assert_eq!(b.acquire(&s, probe_at + 799 * MS), None);
+        let later = probe_at + 850 * MS;
+        assert_eq!(send(&b, &s, false, later), Some(Permit::Probe));
+        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(send(&b, &s, false, later), Some(Permit::Probe));
+        assert_eq!(b.state(), BreakerState::Closed);
+        assert_eq!(send(&b, &s, false, later), Some(Permit::Normal));
+    }
+
     #[test]
     fn test_disabled_breaker_never_opens() {
         let s = BreakerSettings {
