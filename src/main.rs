@@ -1,10 +1,12 @@
 //! `tiergate`: the command line. Thin by design: parse arguments, load the
-//! config, hand over to the `gateway` crate.
+//! config, hand over to the `gateway` crate or to the services in the
+//! registry ([`SERVICES`]).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use backend_common::config::Environment;
+use backend_common::service::{CommandError, Entry, Registered};
 use clap::{Parser, Subcommand};
 use gateway::config::{self, Config, ConfigErrors, LoadError, RunMode};
 use gateway::error::GatewayError;
@@ -14,10 +16,16 @@ use lua_free_plugins::Registry;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Every business service: `serve <name>`, `migrate`, `up`, `events` and
+/// `service-key` find them here. Adding a service is one line.
+static SERVICES: &[&dyn Registered] = &[&Entry::<users::UsersService>::NEW];
+
 /// The default config, used by `tiergate up` when `conf/tiergate.yaml` is absent.
 const DEFAULT_CONFIG: &str = include_str!("../conf/tiergate.yaml");
 /// Where `up` looks for its config first.
 const DEFAULT_CONFIG_PATH: &str = "conf/tiergate.yaml";
+/// Where `serve`, `migrate` and `up` look for the services config.
+const DEFAULT_SERVICES_PATH: &str = "conf/services.yaml";
 
 /// Exit code for an invalid config (EX_USAGE, as linkerd does).
 const EXIT_BAD_CONFIG: u8 = 64;
@@ -30,11 +38,11 @@ const EXIT_START_FAILED: u8 = 70;
 #[command(
     name = "tiergate",
     version,
-    about = "A Pingora-based programmable edge gateway"
+    about = "A Pingora-based programmable edge gateway and the business services behind it"
 )]
 struct Cli {
-    /// Log format of the gateway's own logs: `json` (default for `gateway`,
-    /// the production mode) or `text` (default for `up` and `check-config`).
+    /// Log format of the process's own logs: `json` (default for `gateway`
+    /// and `serve`, the production modes) or `text` (default otherwise).
     /// Also `TIERGATE_LOG_FORMAT`.
     #[arg(long, global = true, env = "TIERGATE_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -42,7 +50,7 @@ struct Cli {
     command: Command,
 }
 
-/// How the gateway's own log lines look.
+/// How the process's own log lines look.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum LogFormat {
     /// One JSON object per line (for log shippers).
@@ -53,13 +61,16 @@ enum LogFormat {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run everything: the business services (conf/services.yaml, else
-    /// defaults: SQLite under ./data) and the gateway with conf/tiergate.yaml
-    /// (or the built-in default).
+    /// Run everything: every business service (conf/services.yaml, else
+    /// defaults: SQLite under ./data), then the gateway with
+    /// conf/tiergate.yaml (or the built-in default).
     Up {
-        /// Config file; defaults to conf/tiergate.yaml, else the built-in default.
+        /// Gateway config; defaults to conf/tiergate.yaml, else the built-in default.
         #[arg(short, long)]
         config: Option<PathBuf>,
+        /// Services config; defaults to conf/services.yaml when present.
+        #[arg(short, long)]
+        services: Option<PathBuf>,
     },
     /// Run only the gateway.
     Gateway {
@@ -71,7 +82,7 @@ enum Command {
         #[arg(long)]
         upgrade: bool,
     },
-    /// Validate a config file offline and report every error with its path and line.
+    /// Validate a gateway config file offline and report every error with its path and line.
     CheckConfig {
         /// Config file.
         file: PathBuf,
@@ -80,19 +91,78 @@ enum Command {
     ConfigSchema,
     /// Run one business service alone (production: one process per service).
     Serve {
-        /// The service.
-        #[arg(value_enum)]
-        service: Service,
+        /// The service (see `tiergate services`).
+        service: String,
         /// Services config; defaults to conf/services.yaml when present.
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
-    /// Apply every service's database migrations, then exit.
+    /// Apply the database migrations of every service (or those named), then exit.
     Migrate {
+        /// Only these services.
+        services: Vec<String>,
         /// Services config; defaults to conf/services.yaml when present.
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+    /// List the business services.
+    Services,
+    /// Print a service's public service key (for `service_keys.<name>` on
+    /// the services that it calls); in development the key is generated
+    /// under the data directory when missing.
+    ServiceKey {
+        /// The service.
+        service: String,
+        /// Services config; defaults to conf/services.yaml when present.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Event deliveries parked as dead: list them, or send them again.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// The users service's own commands.
+    Users {
+        #[command(subcommand)]
+        command: UsersCommand,
+    },
+    /// Same as `tiergate users rotate-signing-key` (the old spelling).
+    #[command(hide = true)]
+    RotateSigningKey {
+        /// Services config; defaults to conf/services.yaml when present.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// List every dead delivery of every service (or of one).
+    Dead {
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Services config; defaults to conf/services.yaml when present.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Put dead deliveries back in the queue (due now, attempts reset).
+    Retry {
+        /// Only this event.
+        #[arg(long)]
+        event: Option<String>,
+        /// Only this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Services config; defaults to conf/services.yaml when present.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum UsersCommand {
     /// Generate a new access-token signing key in the data directory now.
     /// Running users services sign with it within a minute; the previous
     /// key stays in the JWKS until its tokens have expired.
@@ -103,16 +173,6 @@ enum Command {
     },
 }
 
-/// The business services.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-enum Service {
-    /// Accounts and tokens (port 8021).
-    Users,
-}
-
-/// Where `serve`, `migrate` and `up` look for the services config.
-const DEFAULT_SERVICES_PATH: &str = "conf/services.yaml";
-
 fn services_file(explicit: Option<PathBuf>) -> Option<PathBuf> {
     explicit.or_else(|| {
         let p = PathBuf::from(DEFAULT_SERVICES_PATH);
@@ -120,27 +180,57 @@ fn services_file(explicit: Option<PathBuf>) -> Option<PathBuf> {
     })
 }
 
-fn users_settings(
-    file: Option<&Path>,
-    environment: Environment,
-) -> Result<users::UsersSettings, ExitCode> {
-    users::load_settings(file, environment).map_err(|e| {
-        eprintln!("error: {e}");
-        ExitCode::from(EXIT_BAD_CONFIG)
-    })
+/// The registered service named `name`, or an error listing them.
+fn service(name: &str) -> Result<&'static dyn Registered, ExitCode> {
+    SERVICES
+        .iter()
+        .copied()
+        .find(|s| s.name() == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = SERVICES.iter().map(|s| s.name()).collect();
+            eprintln!(
+                "error: no service `{name}` (services: {})",
+                names.join(", ")
+            );
+            ExitCode::from(EXIT_BAD_CONFIG)
+        })
 }
 
-/// Starts the business services in this process (for `up`).
+/// The services named, or all of them.
+fn selected(names: &[String]) -> Result<Vec<&'static dyn Registered>, ExitCode> {
+    if names.is_empty() {
+        return Ok(SERVICES.to_vec());
+    }
+    names.iter().map(|n| service(n)).collect()
+}
+
+/// A service command's error as the process exit code (64 for settings).
+fn failed(service: &str, e: CommandError) -> ExitCode {
+    match e {
+        CommandError::Config(c) => {
+            eprintln!("error: {service}: {c}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+        CommandError::Failed(why) => {
+            eprintln!("error: {service}: {why}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+/// Starts every business service in this process (for `up`).
 fn start_services(
     file: Option<&Path>,
 ) -> Result<Vec<backend_common::app::RunningService>, ExitCode> {
-    let settings = users_settings(file, Environment::Development)?;
-    let running = users::start(settings).map_err(|e| {
-        eprintln!("error: users service: {e}");
-        ExitCode::from(EXIT_START_FAILED)
-    })?;
-    tracing::info!(addr = %running.addr, "users service running");
-    Ok(vec![running])
+    let mut running = Vec::new();
+    for s in SERVICES {
+        let r = s
+            .start(file, Environment::Development)
+            .map_err(|e| failed(s.name(), e))?;
+        tracing::info!(service = s.name(), addr = %r.addr, "service running");
+        running.push(r);
+    }
+    Ok(running)
 }
 
 fn main() -> ExitCode {
@@ -152,77 +242,70 @@ fn main() -> ExitCode {
         LogFormat::Text
     }));
     match cli.command {
-        Command::Serve { service, config } => {
+        Command::Serve {
+            service: name,
+            config,
+        } => {
             let file = services_file(config);
-            match service {
-                Service::Users => match users_settings(file.as_deref(), Environment::Production) {
-                    Ok(settings) => match users::start(settings) {
-                        Ok(running) => match running.run_until_signal() {
-                            Ok(()) => ExitCode::SUCCESS,
-                            Err(e) => {
-                                eprintln!("error: users service: {e}");
-                                ExitCode::from(EXIT_START_FAILED)
-                            }
-                        },
-                        Err(e) => {
-                            eprintln!("error: users service: {e}");
-                            ExitCode::from(EXIT_START_FAILED)
-                        }
-                    },
-                    Err(code) => code,
+            let s = match service(&name) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            match s.start(file.as_deref(), Environment::Production) {
+                Ok(running) => match running.run_until_signal() {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: {name}: {e}");
+                        ExitCode::from(EXIT_START_FAILED)
+                    }
                 },
+                Err(e) => failed(&name, e),
             }
         }
-        Command::RotateSigningKey { config } => {
+        Command::Migrate { services, config } => {
             let file = services_file(config);
-            let settings = match users_settings(file.as_deref(), Environment::Production) {
+            let chosen = match selected(&services) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            for s in chosen {
+                if let Err(e) = s.migrate(file.as_deref(), Environment::Production) {
+                    return failed(s.name(), e);
+                }
+                println!("{}: migrations applied", s.name());
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Services => {
+            for s in SERVICES {
+                println!("{}", s.name());
+            }
+            ExitCode::SUCCESS
+        }
+        Command::ServiceKey {
+            service: name,
+            config,
+        } => {
+            let file = services_file(config);
+            let s = match service(&name) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
-            match users::rotate_signing_key(&settings) {
-                Ok(kids) => {
-                    println!(
-                        "users: signing key {} is active; published: {}",
-                        kids.first().map(String::as_str).unwrap_or(""),
-                        kids.join(", ")
-                    );
+            match s.service_key(file.as_deref(), Environment::Production) {
+                Ok(public) => {
+                    println!("{public}");
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("error: users: {e}");
-                    ExitCode::from(EXIT_START_FAILED)
-                }
+                Err(e) => failed(&name, e),
             }
         }
-        Command::Migrate { config } => {
-            let file = services_file(config);
-            let settings = match users_settings(file.as_deref(), Environment::Production) {
-                Ok(s) => s,
-                Err(code) => return code,
-            };
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EXIT_START_FAILED);
-                }
-            };
-            match runtime.block_on(users::migrate(&settings)) {
-                Ok(()) => {
-                    println!("users: migrations applied");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: users: {e}");
-                    ExitCode::from(EXIT_START_FAILED)
-                }
-            }
+        Command::Events { command } => events(command),
+        Command::Users {
+            command: UsersCommand::RotateSigningKey { config },
         }
-        Command::Up { config } => {
-            let _services = match start_services(services_file(None).as_deref()) {
+        | Command::RotateSigningKey { config } => rotate_signing_key(services_file(config)),
+        Command::Up { config, services } => {
+            let _services = match start_services(services_file(services).as_deref()) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
@@ -270,6 +353,70 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+    }
+}
+
+fn events(command: EventsCommand) -> ExitCode {
+    let (only, config) = match &command {
+        EventsCommand::Dead { service, config }
+        | EventsCommand::Retry {
+            service, config, ..
+        } => (service.clone(), config.clone()),
+    };
+    let file = services_file(config);
+    let chosen = match selected(&only.into_iter().collect::<Vec<_>>()) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    for s in chosen {
+        match &command {
+            EventsCommand::Dead { .. } => {
+                match s.dead_events(file.as_deref(), Environment::Production) {
+                    Ok(list) => {
+                        for d in list {
+                            println!(
+                                "{}\t{}\t{}\t{}\t{} attempts\t{}",
+                                s.name(),
+                                d.event_id,
+                                d.event_type,
+                                d.subscriber,
+                                d.attempts,
+                                d.last_error.unwrap_or_default()
+                            );
+                        }
+                    }
+                    Err(e) => return failed(s.name(), e),
+                }
+            }
+            EventsCommand::Retry { event, .. } => {
+                match s.retry_events(file.as_deref(), Environment::Production, event.as_deref()) {
+                    Ok(n) => println!("{}: {n} deliveries queued again", s.name()),
+                    Err(e) => return failed(s.name(), e),
+                }
+            }
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn rotate_signing_key(file: Option<PathBuf>) -> ExitCode {
+    let settings = match backend_common::service::settings::<users::UsersService>(
+        file.as_deref(),
+        Environment::Production,
+    ) {
+        Ok(s) => s,
+        Err(e) => return failed("users", CommandError::Config(e)),
+    };
+    match users::rotate_signing_key(&settings) {
+        Ok(kids) => {
+            println!(
+                "users: signing key {} is active; published: {}",
+                kids.first().map(String::as_str).unwrap_or(""),
+                kids.join(", ")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => failed("users", CommandError::Failed(e)),
     }
 }
 

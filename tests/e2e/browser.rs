@@ -540,6 +540,16 @@ impl Page {
     }
 }
 
+/// The value of header `name` (any case) of a `Network.Response`, or "".
+pub fn header_of(response: &Value, name: &str) -> String {
+    response["headers"]
+        .as_object()
+        .and_then(|h| h.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)))
+        .and_then(|(_, v)| v.as_str())
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// JavaScript truthiness of a JSON value.
 fn truthy(v: &Value) -> bool {
     match v {

@@ -259,11 +259,15 @@ pub fn gateway_with_env(body: &str, env: &Environment) -> TestGateway {
 
 /// [`gateway_with_env`] with extra `server:` lines (indented two spaces).
 pub fn gateway_with_server(server_extra: &str, body: &str, env: &Environment) -> TestGateway {
+    gateway_on(free_port(), server_extra, body, env)
+}
+
+/// [`gateway_with_server`] listening on `port` (known before it starts).
+pub fn gateway_on(port: u16, server_extra: &str, body: &str, env: &Environment) -> TestGateway {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("warn")
         .with_test_writer()
         .try_init();
-    let port = free_port();
     let admin_port = free_port();
     let src = format!(
         "admin:\n  listen: [\"127.0.0.1:{admin_port}\"]\nserver:\n  listen: [\"127.0.0.1:{port}\"]\n  threads: 2\n  grace_period: 0s\n  graceful_shutdown_timeout: 0s\n{server_extra}{body}"

@@ -6,6 +6,7 @@
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod account_pages;
 mod auth;
 mod balancing;
 mod browser;
@@ -16,12 +17,14 @@ mod errors;
 mod hardening;
 mod health_checks;
 mod observability;
+mod platform;
 mod plugins;
 mod process;
 mod ratelimit;
 mod reload;
 mod resilience;
 mod routing;
+mod service_platform;
 mod status_page;
 mod streaming;
 mod tokens;

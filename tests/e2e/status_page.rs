@@ -64,14 +64,7 @@ async fn test_status_page_shows_live_state_and_follows_a_backend_going_down() {
     let page = browser.open(&gw.admin_url("/")).await;
     let doc = page.document_response().expect("no response for the page");
     assert_eq!(doc["status"], 200, "GET / on the admin listener: {doc:#}");
-    let header = |name: &str| {
-        doc["headers"]
-            .as_object()
-            .and_then(|h| h.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)))
-            .and_then(|(_, v)| v.as_str())
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let header = |name: &str| crate::browser::header_of(&doc, name);
     assert!(header("content-type").starts_with("text/html"), "{doc:#}");
     assert!(
         header("content-security-policy").contains("default-src 'none'"),

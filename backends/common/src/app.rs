@@ -18,19 +18,22 @@ use actix_web::{web, App, HttpResponse, HttpServer, ResponseError};
 use futures_util::future::LocalBoxFuture;
 use serde::Serialize;
 
+use crate::client::ServiceClient;
+use crate::clock::Clock;
 use crate::config::ServerSection;
 use crate::db::Db;
 use crate::error::ApiError;
 use crate::json::BodyLimit;
 use crate::metrics::HttpMetrics;
 use crate::request_id;
-use crate::service_auth::ServiceTokens;
+use crate::service_auth::ServiceKeys;
+use crate::user_auth::UserTokens;
 
 /// Registers a service's routes (and its app data).
 pub type Routes = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
 
-/// A service ready to serve: built by the service crate inside
-/// [`start`]'s runtime, after its database is open and migrated.
+/// A service ready to serve: built inside [`start`]'s runtime, after its
+/// database is open and migrated (by [`crate::service::start`]).
 pub struct ServiceDef {
     /// Name (metrics label, logs).
     pub name: &'static str,
@@ -41,8 +44,14 @@ pub struct ServiceDef {
     pub db: Db,
     /// The service's metrics.
     pub metrics: HttpMetrics,
-    /// Service-token issuer/verifier (for `/internal` routes).
-    pub tokens: ServiceTokens,
+    /// Its service key (signs calls; verifies callers of `/internal` routes).
+    pub keys: ServiceKeys,
+    /// Its clock.
+    pub clock: Clock,
+    /// Its client for calls to other services.
+    pub client: ServiceClient,
+    /// How user access tokens are verified ([`crate::user_auth`]).
+    pub user_tokens: Arc<dyn UserTokens>,
     /// The service's routes.
     pub routes: Routes,
     /// Tasks that run as long as the service (the outbox dispatcher).
@@ -211,7 +220,10 @@ fn serve(
     }
     let db = web::Data::new(def.db);
     let metrics = web::Data::new(def.metrics);
-    let tokens = web::Data::new(def.tokens);
+    let keys = web::Data::new(def.keys);
+    let clock = web::Data::new(def.clock);
+    let client = web::Data::new(def.client);
+    let user_tokens: web::Data<dyn UserTokens> = web::Data::from(def.user_tokens);
     let routes = def.routes;
     let limit = BodyLimit(server.body_limit);
     let name = def.name;
@@ -221,7 +233,10 @@ fn serve(
         App::new()
             .app_data(db.clone())
             .app_data(metrics.clone())
-            .app_data(tokens.clone())
+            .app_data(keys.clone())
+            .app_data(clock.clone())
+            .app_data(client.clone())
+            .app_data(user_tokens.clone())
             .app_data(limit)
             .app_data(web::Data::new(ServiceName(name)))
             .app_data(

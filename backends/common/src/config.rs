@@ -5,38 +5,80 @@
 //! data_dir: ./data
 //! public_url: http://localhost:8000
 //! environment: development
+//! time_zone: Asia/Jakarta
+//! peers: { billing: http://10.0.0.5:8025 }
+//! service_keys: { payments: 3q2-... }
 //! events:
-//!   user.registered: [http://127.0.0.1:8024/internal/events]
+//!   user.registered: [notifications]
 //! services:
 //!   users:
 //!     server: { listen: 127.0.0.1:8021, workers: 2 }
 //!     database: { url: sqlite://data/users.db, max_connections: 8 }
 //! ```
 //!
-//! Secrets never come from this file: the service secret is
-//! `TIERGATE_SERVICE_SECRET` (or `_FILE`), else a random one generated in
-//! the data directory on first start; a database URL with a password
-//! belongs in `TIERGATE_<SERVICE>_DATABASE_URL` (or `_FILE`).
+//! Every problem is reported, each with its key, not only the first
+//! ([`ConfigError`]); the CLI prints them and exits 64.
+//!
+//! Secrets never come from this file: a service's key is
+//! `TIERGATE_<SERVICE>_SERVICE_KEY` (or `_FILE`; see
+//! [`crate::service_auth`]); a database URL with a password belongs in
+//! `TIERGATE_<SERVICE>_DATABASE_URL` (or `_FILE`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
-use crate::outbox::Subscribers;
+use crate::calendar::BusinessCalendar;
+use crate::outbox::{Subscriber, Subscribers};
 use crate::secret::Secret;
+use crate::service_auth::KeySource;
 
-/// A settings error: the key's path and what is wrong.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
+/// The standard ports of tiergate's services (SPEC §3): where a peer is
+/// reached when `peers` does not say otherwise.
+pub const STANDARD_PORTS: [(&str, u16); 6] = [
+    ("gateway", 8000),
+    ("users", 8021),
+    ("subscriptions", 8022),
+    ("payments", 8023),
+    ("notifications", 8024),
+    ("billing", 8025),
+];
 
-/// `development` (dev conveniences such as logging verification links) or
-/// `production`. When neither `TIERGATE_ENV` nor the file says, the
-/// command decides: `tiergate up` is development; `tiergate serve`,
-/// `migrate` and `rotate-signing-key` are production.
+/// Every problem found in the settings, each `key: what is wrong`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub Vec<String>);
+
+impl ConfigError {
+    /// One problem.
+    pub fn one(message: impl Into<String>) -> Self {
+        Self(vec![message.into()])
+    }
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_slice() {
+            [one] => f.write_str(one),
+            many => {
+                write!(f, "{} errors in the services config:", many.len())?;
+                for e in many {
+                    write!(f, "\n  - {e}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// `development` (dev conveniences such as logging verification links and
+/// generated keys) or `production`. When neither `TIERGATE_ENV` nor the
+/// file says, the command decides: `tiergate up` is development;
+/// `tiergate serve`, `migrate` and the service commands are production.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Environment {
@@ -55,10 +97,37 @@ pub struct Shared {
     pub public_url: String,
     /// Development or production.
     pub environment: Environment,
-    /// Subscriber URLs per event type.
+    /// Subscribers per event type.
     pub events: Subscribers,
-    /// The secret service tokens are signed with.
-    pub service_secret: Secret<String>,
+    /// Base URL of each service (`http://host:port`), by name.
+    pub peers: BTreeMap<String, String>,
+    /// Public keys of services, by name (base64url).
+    pub service_keys: BTreeMap<String, String>,
+    /// The business time zone's calendar.
+    pub calendar: BusinessCalendar,
+    /// What the users service's access tokens carry.
+    pub access_tokens: AccessTokens,
+}
+
+/// `access_tokens`: the `iss` and `aud` of the users service's access
+/// tokens, which every service checks (the gateway's `auth.issuer` and
+/// `auth.audience`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct AccessTokens {
+    /// `iss`.
+    pub issuer: String,
+    /// `aud`.
+    pub audience: String,
+}
+
+impl Default for AccessTokens {
+    fn default() -> Self {
+        Self {
+            issuer: "tiergate-users".to_owned(),
+            audience: "tiergate".to_owned(),
+        }
+    }
 }
 
 /// `services.<name>.server`.
@@ -95,27 +164,16 @@ impl Default for ServerSection {
 /// `services.<name>.server` as written: an omitted key keeps its default
 /// (the service's own port for `listen`).
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
+#[serde(default)]
 struct ServerDto {
     listen: Option<SocketAddr>,
     workers: Option<usize>,
     body_limit: Option<usize>,
 }
 
-impl ServerDto {
-    fn resolve(self, default_port: u16) -> ServerSection {
-        let d = ServerSection::on_port(default_port);
-        ServerSection {
-            listen: self.listen.unwrap_or(d.listen),
-            workers: self.workers.unwrap_or(d.workers),
-            body_limit: self.body_limit.unwrap_or(d.body_limit),
-        }
-    }
-}
-
 /// `services.<name>.database`.
 #[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct DatabaseSection {
     /// `sqlite://PATH` or `postgres://...`; default
     /// `sqlite://<data_dir>/<service>.db`.
@@ -127,6 +185,8 @@ pub struct DatabaseSection {
 /// What a service runs with, after file and environment.
 #[derive(Debug, Clone)]
 pub struct Settings<S> {
+    /// The service's name.
+    pub name: &'static str,
     /// Shared keys.
     pub shared: Shared,
     /// Listener.
@@ -135,96 +195,153 @@ pub struct Settings<S> {
     pub database_url: Secret<String>,
     /// Pool size.
     pub max_connections: u32,
+    /// `TIERGATE_<NAME>_SERVICE_KEY[_FILE]`.
+    pub service_key: Option<Secret<String>>,
     /// The service's own section.
     pub service: S,
 }
 
+impl<S> Settings<S> {
+    /// Where this service's key comes from ([`crate::service_auth`]).
+    pub fn key_source(&self) -> KeySource {
+        KeySource {
+            name: self.name.to_owned(),
+            pem: self.service_key.clone(),
+            data_dir: self.shared.data_dir.clone(),
+            environment: self.shared.environment,
+            known: self
+                .shared
+                .service_keys
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<HashMap<_, _>>(),
+        }
+    }
+
+    /// The base URL of service `name` (`peers.<name>`, else its standard
+    /// port on 127.0.0.1).
+    pub fn peer_url(&self, name: &str) -> Option<&str> {
+        self.shared.peers.get(name).map(String::as_str)
+    }
+}
+
+/// A service's own settings section: checked after it is read.
+pub trait ServiceConfig: DeserializeOwned + Default {
+    /// Reads what only the environment may hold (secrets) into `self`.
+    fn read_env(&mut self, _env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        Ok(())
+    }
+
+    /// Every problem with the values, each `services.<name>.<key>: …`.
+    fn problems(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// The file as written. Unknown keys are collected (every one is
+/// reported), not rejected at the first.
 #[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 struct FileDto {
     data_dir: Option<PathBuf>,
     public_url: Option<String>,
     environment: Option<Environment>,
+    time_zone: Option<String>,
+    access_tokens: AccessTokens,
+    peers: BTreeMap<String, String>,
+    service_keys: BTreeMap<String, String>,
     events: BTreeMap<String, Vec<String>>,
     services: BTreeMap<String, serde_yaml_ng::Value>,
 }
 
-/// The section of one service: `server`, `database` and its own keys.
-struct SectionDto<S> {
-    server: ServerDto,
-    database: DatabaseSection,
-    own: S,
-}
-
-/// Splits `services.<name>` into `server`, `database` and the rest, each
-/// deserialized on its own so that unknown keys are rejected everywhere
-/// (serde's `flatten` would let them through).
-fn section<S: DeserializeOwned>(
-    service: &str,
-    value: &serde_yaml_ng::Value,
-) -> Result<SectionDto<S>, ConfigError> {
-    let mut map = match value {
-        serde_yaml_ng::Value::Mapping(m) => m.clone(),
-        serde_yaml_ng::Value::Null => serde_yaml_ng::Mapping::new(),
-        _ => {
-            return Err(ConfigError(format!(
-                "services.{service}: must be a mapping"
-            )))
+/// Deserializes `value` as `T`, adding every key `T` does not know (as
+/// `at.key`) to `errors`; a type error is added too, and gives `None`.
+fn strict<T: DeserializeOwned>(
+    at: &str,
+    value: serde_yaml_ng::Value,
+    errors: &mut Vec<String>,
+) -> Option<T> {
+    let mut unknown = Vec::new();
+    let result = serde_ignored::deserialize(value, |path| unknown.push(path.to_string()));
+    for key in unknown {
+        let place = if at.is_empty() {
+            key
+        } else {
+            format!("{at}.{key}")
+        };
+        errors.push(format!("{place}: unknown key"));
+    }
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let place = if at.is_empty() { "the file" } else { at };
+            errors.push(format!("{place}: {e}"));
+            None
         }
-    };
-    let server = map
-        .get("server")
-        .cloned()
-        .map(serde_yaml_ng::from_value::<ServerDto>)
-        .transpose()
-        .map_err(|e| ConfigError(format!("services.{service}.server: {e}")))?
-        .unwrap_or_default();
-    let database = map
-        .get("database")
-        .cloned()
-        .map(serde_yaml_ng::from_value::<DatabaseSection>)
-        .transpose()
-        .map_err(|e| ConfigError(format!("services.{service}.database: {e}")))?
-        .unwrap_or_default();
-    map.remove("server");
-    map.remove("database");
-    let own = serde_yaml_ng::from_value(serde_yaml_ng::Value::Mapping(map))
-        .map_err(|e| ConfigError(format!("services.{service}: {e}")))?;
-    Ok(SectionDto {
-        server,
-        database,
-        own,
-    })
+    }
 }
 
 /// Reads settings for `service` from `file` (optional) and the
 /// environment (`env(name)`, so tests can pass a map). `default_port` is
 /// the service's standard port; `default_environment` applies when
 /// neither `TIERGATE_ENV` nor the file names one.
-pub fn load<S: DeserializeOwned + Default>(
-    service: &str,
+pub fn load<S: ServiceConfig>(
+    service: &'static str,
     default_port: u16,
     file: Option<&Path>,
     env: &dyn Fn(&str) -> Option<String>,
     default_environment: Environment,
 ) -> Result<Settings<S>, ConfigError> {
+    let mut errors = Vec::new();
     let dto: FileDto = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?;
-            serde_yaml_ng::from_str(&text)
-                .map_err(|e| ConfigError(format!("{}: {e}", path.display())))?
+                .map_err(|e| ConfigError::one(format!("{}: {e}", path.display())))?;
+            let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)
+                .map_err(|e| ConfigError::one(format!("{}: {e}", path.display())))?;
+            let value = match value {
+                serde_yaml_ng::Value::Null => serde_yaml_ng::Value::Mapping(Default::default()),
+                v => v,
+            };
+            strict("", value, &mut errors).unwrap_or_default()
         }
         None => FileDto::default(),
     };
-    let section: SectionDto<S> = match dto.services.get(service) {
-        Some(value) => section(service, value)?,
-        None => SectionDto {
-            server: ServerDto::default(),
-            database: DatabaseSection::default(),
-            own: S::default(),
-        },
+    let section = dto
+        .services
+        .get(service)
+        .cloned()
+        .unwrap_or(serde_yaml_ng::Value::Null);
+    let mut map = match section {
+        serde_yaml_ng::Value::Mapping(m) => m,
+        serde_yaml_ng::Value::Null => serde_yaml_ng::Mapping::new(),
+        _ => {
+            errors.push(format!("services.{service}: must be a mapping"));
+            serde_yaml_ng::Mapping::new()
+        }
     };
+    let mut take = |key: &str| {
+        map.remove(key)
+            .unwrap_or(serde_yaml_ng::Value::Mapping(Default::default()))
+    };
+    let server_dto: ServerDto = strict(
+        &format!("services.{service}.server"),
+        take("server"),
+        &mut errors,
+    )
+    .unwrap_or_default();
+    let database: DatabaseSection = strict(
+        &format!("services.{service}.database"),
+        take("database"),
+        &mut errors,
+    )
+    .unwrap_or_default();
+    let mut own: S = strict(
+        &format!("services.{service}"),
+        serde_yaml_ng::Value::Mapping(map),
+        &mut errors,
+    )
+    .unwrap_or_default();
     let upper = service.to_ascii_uppercase();
     let data_dir = env("TIERGATE_DATA_DIR")
         .map(PathBuf::from)
@@ -233,67 +350,175 @@ pub fn load<S: DeserializeOwned + Default>(
     let public_url = env("TIERGATE_PUBLIC_URL")
         .or(dto.public_url)
         .unwrap_or_else(|| "http://localhost:8000".to_owned());
+    if !(public_url.starts_with("http://") || public_url.starts_with("https://")) {
+        errors.push(format!("public_url: `{public_url}` is not an http(s) URL"));
+    }
     let environment = match env("TIERGATE_ENV").as_deref() {
         Some("production") => Environment::Production,
         Some("development") => Environment::Development,
         Some(other) => {
-            return Err(ConfigError(format!(
+            errors.push(format!(
                 "TIERGATE_ENV: `{other}` is neither development nor production"
-            )))
+            ));
+            default_environment
         }
         None => dto.environment.unwrap_or(default_environment),
     };
-    check_subscribers(&dto.events)?;
-    let mut server = section.server.resolve(default_port);
-    if let Some(listen) = env(&format!("TIERGATE_{upper}_LISTEN")) {
-        server.listen = listen
-            .parse()
-            .map_err(|e| ConfigError(format!("TIERGATE_{upper}_LISTEN: `{listen}`: {e}")))?;
+    let zone = env("TIERGATE_TIME_ZONE")
+        .or(dto.time_zone)
+        .unwrap_or_else(|| crate::calendar::DEFAULT_ZONE.to_owned());
+    let calendar = BusinessCalendar::new(&zone).unwrap_or_else(|e| {
+        errors.push(format!("time_zone: {e}"));
+        BusinessCalendar::jakarta()
+    });
+    let peers = peers(&dto.peers, env, &mut errors);
+    let events = subscribers(&dto.events, &peers, &mut errors);
+    let server = ServerSection {
+        listen: match env(&format!("TIERGATE_{upper}_LISTEN")) {
+            Some(listen) => listen.parse().unwrap_or_else(|e| {
+                errors.push(format!("TIERGATE_{upper}_LISTEN: `{listen}`: {e}"));
+                SocketAddr::from(([127, 0, 0, 1], default_port))
+            }),
+            None => server_dto
+                .listen
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], default_port))),
+        },
+        workers: server_dto.workers.unwrap_or(2),
+        body_limit: server_dto
+            .body_limit
+            .unwrap_or(crate::json::DEFAULT_BODY_LIMIT),
+    };
+    if server.workers == 0 {
+        errors.push(format!(
+            "services.{service}.server.workers: must be at least 1"
+        ));
     }
-    let env_url = secret_from(env, &format!("TIERGATE_{upper}_DATABASE_URL"))?;
-    let database_url = env_url.or(section.database.url).unwrap_or_else(|| {
+    if server.body_limit < 1024 {
+        errors.push(format!(
+            "services.{service}.server.body_limit: must be at least 1024 bytes"
+        ));
+    }
+    let mut secret = |name: &str| match secret_from(env, name) {
+        Ok(v) => v,
+        Err(e) => {
+            errors.extend(e.0);
+            None
+        }
+    };
+    let env_url = secret(&format!("TIERGATE_{upper}_DATABASE_URL"));
+    let service_key = secret(&format!("TIERGATE_{upper}_SERVICE_KEY"));
+    let database_url = env_url.or(database.url).unwrap_or_else(|| {
         Secret::new(format!(
             "sqlite://{}",
             data_dir.join(format!("{service}.db")).display()
         ))
     });
-    let service_secret = match secret_from(env, "TIERGATE_SERVICE_SECRET")? {
-        Some(s) => s,
-        None => generated_secret(&data_dir)?,
-    };
+    let max_connections = database.max_connections.unwrap_or(8);
+    if max_connections == 0 {
+        errors.push(format!(
+            "services.{service}.database.max_connections: must be at least 1"
+        ));
+    }
+    if let Err(e) = own.read_env(env) {
+        errors.extend(e.0);
+    }
+    errors.extend(own.problems());
+    if !errors.is_empty() {
+        return Err(ConfigError(errors));
+    }
     Ok(Settings {
+        name: service,
         shared: Shared {
             data_dir,
             public_url: public_url.trim_end_matches('/').to_owned(),
             environment,
-            events: dto.events,
-            service_secret,
+            events,
+            peers,
+            service_keys: dto.service_keys,
+            calendar,
+            access_tokens: dto.access_tokens,
         },
         server,
         database_url,
-        max_connections: section.database.max_connections.unwrap_or(8),
-        service: section.own,
+        max_connections,
+        service_key,
+        service: own,
     })
 }
 
-/// Rejects a subscriber URL that is not http(s), or that repeats under one
-/// event type (a typo that would deliver every event twice).
-fn check_subscribers(events: &Subscribers) -> Result<(), ConfigError> {
-    for (event_type, urls) in events {
-        for (i, url) in urls.iter().enumerate() {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError(format!(
-                    "events.{event_type}[{i}]: `{url}` is not an http(s) URL"
-                )));
-            }
-            if urls[..i].contains(url) {
-                return Err(ConfigError(format!(
-                    "events.{event_type}[{i}]: `{url}` is listed twice"
-                )));
-            }
+/// Every service's base URL: `peers` from the file over the standard
+/// ports, `TIERGATE_<NAME>_URL` over both.
+fn peers(
+    file: &BTreeMap<String, String>,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<String>,
+) -> BTreeMap<String, String> {
+    let mut out: BTreeMap<String, String> = STANDARD_PORTS
+        .iter()
+        .map(|(name, port)| ((*name).to_owned(), format!("http://127.0.0.1:{port}")))
+        .collect();
+    for (name, url) in file {
+        out.insert(name.clone(), url.clone());
+    }
+    let names: Vec<String> = out.keys().cloned().collect();
+    for name in names {
+        if let Some(url) = env(&format!("TIERGATE_{}_URL", name.to_ascii_uppercase())) {
+            out.insert(name, url);
         }
     }
-    Ok(())
+    for (name, url) in &mut out {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            errors.push(format!("peers.{name}: `{url}` is not an http(s) URL"));
+        }
+        *url = url.trim_end_matches('/').to_owned();
+    }
+    out
+}
+
+/// Resolves each subscriber: a service name delivers to that peer's
+/// `/internal/events` (its token's audience is the name); a URL is used
+/// as written. A subscriber may not repeat under one type (it would get
+/// every event twice).
+fn subscribers(
+    events: &BTreeMap<String, Vec<String>>,
+    peers: &BTreeMap<String, String>,
+    errors: &mut Vec<String>,
+) -> Subscribers {
+    let mut out = Subscribers::new();
+    for (event_type, entries) in events {
+        let mut list = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            if entries[..i].contains(entry) {
+                errors.push(format!(
+                    "events.{event_type}[{i}]: `{entry}` is listed twice"
+                ));
+                continue;
+            }
+            if entry.starts_with("http://") || entry.starts_with("https://") {
+                // A URL under a peer's base is that peer (its audience).
+                let audience = peers
+                    .iter()
+                    .find(|(_, base)| entry.starts_with(base.as_str()))
+                    .map_or_else(|| "external".to_owned(), |(name, _)| name.clone());
+                list.push(Subscriber {
+                    url: entry.clone(),
+                    audience,
+                });
+            } else if let Some(base) = peers.get(entry) {
+                list.push(Subscriber {
+                    url: format!("{base}/internal/events"),
+                    audience: entry.clone(),
+                });
+            } else {
+                errors.push(format!(
+                    "events.{event_type}[{i}]: `{entry}` is neither a service ({}) nor an http(s) URL",
+                    peers.keys().cloned().collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+        out.insert(event_type.clone(), list);
+    }
+    out
 }
 
 /// The process environment, for [`load`].
@@ -314,31 +539,9 @@ pub fn secret_from(
     match env(&format!("{name}_FILE")) {
         Some(path) => std::fs::read_to_string(&path)
             .map(|t| Some(Secret::new(t.trim_end_matches(['\n', '\r']).to_owned())))
-            .map_err(|e| ConfigError(format!("{name}_FILE: cannot read {path}: {e}"))),
+            .map_err(|e| ConfigError::one(format!("{name}_FILE: cannot read {path}: {e}"))),
         None => Ok(None),
     }
-}
-
-/// The service secret of a single-host install: generated once into
-/// `<data_dir>/service.secret` (mode 0600), shared by every service
-/// that uses the same data directory.
-fn generated_secret(data_dir: &Path) -> Result<Secret<String>, ConfigError> {
-    let path = data_dir.join("service.secret");
-    let err = |e: std::io::Error| ConfigError(format!("{}: {e}", path.display()));
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        return Ok(Secret::new(text.trim().to_owned()));
-    }
-    std::fs::create_dir_all(data_dir).map_err(err)?;
-    // Two services starting at once must end up with the same secret.
-    let _lock = FileLock::acquire(&path).map_err(err)?;
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        return Ok(Secret::new(text.trim().to_owned()));
-    }
-    let secret = crate::random_token(32)
-        .map_err(|e| ConfigError(format!("cannot generate a service secret: {e}")))?;
-    write_private(&path, secret.as_bytes()).map_err(err)?;
-    tracing::info!(path = %path.display(), "generated a service secret");
-    Ok(Secret::new(secret))
 }
 
 /// An exclusive advisory lock (`flock`) on `<path>.lock`, held until
@@ -393,9 +596,18 @@ mod tests {
     use super::*;
 
     #[derive(Debug, Default, Deserialize, PartialEq)]
-    #[serde(deny_unknown_fields, default)]
+    #[serde(default)]
     struct Own {
         token_ttl_secs: u64,
+    }
+
+    impl ServiceConfig for Own {
+        fn problems(&self) -> Vec<String> {
+            (self.token_ttl_secs > 100)
+                .then(|| "services.users.token_ttl_secs: at most 100".to_owned())
+                .into_iter()
+                .collect()
+        }
     }
 
     fn no_env(_: &str) -> Option<String> {
@@ -420,7 +632,7 @@ mod tests {
         std::fs::write(
             &file,
             format!(
-                "data_dir: {}\nevents:\n  a.b: [http://x/e]\nservices:\n  users:\n    server: {{ listen: 127.0.0.1:9001 }}\n    token_ttl_secs: 7\n",
+                "data_dir: {}\nevents:\n  a.b: [http://x/e, billing]\nservices:\n  users:\n    server: {{ listen: 127.0.0.1:9001 }}\n    token_ttl_secs: 7\n",
                 dir.display()
             ),
         )
@@ -428,40 +640,68 @@ mod tests {
         let s = load_dev(&file).unwrap();
         assert_eq!(s.server.listen.port(), 9001);
         assert_eq!(s.service.token_ttl_secs, 7);
-        assert_eq!(s.shared.events["a.b"], ["http://x/e"]);
+        assert_eq!(s.shared.events["a.b"][0].url, "http://x/e");
+        assert_eq!(
+            s.shared.events["a.b"][1],
+            Subscriber {
+                url: "http://127.0.0.1:8025/internal/events".into(),
+                audience: "billing".into()
+            }
+        );
         assert!(s.database_url.expose().ends_with("users.db"));
-        assert!(s.shared.service_secret.expose().len() >= 32);
+        assert_eq!(s.shared.calendar.zone_name(), "Asia/Jakarta");
         let env = |k: &str| match k {
             "TIERGATE_USERS_LISTEN" => Some("127.0.0.1:9002".to_owned()),
             "TIERGATE_USERS_DATABASE_URL" => Some("postgres://u:p@h/db".to_owned()),
+            "TIERGATE_BILLING_URL" => Some("http://b.internal:9/".to_owned()),
             _ => None,
         };
         let s: Settings<Own> =
             load("users", 8021, Some(&file), &env, Environment::Development).unwrap();
         assert_eq!(s.server.listen.port(), 9002);
         assert_eq!(s.database_url.expose(), "postgres://u:p@h/db");
+        assert_eq!(s.peer_url("billing"), Some("http://b.internal:9"));
+        assert_eq!(
+            s.shared.events["a.b"][1].url,
+            "http://b.internal:9/internal/events"
+        );
         assert!(!format!("{s:?}").contains("u:p@"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
-    fn test_unknown_keys_are_rejected_with_their_place() {
+    fn test_every_problem_is_reported_with_its_key() {
         let (dir, file) = temp_config();
-        std::fs::write(&file, "services:\n  users:\n    server: { lisen: x }\n").unwrap();
-        let e = load_dev(&file).unwrap_err();
+        std::fs::write(
+            &file,
+            "data_dri: x\ntime_zone: Mars/Olympus\npeers: { billing: ftp://b }\nevents:\n  a.b: [nobody, http://x/e, http://x/e]\nservices:\n  users:\n    server: { lisen: x, workers: 0 }\n    token_ttl_sec: 1\n    token_ttl_secs: 500\n",
+        )
+        .unwrap();
+        let env = |k: &str| (k == "TIERGATE_ENV").then(|| "staging".to_owned());
+        let e =
+            load::<Own>("users", 8021, Some(&file), &env, Environment::Development).unwrap_err();
+        for expected in [
+            "data_dri: unknown key",
+            "services.users.server.lisen: unknown key",
+            "services.users.token_ttl_sec: unknown key",
+            "services.users.server.workers: must be at least 1",
+            "services.users.token_ttl_secs: at most 100",
+            "TIERGATE_ENV: `staging`",
+            "time_zone: unknown time zone `Mars/Olympus`",
+            "peers.billing: `ftp://b` is not an http(s) URL",
+            "events.a.b[0]: `nobody` is neither a service",
+            "events.a.b[2]: `http://x/e` is listed twice",
+        ] {
+            assert!(
+                e.0.iter().any(|m| m.starts_with(expected)),
+                "missing `{expected}` in {e}"
+            );
+        }
         assert!(
-            e.0.contains("services.users") && e.0.contains("lisen"),
+            e.to_string()
+                .starts_with("10 errors in the services config:"),
             "{e}"
         );
-        std::fs::write(&file, "services:\n  users:\n    token_ttl_sec: 1\n").unwrap();
-        let e = load_dev(&file).unwrap_err();
-        assert!(
-            e.0.contains("services.users") && e.0.contains("token_ttl_sec"),
-            "{e}"
-        );
-        std::fs::write(&file, "data_dri: x\n").unwrap();
-        let e = load_dev(&file).unwrap_err();
-        assert!(e.0.contains("data_dri"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -485,36 +725,6 @@ mod tests {
         let s: Settings<Own> =
             load("users", 8021, Some(&file), &dev, Environment::Production).unwrap();
         assert_eq!(s.shared.environment, Environment::Development);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn test_repeated_or_malformed_subscriber_urls_are_rejected() {
-        let (dir, file) = temp_config();
-        for (yaml, expect) in [
-            (
-                "events:\n  a.b: [http://x/e, http://x/e]\n",
-                "events.a.b[1]",
-            ),
-            ("events:\n  a.b: [x/e]\n", "events.a.b[0]"),
-        ] {
-            std::fs::write(&file, format!("data_dir: {}\n{yaml}", dir.display())).unwrap();
-            let e = load_dev(&file).unwrap_err();
-            assert!(e.0.contains(expect), "{e}");
-        }
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn test_concurrent_first_starts_agree_on_one_generated_secret() {
-        let dir = std::env::temp_dir().join(format!("tg-cfg-{}", uuid::Uuid::now_v7()));
-        let secrets: Vec<String> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..8)
-                .map(|_| s.spawn(|| generated_secret(&dir).unwrap().expose().clone()))
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        });
-        assert!(secrets.iter().all(|x| x == &secrets[0]), "{secrets:?}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -171,6 +171,35 @@ impl Db {
     }
 }
 
+/// A unique or foreign-key constraint as each database reports its
+/// violation: PostgreSQL by the constraint's name, SQLite by
+/// `table.column[, table.column]` for a unique one (it names no foreign
+/// key: `FOREIGN KEY`).
+#[derive(Debug, Clone, Copy)]
+pub struct Constraint {
+    /// The constraint's (or unique index's) name, for PostgreSQL.
+    pub name: &'static str,
+    /// What SQLite names after `constraint failed: `.
+    pub sqlite: &'static str,
+}
+
+/// Whether `e` is a violation of `constraint`, so each unique or
+/// foreign-key violation can map to its own 409 or 422 (sqlx's examples'
+/// `on_constraint`).
+pub fn on_constraint(e: &sqlx::Error, constraint: &Constraint) -> bool {
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    if db.constraint() == Some(constraint.name) {
+        return true;
+    }
+    db.message()
+        .split_once("constraint failed: ")
+        .is_some_and(|(_, what)| what.trim() == constraint.sqlite)
+        || (constraint.sqlite == "FOREIGN KEY"
+            && db.message().contains("FOREIGN KEY constraint failed"))
+}
+
 /// Whether a query failed on a unique constraint (a duplicate email, an
 /// event already consumed): the caller turns it into a 409 or a no-op.
 pub fn is_unique_violation(e: &sqlx::Error) -> bool {
@@ -178,7 +207,8 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.is_unique_violation())
 }
 
-/// Now, in Unix milliseconds: the time type of every table.
+/// Now, in Unix milliseconds: the time type of every table. Services read
+/// the time from their [`crate::clock::Clock`]; this is for tools.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

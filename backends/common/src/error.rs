@@ -122,6 +122,17 @@ impl ApiError {
         self.code
     }
 
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The same error with a `Retry-After` of `secs` seconds.
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
     /// The fields at fault (empty unless a validation error).
     pub fn fields(&self) -> &[FieldError] {
         &self.fields

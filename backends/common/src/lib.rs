@@ -1,28 +1,47 @@
 //! The shared foundation of tiergate's business services.
 //!
+//! - [`service`]: a service described once ([`service::Service`]) and
+//!   started by the platform, and the CLI registry's [`service::Entry`];
 //! - [`app`]: run a service (Actix-web 4) with request ids, metrics, the
 //!   JSON error envelope, `/health`, `/metrics` and `/openapi.json`;
+//! - [`client`]: calling another service; [`service_auth`]: each
+//!   service's own key and the callers an internal route accepts;
+//!   [`user_auth`]: the user behind a request, verified by the service;
+//! - [`consumer`]: `POST /internal/events` for the events a service
+//!   consumes; [`blocking`]: CPU-heavy work, bounded;
 //! - [`error`]: the envelope and the validation helper;
 //! - [`json`]: a JSON extractor whose failures are 4xx in the envelope;
 //! - [`db`]: SQLite or PostgreSQL through one sqlx `Any` code path, with
 //!   per-service migrations;
-//! - [`service_auth`]: short-lived service JWTs for `/internal` routes;
 //! - [`outbox`]: the transactional outbox, its dispatcher and the
 //!   consumers' dedupe;
 //! - [`config`], [`secret`]: settings from file and env, secrets that never
-//!   print.
+//!   print;
+//! - [`clock`]: the injectable clock every service reads time from;
+//! - [`money`], [`calendar`]: integer rupiah, the business time zone and
+//!   period arithmetic.
 #![deny(missing_docs)]
 
 pub mod app;
+pub mod blocking;
+pub mod calendar;
+pub mod client;
+pub mod clock;
 pub mod config;
+pub mod consumer;
 pub mod db;
 pub mod error;
 pub mod json;
 pub mod metrics;
+pub mod money;
 pub mod outbox;
 pub mod request_id;
 pub mod secret;
+pub mod service;
 pub mod service_auth;
+#[cfg(test)]
+mod test_http;
+pub mod user_auth;
 
 pub use error::{ApiError, FieldError, Validator};
 

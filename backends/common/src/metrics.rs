@@ -14,9 +14,14 @@ pub struct HttpMetrics {
     duration: HistogramVec,
     /// Outbox deliveries by result (`delivered`, `failed`).
     pub outbox_deliveries: IntCounterVec,
-    /// Outbox deliveries not yet acknowledged, as of the dispatcher's last pass.
+    /// Outbox deliveries not yet acknowledged (refreshed every 15 s).
     pub outbox_pending: IntGauge,
-    /// Events received by consumers, by result (`applied`, `duplicate`).
+    /// Outbox deliveries parked as dead (refreshed every 15 s).
+    pub outbox_dead: IntGauge,
+    /// Deliveries parked as dead, by event type.
+    pub outbox_dead_total: IntCounterVec,
+    /// Events received by consumers, by result (`applied`, `duplicate`,
+    /// `stale`, `ignored`, `rejected`).
     pub events_consumed: IntCounterVec,
 }
 
@@ -52,7 +57,20 @@ impl HttpMetrics {
         .unwrap_or_else(|_| unreachable!("static metric definition"));
         let outbox_pending = IntGauge::new(
             "outbox_pending",
-            "Outbox deliveries waiting, as of the dispatcher's last pass",
+            "Outbox deliveries waiting (refreshed every 15 s)",
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let outbox_dead = IntGauge::new(
+            "outbox_dead",
+            "Outbox deliveries parked as dead (refreshed every 15 s)",
+        )
+        .unwrap_or_else(|_| unreachable!("static metric definition"));
+        let outbox_dead_total = IntCounterVec::new(
+            Opts::new(
+                "outbox_dead_total",
+                "Outbox deliveries parked as dead, by event type",
+            ),
+            &["event_type"],
         )
         .unwrap_or_else(|_| unreachable!("static metric definition"));
         let events_consumed = IntCounterVec::new(
@@ -65,6 +83,8 @@ impl HttpMetrics {
             Box::new(duration.clone()),
             Box::new(outbox_deliveries.clone()),
             Box::new(outbox_pending.clone()),
+            Box::new(outbox_dead.clone()),
+            Box::new(outbox_dead_total.clone()),
             Box::new(events_consumed.clone()),
         ] {
             // Registering fresh collectors in a fresh registry cannot clash.
@@ -76,6 +96,8 @@ impl HttpMetrics {
             duration,
             outbox_deliveries,
             outbox_pending,
+            outbox_dead,
+            outbox_dead_total,
             events_consumed,
         }
     }

@@ -1,30 +1,53 @@
 //! The transactional outbox: events written in the same transaction as the
-//! change they report, delivered at least once over HTTP by a dispatcher,
-//! and applied once by consumers that dedupe on the event id.
+//! change they report, delivered at least once over HTTP, and applied once
+//! by consumers that dedupe on the event id ([`crate::consumer`]).
 //!
-//! Delivery is `POST <subscriber URL>` with the [`Event`] as JSON and a
-//! service token; any 2xx acknowledges it. Anything else (or no answer
-//! within 5 s) is retried with exponential backoff and jitter, for ever:
-//! a subscriber that is down gets its events when it returns, and a
-//! process killed between commit and delivery delivers them on restart.
-//! Order is not guaranteed across retries; consumers must not rely on it.
+//! **Delivery.** One loop per subscriber, so a slow or dead subscriber
+//! delays only its own events. Each loop claims a batch of its due
+//! deliveries (`claim`, `claimed_until`: another instance of the service
+//! skips claimed rows, and takes over a claim that expired because its
+//! holder died), sends each as `POST <url>` with the [`Event`] as JSON and
+//! a fresh service token for the subscriber, and records the outcome. Any
+//! 2xx acknowledges. A failure is retried with exponential backoff and
+//! jitter; a permanent refusal (400, 404, 405, 410, 413, 415, 422) or
+//! [`DispatchSettings::max_attempts`] failures park the delivery as dead:
+//! counted (`outbox_dead_total`), listed by `tiergate events dead`, put
+//! back by `tiergate events retry`. Order is not guaranteed across
+//! retries; consumers must not rely on it.
+//!
+//! **At rest**, payloads are encrypted (XChaCha20-Poly1305, the key derived
+//! from the service's own key, the event id as associated data): events
+//! carry single-use links, and a copy of the database should not reveal
+//! them. An event is deleted once every subscriber has acknowledged it.
+//!
+//! **Side effects that are not database writes** (a mail, a Telegram
+//! message, an SMS) follow one pattern: claim the job in the database,
+//! send it with the provider's idempotency key where the provider has one,
+//! then mark it sent. A crash between sending and marking sends it again
+//! (a duplicate); it never loses it. This dispatcher is that pattern for
+//! HTTP deliveries.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
 use sqlx::Row;
 use tokio::sync::Notify;
 
-use crate::db::{now_ms, Db};
+use crate::clock::Clock;
+use crate::db::Db;
 use crate::metrics::HttpMetrics;
-use crate::service_auth::ServiceTokens;
+use crate::service_auth::ServiceKeys;
 
-/// An event as delivered to subscribers.
+/// An event as delivered to subscribers. Fields a consumer does not know
+/// are ignored: producers may add fields without breaking consumers.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct Event {
     /// Unique id (UUIDv7): the consumers' dedupe key.
     pub id: String,
@@ -40,13 +63,23 @@ pub struct Event {
     pub data: serde_json::Value,
 }
 
-/// Subscriber URLs per event type (`*` matches every type).
-pub type Subscribers = BTreeMap<String, Vec<String>>;
+/// Where one subscriber gets its events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscriber {
+    /// `POST` target.
+    pub url: String,
+    /// The service it is: the audience of its service tokens.
+    pub audience: String,
+}
+
+/// Subscribers per event type (`*` matches every type).
+pub type Subscribers = BTreeMap<String, Vec<Subscriber>>;
 
 /// Dispatcher tuning.
 #[derive(Debug, Clone)]
 pub struct DispatchSettings {
-    /// How often the table is polled when nothing woke the dispatcher.
+    /// How often a subscriber's loop looks for due deliveries when nothing
+    /// woke it.
     pub poll_interval: Duration,
     /// First retry delay; doubled per failed attempt.
     pub base_backoff: Duration,
@@ -54,6 +87,10 @@ pub struct DispatchSettings {
     pub max_backoff: Duration,
     /// Per-delivery HTTP timeout.
     pub timeout: Duration,
+    /// Failed attempts after which a delivery is parked as dead.
+    pub max_attempts: i64,
+    /// Deliveries one loop claims at a time.
+    pub batch: i64,
 }
 
 impl Default for DispatchSettings {
@@ -61,27 +98,50 @@ impl Default for DispatchSettings {
         Self {
             poll_interval: Duration::from_secs(1),
             base_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(60),
+            max_backoff: Duration::from_secs(300),
             timeout: Duration::from_secs(5),
+            // With the 5 min cap: about 8 hours of a subscriber being down.
+            max_attempts: 100,
+            batch: 16,
         }
     }
 }
 
+/// How often the pending/dead gauges are refreshed (a manual clock that
+/// moves refreshes them at once).
+const GAUGES_EVERY: Duration = Duration::from_secs(15);
+
 /// A service's outbox. Cheap to clone.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Outbox {
     source: &'static str,
     subscribers: Arc<Subscribers>,
     wake: Arc<Notify>,
+    cipher: Arc<XChaCha20Poly1305>,
 }
 
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox")
+            .field("source", &self.source)
+            .field("subscribers", &self.subscribers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Marks an encrypted payload.
+const SEALED: &str = "enc1:";
+
 impl Outbox {
-    /// The outbox of service `source`, delivering to `subscribers`.
-    pub fn new(source: &'static str, subscribers: Subscribers) -> Self {
+    /// The outbox of service `source`, delivering to `subscribers`, its
+    /// payloads sealed with a key derived from `keys`.
+    pub fn new(source: &'static str, subscribers: Subscribers, keys: &ServiceKeys) -> Self {
+        let key = keys.derive("outbox payloads");
         Self {
             source,
             subscribers: Arc::new(subscribers),
             wake: Arc::new(Notify::new()),
+            cipher: Arc::new(XChaCha20Poly1305::new((&key).into())),
         }
     }
 
@@ -94,6 +154,7 @@ impl Outbox {
         tx: &mut AnyConnection,
         event_type: &str,
         data: &impl Serialize,
+        now_ms: i64,
     ) -> Result<String, sqlx::Error> {
         let id = uuid::Uuid::now_v7().to_string();
         let subscribers = self.subscribers_of(event_type);
@@ -101,56 +162,116 @@ impl Outbox {
             tracing::debug!(event_type, "no subscriber; event not stored");
             return Ok(id);
         }
-        let now = now_ms();
         let payload = serde_json::to_string(data).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let sealed = self.seal(&id, &payload)?;
         sqlx::query(
             "INSERT INTO outbox_events (id, event_type, payload, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(&id)
         .bind(event_type)
-        .bind(payload)
-        .bind(now)
+        .bind(sealed)
+        .bind(now_ms)
         .execute(&mut *tx)
         .await?;
-        for url in subscribers {
+        for s in subscribers {
             sqlx::query(
                 "INSERT INTO outbox_deliveries (event_id, subscriber, attempts, next_attempt_at) \
                  VALUES ($1, $2, 0, $3)",
             )
             .bind(&id)
-            .bind(url)
-            .bind(now)
+            .bind(&s.url)
+            .bind(now_ms)
             .execute(&mut *tx)
             .await?;
         }
         Ok(id)
     }
 
+    fn seal(&self, id: &str, payload: &str) -> Result<String, sqlx::Error> {
+        let mut nonce = [0u8; 24];
+        getrandom::fill(&mut nonce).map_err(|e| sqlx::Error::Encode(e.to_string().into()))?;
+        let ct = self
+            .cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: payload.as_bytes(),
+                    aad: id.as_bytes(),
+                },
+            )
+            .map_err(|_| sqlx::Error::Encode("cannot seal an outbox payload".into()))?;
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        Ok(format!("{SEALED}{}", B64.encode(out)))
+    }
+
+    /// The payload of event `id` as stored (sealed, or plain JSON written
+    /// before payloads were sealed).
+    fn open(&self, id: &str, stored: &str) -> Result<serde_json::Value, String> {
+        let json = match stored.strip_prefix(SEALED) {
+            None => stored.to_owned(),
+            Some(b64) => {
+                let raw = B64
+                    .decode(b64)
+                    .map_err(|e| format!("sealed payload: {e}"))?;
+                if raw.len() < 24 {
+                    return Err("sealed payload too short".into());
+                }
+                let (nonce, ct) = raw.split_at(24);
+                let plain = self
+                    .cipher
+                    .decrypt(
+                        XNonce::from_slice(nonce),
+                        Payload {
+                            msg: ct,
+                            aad: id.as_bytes(),
+                        },
+                    )
+                    .map_err(|_| "cannot open the payload (another service key?)".to_owned())?;
+                String::from_utf8(plain).map_err(|e| e.to_string())?
+            }
+        };
+        serde_json::from_str(&json).map_err(|e| format!("payload is not JSON: {e}"))
+    }
+
     /// The subscribers of `event_type` (its own, then `*`), each once.
-    fn subscribers_of(&self, event_type: &str) -> Vec<&str> {
+    fn subscribers_of(&self, event_type: &str) -> Vec<&Subscriber> {
         let exact = self.subscribers.get(event_type).into_iter().flatten();
         let any = self.subscribers.get("*").into_iter().flatten();
-        let mut urls: Vec<&str> = Vec::new();
-        for url in exact.chain(any) {
-            if !urls.contains(&url.as_str()) {
-                urls.push(url);
+        let mut out: Vec<&Subscriber> = Vec::new();
+        for s in exact.chain(any) {
+            if !out.iter().any(|o| o.url == s.url) {
+                out.push(s);
             }
         }
-        urls
+        out
+    }
+
+    /// Every subscriber, each once.
+    fn all_subscribers(&self) -> Vec<Subscriber> {
+        let mut out: Vec<Subscriber> = Vec::new();
+        for s in self.subscribers.values().flatten() {
+            if !out.iter().any(|o| o.url == s.url) {
+                out.push(s.clone());
+            }
+        }
+        out
     }
 
     /// Wakes the dispatcher (after a commit that enqueued events).
     pub fn notify(&self) {
-        self.wake.notify_one();
+        self.wake.notify_waiters();
     }
 
-    /// Runs the dispatcher until the task is dropped.
+    /// Runs the dispatcher until the task is dropped: one delivery loop per
+    /// subscriber, and a gauge refresh every 15 s.
     pub async fn dispatch(
         self,
         db: Db,
-        tokens: ServiceTokens,
+        keys: ServiceKeys,
         metrics: HttpMetrics,
         settings: DispatchSettings,
+        clock: Clock,
     ) {
         let client = match reqwest::Client::builder()
             .timeout(settings.timeout)
@@ -163,9 +284,65 @@ impl Outbox {
                 return;
             }
         };
+        let loop_of = |s: Subscriber| Loop {
+            outbox: self.clone(),
+            db: db.clone(),
+            client: client.clone(),
+            keys: keys.clone(),
+            metrics: metrics.clone(),
+            settings: settings.clone(),
+            clock: clock.clone(),
+            subscriber: s,
+            claim: uuid::Uuid::now_v7().to_string(),
+        };
+        let mut loops: Vec<_> = self
+            .all_subscribers()
+            .into_iter()
+            .map(|s| Box::pin(loop_of(s).run()))
+            .collect();
+        let gauges = async {
+            loop {
+                if let Ok((pending, dead)) = counts(&db).await {
+                    metrics.outbox_pending.set(pending);
+                    metrics.outbox_dead.set(dead);
+                }
+                clock.tick(GAUGES_EVERY).await;
+            }
+        };
+        let all = futures_util::future::join_all(loops.iter_mut());
+        tokio::select! {
+            _ = all => {}
+            _ = gauges => {}
+        }
+    }
+}
+
+/// One subscriber's delivery loop.
+struct Loop {
+    outbox: Outbox,
+    db: Db,
+    client: reqwest::Client,
+    keys: ServiceKeys,
+    metrics: HttpMetrics,
+    settings: DispatchSettings,
+    clock: Clock,
+    subscriber: Subscriber,
+    /// This loop's claim token.
+    claim: String,
+}
+
+/// What a delivery attempt came to.
+enum Outcome {
+    Delivered,
+    Retry(String),
+    Dead(String),
+}
+
+impl Loop {
+    async fn run(self) {
         let mut quiet_error = false;
         loop {
-            match self.pass(&db, &client, &tokens, &metrics, &settings).await {
+            match self.pass().await {
                 Ok(full) => {
                     quiet_error = false;
                     if full {
@@ -174,114 +351,202 @@ impl Outbox {
                 }
                 Err(e) => {
                     if !quiet_error {
-                        tracing::warn!(source = self.source, error = %e, "outbox dispatcher cannot read the outbox; retrying");
+                        tracing::warn!(source = self.outbox.source, subscriber = %self.subscriber.url,
+                            error = %e, "outbox dispatcher cannot read the outbox; retrying");
                         quiet_error = true;
                     }
                 }
             }
-            let _ = tokio::time::timeout(settings.poll_interval, self.wake.notified()).await;
+            let wake = self.outbox.wake.notified();
+            tokio::select! {
+                _ = wake => {}
+                _ = self.clock.tick(self.settings.poll_interval) => {}
+            }
         }
     }
 
-    /// One pass over due deliveries. `Ok(true)` when the batch was full
+    /// Claims and delivers one batch. `Ok(true)` when the batch was full
     /// (more may be due at once).
-    async fn pass(
-        &self,
-        db: &Db,
-        client: &reqwest::Client,
-        tokens: &ServiceTokens,
-        metrics: &HttpMetrics,
-        settings: &DispatchSettings,
-    ) -> Result<bool, sqlx::Error> {
-        const BATCH: usize = 64;
-        let now = now_ms();
-        let rows = sqlx::query(
-            "SELECT d.event_id, d.subscriber, d.attempts, e.event_type, e.payload, e.created_at \
-             FROM outbox_deliveries d JOIN outbox_events e ON e.id = d.event_id \
-             WHERE d.delivered_at IS NULL AND d.next_attempt_at <= $1 \
-             ORDER BY d.next_attempt_at LIMIT $2",
+    async fn pass(&self) -> Result<bool, sqlx::Error> {
+        let now = self.clock.now_ms();
+        let lease = i64::try_from(
+            (self.settings.timeout * u32::try_from(self.settings.batch).unwrap_or(16)).as_millis(),
         )
+        .unwrap_or(i64::MAX / 2)
+            + 30_000;
+        // The outer conditions repeat the inner ones: on PostgreSQL a row
+        // another instance claimed meanwhile fails the re-check and is
+        // skipped; SQLite runs one writer at a time.
+        let claimed = sqlx::query(
+            "UPDATE outbox_deliveries SET claim = $1, claimed_until = $2 \
+             WHERE subscriber = $3 AND delivered_at IS NULL AND dead_at IS NULL \
+               AND next_attempt_at <= $4 AND (claimed_until IS NULL OR claimed_until < $4) \
+               AND event_id IN (SELECT event_id FROM outbox_deliveries \
+                 WHERE subscriber = $3 AND delivered_at IS NULL AND dead_at IS NULL \
+                   AND next_attempt_at <= $4 AND (claimed_until IS NULL OR claimed_until < $4) \
+                 ORDER BY next_attempt_at LIMIT $5)",
+        )
+        .bind(&self.claim)
+        .bind(now + lease)
+        .bind(&self.subscriber.url)
         .bind(now)
-        .bind(BATCH as i64)
-        .fetch_all(db.pool())
+        .bind(self.settings.batch)
+        .execute(self.db.pool())
+        .await?
+        .rows_affected();
+        if claimed == 0 {
+            return Ok(false);
+        }
+        let rows = sqlx::query(
+            "SELECT d.event_id, d.attempts, e.event_type, e.payload, e.created_at \
+             FROM outbox_deliveries d JOIN outbox_events e ON e.id = d.event_id \
+             WHERE d.subscriber = $1 AND d.claim = $2 AND d.delivered_at IS NULL \
+             ORDER BY d.next_attempt_at",
+        )
+        .bind(&self.subscriber.url)
+        .bind(&self.claim)
+        .fetch_all(self.db.pool())
         .await?;
-        let full = rows.len() == BATCH;
         for row in rows {
             let event_id: String = row.try_get("event_id")?;
-            let subscriber: String = row.try_get("subscriber")?;
             let attempts: i64 = row.try_get("attempts")?;
             let event_type: String = row.try_get("event_type")?;
-            let payload: String = row.try_get("payload")?;
-            let event = Event {
-                id: event_id.clone(),
-                event_type: event_type.clone(),
-                source: self.source.to_owned(),
-                occurred_at: row.try_get("created_at")?,
-                data: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
-            };
-            let outcome = client
-                .post(&subscriber)
-                .bearer_auth(tokens.issue())
-                .json(&event)
-                .send()
-                .await;
-            let error = match outcome {
-                Ok(r) if r.status().is_success() => None,
-                Ok(r) => Some(format!("HTTP {}", r.status().as_u16())),
-                Err(e) => Some(e.without_url().to_string()),
-            };
-            match error {
-                None => {
-                    metrics
-                        .outbox_deliveries
-                        .with_label_values(&[event_type.as_str(), "delivered"])
-                        .inc();
-                    sqlx::query(
-                        "UPDATE outbox_deliveries SET delivered_at = $1, attempts = attempts + 1, \
-                         last_error = NULL WHERE event_id = $2 AND subscriber = $3",
-                    )
-                    .bind(now_ms())
-                    .bind(&event_id)
-                    .bind(&subscriber)
-                    .execute(db.pool())
-                    .await?;
-                    forget_if_delivered(db, &event_id).await?;
+            let stored: String = row.try_get("payload")?;
+            let outcome = match self.outbox.open(&event_id, &stored) {
+                Ok(data) => {
+                    let event = Event {
+                        id: event_id.clone(),
+                        event_type: event_type.clone(),
+                        source: self.outbox.source.to_owned(),
+                        occurred_at: row.try_get("created_at")?,
+                        data,
+                    };
+                    self.send(&event, attempts).await
                 }
-                Some(error) => {
-                    metrics
-                        .outbox_deliveries
-                        .with_label_values(&[event_type.as_str(), "failed"])
-                        .inc();
-                    let delay = backoff(attempts, settings);
-                    if attempts == 0 {
-                        tracing::warn!(
-                            event_id,
-                            event_type,
-                            subscriber,
-                            error,
-                            "event delivery failed; will retry"
-                        );
-                    }
-                    sqlx::query(
-                        "UPDATE outbox_deliveries SET attempts = attempts + 1, next_attempt_at = $1, \
-                         last_error = $2 WHERE event_id = $3 AND subscriber = $4",
-                    )
-                    .bind(now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX))
-                    .bind(error)
-                    .bind(&event_id)
-                    .bind(&subscriber)
-                    .execute(db.pool())
-                    .await?;
+                Err(why) => Outcome::Dead(why),
+            };
+            self.record(&event_id, &event_type, attempts, outcome)
+                .await?;
+        }
+        Ok(claimed >= u64::try_from(self.settings.batch).unwrap_or(16))
+    }
+
+    async fn send(&self, event: &Event, attempts: i64) -> Outcome {
+        let sent = self
+            .client
+            .post(&self.subscriber.url)
+            .bearer_auth(self.keys.issue(&self.subscriber.audience))
+            .json(event)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => Outcome::Delivered,
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let why = format!("HTTP {status}");
+                if matches!(status, 400 | 404 | 405 | 410 | 413 | 415 | 422) {
+                    Outcome::Dead(why)
+                } else if attempts + 1 >= self.settings.max_attempts {
+                    Outcome::Dead(format!("{why} after {} attempts", attempts + 1))
+                } else {
+                    Outcome::Retry(why)
+                }
+            }
+            Err(e) => {
+                let why = e.without_url().to_string();
+                if attempts + 1 >= self.settings.max_attempts {
+                    Outcome::Dead(format!("{why} after {} attempts", attempts + 1))
+                } else {
+                    Outcome::Retry(why)
                 }
             }
         }
-        let pending: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM outbox_deliveries WHERE delivered_at IS NULL")
-                .fetch_one(db.pool())
-                .await?;
-        metrics.outbox_pending.set(pending);
-        Ok(full)
     }
+
+    async fn record(
+        &self,
+        event_id: &str,
+        event_type: &str,
+        attempts: i64,
+        outcome: Outcome,
+    ) -> Result<(), sqlx::Error> {
+        let now = self.clock.now_ms();
+        let count = |result: &str| {
+            self.metrics
+                .outbox_deliveries
+                .with_label_values(&[event_type, result])
+                .inc();
+        };
+        match outcome {
+            Outcome::Delivered => {
+                count("delivered");
+                sqlx::query(
+                    "UPDATE outbox_deliveries SET delivered_at = $1, attempts = attempts + 1, \
+                     last_error = NULL, claim = NULL WHERE event_id = $2 AND subscriber = $3",
+                )
+                .bind(now)
+                .bind(event_id)
+                .bind(&self.subscriber.url)
+                .execute(self.db.pool())
+                .await?;
+                forget_if_delivered(&self.db, event_id).await?;
+            }
+            Outcome::Retry(error) => {
+                count("failed");
+                if attempts == 0 {
+                    tracing::warn!(event_id, event_type, subscriber = %self.subscriber.url,
+                        error, "event delivery failed; will retry");
+                }
+                let delay = backoff(attempts, &self.settings);
+                sqlx::query(
+                    "UPDATE outbox_deliveries SET attempts = attempts + 1, next_attempt_at = $1, \
+                     last_error = $2, claim = NULL, claimed_until = NULL \
+                     WHERE event_id = $3 AND subscriber = $4",
+                )
+                .bind(now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2))
+                .bind(error)
+                .bind(event_id)
+                .bind(&self.subscriber.url)
+                .execute(self.db.pool())
+                .await?;
+            }
+            Outcome::Dead(error) => {
+                count("dead");
+                self.metrics
+                    .outbox_dead_total
+                    .with_label_values(&[event_type])
+                    .inc();
+                tracing::error!(event_id, event_type, subscriber = %self.subscriber.url, error,
+                    "event delivery parked as dead; `tiergate events retry` sends it again");
+                sqlx::query(
+                    "UPDATE outbox_deliveries SET attempts = attempts + 1, dead_at = $1, \
+                     last_error = $2, claim = NULL, claimed_until = NULL \
+                     WHERE event_id = $3 AND subscriber = $4",
+                )
+                .bind(now)
+                .bind(error)
+                .bind(event_id)
+                .bind(&self.subscriber.url)
+                .execute(self.db.pool())
+                .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Deliveries waiting, and parked as dead (for the gauges; run every
+/// 15 s, not per pass).
+async fn counts(db: &Db) -> Result<(i64, i64), sqlx::Error> {
+    let row = sqlx::query(
+        "SELECT \
+           COALESCE(SUM(CASE WHEN dead_at IS NULL THEN 1 ELSE 0 END), 0) AS pending, \
+           COALESCE(SUM(CASE WHEN dead_at IS NOT NULL THEN 1 ELSE 0 END), 0) AS dead \
+         FROM outbox_deliveries WHERE delivered_at IS NULL",
+    )
+    .fetch_one(db.pool())
+    .await?;
+    Ok((row.try_get("pending")?, row.try_get("dead")?))
 }
 
 /// Deletes an event once every subscriber has acknowledged it: payloads
@@ -307,14 +572,73 @@ async fn forget_if_delivered(db: &Db, event_id: &str) -> Result<(), sqlx::Error>
     tx.commit().await
 }
 
+/// A delivery parked as dead.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadDelivery {
+    /// The event.
+    pub event_id: String,
+    /// Its type.
+    pub event_type: String,
+    /// Where it was to go.
+    pub subscriber: String,
+    /// Attempts made.
+    pub attempts: i64,
+    /// Why the last one failed.
+    pub last_error: Option<String>,
+    /// When it was parked (Unix ms).
+    pub dead_at: i64,
+}
+
+/// Every dead delivery, oldest first (`tiergate events dead`).
+pub async fn dead(db: &Db) -> Result<Vec<DeadDelivery>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT d.event_id, e.event_type, d.subscriber, d.attempts, d.last_error, d.dead_at \
+         FROM outbox_deliveries d JOIN outbox_events e ON e.id = d.event_id \
+         WHERE d.dead_at IS NOT NULL AND d.delivered_at IS NULL ORDER BY d.dead_at",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(DeadDelivery {
+                event_id: r.try_get("event_id")?,
+                event_type: r.try_get("event_type")?,
+                subscriber: r.try_get("subscriber")?,
+                attempts: r.try_get("attempts")?,
+                last_error: r.try_get("last_error")?,
+                dead_at: r.try_get("dead_at")?,
+            })
+        })
+        .collect()
+}
+
+/// Puts dead deliveries back in the queue, attempts reset: one event's
+/// (`Some(id)`) or all. Returns how many (`tiergate events retry`). They
+/// are due at once (`next_attempt_at = 0`) whatever the clock of the host
+/// running the command says.
+pub async fn retry(db: &Db, event_id: Option<&str>) -> Result<u64, sqlx::Error> {
+    let q = match event_id {
+        Some(id) => sqlx::query(
+            "UPDATE outbox_deliveries SET dead_at = NULL, attempts = 0, next_attempt_at = 0, \
+             claim = NULL, claimed_until = NULL WHERE dead_at IS NOT NULL AND event_id = $1",
+        )
+        .bind(id.to_owned()),
+        None => sqlx::query(
+            "UPDATE outbox_deliveries SET dead_at = NULL, attempts = 0, next_attempt_at = 0, \
+             claim = NULL, claimed_until = NULL WHERE dead_at IS NOT NULL",
+        ),
+    };
+    Ok(q.execute(db.pool()).await?.rows_affected())
+}
+
 /// Housekeeping, run periodically by each service: deletes events every
 /// subscriber acknowledged but that are still stored (the deletion right
 /// after the last delivery failed), and forgets which events
 /// `processed_events` saw more than `older_than` ago (a producer retries
 /// for at most that long in practice, so a later redelivery is not
 /// expected). Returns the number of rows deleted.
-pub async fn purge(db: &Db, older_than: Duration) -> Result<u64, sqlx::Error> {
-    let cutoff = now_ms() - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
+pub async fn purge(db: &Db, older_than: Duration, now_ms: i64) -> Result<u64, sqlx::Error> {
+    let cutoff = now_ms - i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX);
     let processed = sqlx::query("DELETE FROM processed_events WHERE processed_at < $1")
         .bind(cutoff)
         .execute(db.pool())
@@ -357,6 +681,7 @@ pub async fn consume_once(
     tx: &mut AnyConnection,
     consumer: &str,
     event: &Event,
+    now_ms: i64,
 ) -> Result<bool, sqlx::Error> {
     // ON CONFLICT DO NOTHING (SQLite and PostgreSQL alike) instead of
     // catching the unique violation: on PostgreSQL a failed statement
@@ -368,7 +693,7 @@ pub async fn consume_once(
     .bind(consumer)
     .bind(&event.id)
     .bind(&event.event_type)
-    .bind(now_ms())
+    .bind(now_ms)
     .execute(&mut *tx)
     .await?;
     Ok(done.rows_affected() == 1)
@@ -378,10 +703,30 @@ pub async fn consume_once(
 mod tests {
     use super::*;
 
+    fn outbox(subs: Subscribers) -> Outbox {
+        let dir = std::env::temp_dir().join(format!("tg-outbox-{}", uuid::Uuid::now_v7()));
+        let keys = ServiceKeys::load(&crate::service_auth::KeySource {
+            name: "users".into(),
+            pem: None,
+            data_dir: dir,
+            environment: crate::config::Environment::Development,
+            known: Default::default(),
+        })
+        .unwrap();
+        Outbox::new("users", subs, &keys)
+    }
+
+    fn sub(url: &str) -> Subscriber {
+        Subscriber {
+            url: url.to_owned(),
+            audience: "x".to_owned(),
+        }
+    }
+
     #[test]
     fn test_backoff_doubles_then_caps_with_bounded_jitter() {
         let s = DispatchSettings::default();
-        for (attempts, nominal) in [(0, 500), (1, 1000), (3, 4000), (7, 60_000), (60, 60_000)] {
+        for (attempts, nominal) in [(0, 500), (1, 1000), (3, 4000), (10, 300_000), (60, 300_000)] {
             let d = backoff(attempts, &s).as_millis() as f64;
             let n = nominal as f64;
             assert!(
@@ -395,20 +740,47 @@ mod tests {
     #[test]
     fn test_subscribers_of_a_type_include_the_wildcard() {
         let mut subs = Subscribers::new();
-        subs.insert("user.registered".into(), vec!["http://a/e".into()]);
-        subs.insert(
-            "*".into(),
-            vec!["http://audit/e".into(), "http://a/e".into()],
-        );
-        let outbox = Outbox::new("users", subs);
+        subs.insert("user.registered".into(), vec![sub("http://a/e")]);
+        subs.insert("*".into(), vec![sub("http://audit/e"), sub("http://a/e")]);
+        let outbox = outbox(subs);
         // A URL under both the type and `*` is delivered to once.
+        let urls = |t: &str| -> Vec<String> {
+            outbox
+                .subscribers_of(t)
+                .iter()
+                .map(|s| s.url.clone())
+                .collect()
+        };
+        assert_eq!(urls("user.registered"), ["http://a/e", "http://audit/e"]);
+        assert_eq!(urls("other"), ["http://audit/e", "http://a/e"]);
+        assert_eq!(outbox.all_subscribers().len(), 2);
+    }
+
+    #[test]
+    fn test_payloads_are_sealed_bound_to_their_event_and_old_plain_ones_open() {
+        let o = outbox(Subscribers::new());
+        let sealed = o
+            .seal("e1", r#"{"link":"https://x/verify?token=secret"}"#)
+            .unwrap();
+        assert!(sealed.starts_with(SEALED) && !sealed.contains("secret"));
         assert_eq!(
-            outbox.subscribers_of("user.registered"),
-            ["http://a/e", "http://audit/e"]
+            o.open("e1", &sealed).unwrap()["link"],
+            "https://x/verify?token=secret"
         );
-        assert_eq!(
-            outbox.subscribers_of("other"),
-            ["http://audit/e", "http://a/e"]
+        assert!(o.open("e2", &sealed).is_err(), "bound to its event id");
+        assert!(
+            outbox(Subscribers::new()).open("e1", &sealed).is_err(),
+            "another key"
         );
+        assert_eq!(o.open("e3", r#"{"a":1}"#).unwrap()["a"], 1);
+    }
+
+    #[test]
+    fn test_wire_events_accept_unknown_fields() {
+        let e: Event = serde_json::from_str(
+            r#"{"id":"1","type":"t","source":"s","occurred_at":1,"data":{},"trace":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.event_type, "t");
     }
 }

@@ -3,11 +3,12 @@
 
 use std::time::Duration;
 
+use backend_common::config::{ConfigError, ServiceConfig};
 use serde::Deserialize;
 
 /// `services.users.*` (every key optional).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct UsersConfig {
     /// Access-token lifetime (default 15m).
     #[serde(with = "humantime_serde")]
@@ -59,32 +60,43 @@ impl Default for UsersConfig {
     }
 }
 
-impl UsersConfig {
-    /// Every problem with the values, by key.
-    pub fn validate(&self) -> Result<(), String> {
+impl ServiceConfig for UsersConfig {
+    fn read_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        self.signing_key = backend_common::config::secret_from(env, "TIERGATE_USERS_SIGNING_KEY")?;
+        Ok(())
+    }
+
+    fn problems(&self) -> Vec<String> {
         let mut errors = Vec::new();
-        if self.access_token_ttl < Duration::from_secs(30) {
-            errors.push("services.users.access_token_ttl: must be at least 30s");
-        }
-        if self.refresh_token_ttl <= self.access_token_ttl {
-            errors.push("services.users.refresh_token_ttl: must be longer than access_token_ttl");
-        }
-        if self.rotate_signing_key_after < Duration::from_secs(3600) {
-            errors.push("services.users.rotate_signing_key_after: must be at least 1h");
-        }
-        if self.argon2_memory_kib < 8 * 1024 {
-            errors.push("services.users.argon2_memory_kib: must be at least 8192");
-        }
-        if self.argon2_iterations == 0 {
-            errors.push("services.users.argon2_iterations: must be at least 1");
-        }
-        if self.issuer.is_empty() || self.audience.is_empty() {
-            errors.push("services.users: issuer and audience must not be empty");
-        }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(errors.join("\n"))
-        }
+        let mut check = |ok: bool, what: &str| {
+            if !ok {
+                errors.push(format!("services.users.{what}"));
+            }
+        };
+        check(
+            self.access_token_ttl >= Duration::from_secs(30),
+            "access_token_ttl: must be at least 30s",
+        );
+        check(
+            self.refresh_token_ttl > self.access_token_ttl,
+            "refresh_token_ttl: must be longer than access_token_ttl",
+        );
+        check(
+            self.rotate_signing_key_after >= Duration::from_secs(3600),
+            "rotate_signing_key_after: must be at least 1h",
+        );
+        check(
+            self.argon2_memory_kib >= 8 * 1024,
+            "argon2_memory_kib: must be at least 8192",
+        );
+        check(
+            self.argon2_iterations >= 1,
+            "argon2_iterations: must be at least 1",
+        );
+        check(
+            !self.issuer.is_empty() && !self.audience.is_empty(),
+            "issuer: issuer and audience must not be empty",
+        );
+        errors
     }
 }

@@ -4,10 +4,11 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
+use backend_common::clock::Clock;
 use backend_common::config::Environment;
-use backend_common::db::{is_unique_violation, now_ms, Db};
-use backend_common::metrics::HttpMetrics;
-use backend_common::outbox::{consume_once, Event, Outbox};
+use backend_common::consumer::{Applied, Handler};
+use backend_common::db::{on_constraint, Constraint, Db};
+use backend_common::outbox::{Event, Outbox};
 use backend_common::{random_token, token_hash, ApiError, FieldError, Validator};
 
 use crate::config::UsersConfig;
@@ -62,8 +63,11 @@ const RESET_PASSWORD: LinkKind = LinkKind {
 /// (the endpoint is anonymous: no mail bombing through it).
 const RESEND_INTERVAL_MS: i64 = 60_000;
 
-/// The consumer name under which events are deduplicated.
-const CONSUMER: &str = "users";
+/// One account per e-mail address (`users.email UNIQUE`).
+const EMAIL_UNIQUE: Constraint = Constraint {
+    name: "users_email_key",
+    sqlite: "users.email",
+};
 
 /// Everything the handlers need. Shared by all workers.
 pub struct Users {
@@ -81,8 +85,8 @@ pub struct Users {
     pub public_url: String,
     /// Development mode logs verification and reset links.
     pub environment: Environment,
-    /// Metrics (consumed events).
-    pub metrics: HttpMetrics,
+    /// The clock.
+    pub clock: Clock,
 }
 
 /// A user as the API shows it.
@@ -229,9 +233,9 @@ impl Users {
         let hash = self
             .hasher
             .hash(password.to_owned())
-            .await
+            .await?
             .map_err(Error::Internal)?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let admin = self
             .config
             .admin_emails
@@ -251,7 +255,7 @@ impl Users {
         };
         let mut tx = self.db.pool().begin().await?;
         if let Err(e) = storage::insert_user(&mut tx, &user).await {
-            return Err(if is_unique_violation(&e) {
+            return Err(if on_constraint(&e, &EMAIL_UNIQUE) {
                 Error::EmailTaken
             } else {
                 e.into()
@@ -277,7 +281,7 @@ impl Users {
         }
         let last = storage::last_one_time(&mut conn, &user.id, VERIFY_EMAIL.purpose).await?;
         drop(conn);
-        if last.is_some_and(|t| now_ms() - t < RESEND_INTERVAL_MS) {
+        if last.is_some_and(|t| self.clock.now_ms() - t < RESEND_INTERVAL_MS) {
             tracing::info!(user_id = %user.id, "verification link not resent: one was sent less than a minute ago");
             return Ok(());
         }
@@ -296,7 +300,7 @@ impl Users {
         kind: &LinkKind,
         new_email: Option<&str>,
     ) -> Result<(), Error> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let token = random_token(32).map_err(|e| Error::Internal(e.to_string()))?;
         let ttl = (kind.ttl)(&self.config);
         let expires_at = now + i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
@@ -319,7 +323,7 @@ impl Users {
             data["old_email"] = serde_json::Value::String(user.email.clone());
         }
         data[kind.url_field] = serde_json::Value::String(link.clone());
-        self.outbox.enqueue(&mut tx, kind.event, &data).await?;
+        self.outbox.enqueue(&mut tx, kind.event, &data, now).await?;
         tx.commit().await?;
         self.outbox.notify();
         if self.environment == Environment::Development {
@@ -332,7 +336,7 @@ impl Users {
     /// registration address, or the new one of an address change (which
     /// then takes effect, and `user.email_changed` tells the old address).
     pub async fn verify_email(&self, token: &str) -> Result<(), Error> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut tx = self.db.pool().begin().await?;
         let (user_id, new_email) =
             storage::use_one_time(&mut tx, &token_hash(token), VERIFY_EMAIL.purpose, now)
@@ -347,7 +351,7 @@ impl Users {
             .await?
             .ok_or(Error::InvalidOneTimeToken)?;
         if let Err(e) = storage::set_email(&mut tx, &user_id, &new_email, now).await {
-            return Err(if is_unique_violation(&e) {
+            return Err(if on_constraint(&e, &EMAIL_UNIQUE) {
                 Error::EmailTaken
             } else {
                 e.into()
@@ -357,7 +361,7 @@ impl Users {
             "user_id": user.id, "name": user.name, "email": new_email, "old_email": user.email,
         });
         self.outbox
-            .enqueue(&mut tx, "user.email_changed", &data)
+            .enqueue(&mut tx, "user.email_changed", &data, now)
             .await?;
         tx.commit().await?;
         self.outbox.notify();
@@ -373,7 +377,7 @@ impl Users {
             storage::user_by_email(&mut *self.conn().await?, &email).await?
         };
         let hash = user.as_ref().map(|u| u.password_hash.clone());
-        if !self.hasher.verify(password.to_owned(), hash).await {
+        if !self.hasher.verify(password.to_owned(), hash).await? {
             return Err(Error::InvalidCredentials);
         }
         let user = user.ok_or(Error::InvalidCredentials)?;
@@ -393,7 +397,7 @@ impl Users {
         user: &UserRow,
         family: &str,
     ) -> Result<TokenPair, Error> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let refresh = random_token(32).map_err(|e| Error::Internal(e.to_string()))?;
         let expires_at = now + self.config.refresh_token_ttl.as_millis() as i64;
         storage::insert_refresh(
@@ -421,7 +425,7 @@ impl Users {
     /// Rotates a refresh token. A token already rotated is a reuse (a
     /// stolen copy, or the thief's): the whole family is revoked.
     pub async fn refresh(&self, token: &str) -> Result<TokenPair, Error> {
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut tx = self.db.pool().begin().await?;
         let row = storage::refresh_by_hash(&mut tx, &token_hash(token))
             .await?
@@ -451,7 +455,7 @@ impl Users {
     pub async fn logout(&self, token: &str) -> Result<(), Error> {
         let mut conn = self.conn().await?;
         if let Some(row) = storage::refresh_by_hash(&mut conn, &token_hash(token)).await? {
-            storage::revoke_family(&mut conn, &row.family_id, now_ms()).await?;
+            storage::revoke_family(&mut conn, &row.family_id, self.clock.now_ms()).await?;
         }
         Ok(())
     }
@@ -481,9 +485,9 @@ impl Users {
         let hash = self
             .hasher
             .hash(password.to_owned())
-            .await
+            .await?
             .map_err(Error::Internal)?;
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut tx = self.db.pool().begin().await?;
         let (user_id, _) =
             storage::use_one_time(&mut tx, &token_hash(token), RESET_PASSWORD.purpose, now)
@@ -546,7 +550,7 @@ impl Users {
             if !self
                 .hasher
                 .verify(current.to_owned(), Some(user.password_hash.clone()))
-                .await
+                .await?
             {
                 return Err(Error::WrongPassword);
             }
@@ -561,12 +565,12 @@ impl Users {
             Some(p) => Some(
                 self.hasher
                     .hash(p.to_owned())
-                    .await
+                    .await?
                     .map_err(Error::Internal)?,
             ),
             None => None,
         };
-        let now = now_ms();
+        let now = self.clock.now_ms();
         let mut tx = self.db.pool().begin().await?;
         if let Some(name) = &name {
             storage::set_name(&mut tx, id, name, now).await?;
@@ -582,14 +586,11 @@ impl Users {
         self.get(id).await
     }
 
-    /// Deletes used and expired one-time and refresh tokens, delivered
-    /// events and consumer dedupe records older than 30 days (run hourly).
+    /// Deletes used and expired one-time and refresh tokens (hourly; the
+    /// platform purges delivered events and old dedupe records).
     pub async fn purge(&self) -> Result<u64, Error> {
-        let tokens = storage::purge_expired(&mut *self.conn().await?, now_ms()).await?;
-        let events =
-            backend_common::outbox::purge(&self.db, std::time::Duration::from_secs(30 * 86_400))
-                .await?;
-        Ok(tokens + events)
+        let tokens = storage::purge_expired(&mut *self.conn().await?, self.clock.now_ms()).await?;
+        Ok(tokens)
     }
 
     /// A page of users (admin).
@@ -637,60 +638,72 @@ impl Users {
             .filter(|r| roles.iter().any(|x| x == r))
             .collect();
         list.dedup();
-        if !storage::set_roles(&mut *self.conn().await?, id, &list.join(","), now_ms()).await? {
+        if !storage::set_roles(
+            &mut *self.conn().await?,
+            id,
+            &list.join(","),
+            self.clock.now_ms(),
+        )
+        .await?
+        {
             return Err(Error::UserNotFound);
         }
         self.get(id).await
     }
+}
 
-    /// Applies a subscription event to the user's tier, once per event id.
-    /// Returns `applied`, `duplicate`, `stale` (older than the tier's last
-    /// change), `unknown_user`, or `ignored` (a type this service does not
-    /// consume).
-    pub async fn apply_event(&self, event: &Event) -> Result<&'static str, Error> {
-        let tier = match event.event_type.as_str() {
-            "subscription.activated" => {
-                let tier = event
-                    .data
-                    .get("tier")
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("");
-                let tier = tier.to_ascii_uppercase();
-                match TIERS.iter().find(|t| **t == tier) {
-                    Some(t) => *t,
-                    None => {
-                        return Err(field_error(
-                            "data.tier",
-                            &format!("must be one of {}", TIERS.join(", ")),
-                        ))
-                    }
+/// `subscription.activated` (the event's tier) and `subscription.ended`
+/// (FREE) set the user's tier, unless a later change was applied already
+/// (events arrive in any order). An unknown user or a tier that does not
+/// exist is refused for good.
+pub struct TierEvents {
+    /// `subscription.ended`: back to FREE.
+    pub ended: bool,
+    /// The clock.
+    pub clock: Clock,
+}
+
+#[async_trait::async_trait(?Send)]
+impl Handler for TierEvents {
+    async fn apply(
+        &self,
+        tx: &mut sqlx::AnyConnection,
+        event: &Event,
+    ) -> Result<Applied, ApiError> {
+        let tier = if self.ended {
+            "FREE"
+        } else {
+            let claimed = event
+                .data
+                .get("tier")
+                .and_then(|t| t.as_str())
+                .unwrap_or("")
+                .to_ascii_uppercase();
+            match TIERS.iter().find(|t| **t == claimed) {
+                Some(t) => *t,
+                None => {
+                    return Err(field_error(
+                        "data.tier",
+                        &format!("must be one of {}", TIERS.join(", ")),
+                    )
+                    .into())
                 }
             }
-            "subscription.ended" => "FREE",
-            _ => return Ok("ignored"),
         };
         let Some(user_id) = event.data.get("user_id").and_then(|u| u.as_str()) else {
-            return Err(field_error("data.user_id", "is required"));
+            return Err(field_error("data.user_id", "is required").into());
         };
-        let mut tx = self.db.pool().begin().await?;
-        let outcome = if !consume_once(&mut tx, CONSUMER, event).await? {
-            "duplicate"
-        } else if storage::set_tier(&mut tx, user_id, tier, event.occurred_at, now_ms()).await? {
-            "applied"
-        } else if storage::user_by_id(&mut tx, user_id).await?.is_none() {
-            // Permanent: acknowledge (and remember) it rather than have the
-            // producer retry for ever.
-            tracing::warn!(event_id = %event.id, user_id, "subscription event for an unknown user");
-            "unknown_user"
+        if storage::set_tier(tx, user_id, tier, event.occurred_at, self.clock.now_ms()).await? {
+            Ok(Applied::Applied)
+        } else if storage::user_by_id(tx, user_id).await?.is_none() {
+            Err(ApiError::new(
+                actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown_user",
+                "the event names a user that does not exist",
+            ))
         } else {
-            "stale"
-        };
-        tx.commit().await?;
-        self.metrics
-            .events_consumed
-            .with_label_values(&[event.event_type.as_str(), outcome])
-            .inc();
-        Ok(outcome)
+            Ok(Applied::Stale)
+        }
     }
 }
 

@@ -41,6 +41,9 @@ pub enum Error {
     /// The database failed.
     #[error(transparent)]
     Db(#[from] sqlx::Error),
+    /// Too many password hashes at once.
+    #[error(transparent)]
+    Busy(#[from] backend_common::blocking::Saturated),
     /// Anything else on the server side (hashing, key material).
     #[error("{0}")]
     Internal(String),
@@ -81,6 +84,7 @@ impl From<Error> for ApiError {
             }
             Error::UserNotFound => ApiError::not_found("no such user"),
             Error::Db(e) => ApiError::from(e),
+            Error::Busy(e) => ApiError::from(e),
             Error::Internal(msg) => ApiError::internal(&msg),
         }
     }

@@ -4,18 +4,21 @@
 //! and the user's tier kept in step with subscription events.
 //!
 //! Layering: [`routes`] (thin Actix handlers) → [`core`] (logic) →
-//! [`storage`] (SQL).
+//! [`storage`] (SQL). It runs on the service platform
+//! ([`backend_common::service`]): [`UsersService`] is its description.
 #![deny(missing_docs)]
 
 pub mod config;
 pub mod core;
 pub mod error;
 pub mod keys;
+pub mod pages;
 pub mod password;
 pub mod routes;
 pub mod storage;
 
-use std::path::Path;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,53 +26,122 @@ use futures_util::FutureExt;
 use sqlx::migrate::Migrator;
 use utoipa::OpenApi;
 
-use backend_common::app::{self, RunningService, ServiceDef, StartError};
-use backend_common::config::{self as settings, ConfigError, Environment, Settings};
-use backend_common::db::{now_ms, Db, DbError};
-use backend_common::metrics::HttpMetrics;
-use backend_common::outbox::{DispatchSettings, Outbox};
-use backend_common::service_auth::ServiceTokens;
+use backend_common::config::Settings;
+use backend_common::consumer::Consumer;
+use backend_common::service::{Parts, Platform, Service};
+use backend_common::user_auth::{UserClaims, UserTokens};
 
 pub use config::UsersConfig;
 
-/// The service's name.
-pub const NAME: &str = "users";
-/// Its standard port.
-pub const DEFAULT_PORT: u16 = 8021;
 /// Its migrations (`migrations/users`).
 pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/users");
 
 /// Settings of the users service.
 pub type UsersSettings = Settings<UsersConfig>;
 
-/// Reads settings from `file` (optional) and the process environment;
-/// `environment` applies when neither names one.
-pub fn load_settings(
-    file: Option<&Path>,
-    environment: Environment,
-) -> Result<UsersSettings, ConfigError> {
-    let mut s: UsersSettings = settings::load(
-        NAME,
-        DEFAULT_PORT,
-        file,
-        &settings::process_env,
-        environment,
-    )?;
-    s.service.signing_key =
-        settings::secret_from(&settings::process_env, "TIERGATE_USERS_SIGNING_KEY")?;
-    s.service.validate().map_err(ConfigError)?;
-    Ok(s)
+/// The users service, for the platform and the CLI's registry.
+pub struct UsersService;
+
+impl Service for UsersService {
+    type Config = UsersConfig;
+    const NAME: &'static str = "users";
+    const DEFAULT_PORT: u16 = 8021;
+
+    fn migrator() -> &'static Migrator {
+        &MIGRATOR
+    }
+
+    async fn build(p: &Platform<UsersConfig>) -> Result<Parts, String> {
+        let settings = &p.settings;
+        let cfg = settings.service.clone();
+        let signer = Arc::new(signer(settings)?);
+        // A key older than the rotation period is replaced at start.
+        signer.maintain(p.clock.now_ms(), false)?;
+        let hasher = password::Hasher::new(cfg.argon2_memory_kib, cfg.argon2_iterations)?;
+        let users = actix_web::web::Data::new(core::Users {
+            db: p.db.clone(),
+            signer: signer.clone(),
+            hasher,
+            outbox: p.outbox.clone(),
+            config: cfg,
+            public_url: settings.shared.public_url.clone(),
+            environment: settings.shared.environment,
+            clock: p.clock.clone(),
+        });
+        let key_maintenance = {
+            let (signer, clock) = (signer.clone(), p.clock.clone());
+            async move {
+                loop {
+                    clock.tick(Duration::from_secs(60)).await;
+                    if let Err(e) = signer.maintain(clock.now_ms(), false) {
+                        tracing::error!(error = %e, "signing-key maintenance failed");
+                    }
+                }
+            }
+            .boxed_local()
+        };
+        let purger = users.clone();
+        let consumer = Consumer::new("users")
+            .on(
+                "subscription.activated",
+                core::TierEvents {
+                    ended: false,
+                    clock: p.clock.clone(),
+                },
+            )
+            .on(
+                "subscription.ended",
+                core::TierEvents {
+                    ended: true,
+                    clock: p.clock.clone(),
+                },
+            );
+        let routes_users = users.clone();
+        let mut parts = Parts::new(
+            routes::UsersApi::openapi(),
+            Arc::new(move |cfg| {
+                cfg.app_data(routes_users.clone());
+                routes::configure(cfg);
+                pages::configure(cfg);
+            }),
+        );
+        parts.consumer = Some(consumer);
+        parts.user_tokens = Some(Arc::new(OwnTokens(signer)));
+        parts.background = vec![key_maintenance];
+        parts.housekeeping = Some(Box::new(move || {
+            let purger = purger.clone();
+            async move {
+                match purger.purge().await {
+                    Ok(n) => tracing::debug!(rows = n, "purged used and expired tokens"),
+                    Err(e) => tracing::warn!(error = %e, "purging expired tokens failed"),
+                }
+            }
+            .boxed_local()
+        }));
+        Ok(parts)
+    }
 }
 
-/// Applies the migrations and returns.
-pub async fn migrate(settings: &UsersSettings) -> Result<(), DbError> {
-    let db = Db::connect(&settings.database_url, 1).await?;
-    let result = db.migrate(&MIGRATOR).await;
-    db.close().await;
-    result
+/// The users service checks access tokens against its own keys.
+struct OwnTokens(Arc<keys::Signer>);
+
+impl UserTokens for OwnTokens {
+    fn verify<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> Pin<Box<dyn Future<Output = Result<UserClaims, &'static str>> + 'a>> {
+        let claims = self.0.verify(token).map(|c| UserClaims {
+            user_id: c.sub,
+            tier: c.tier,
+            roles: c.roles,
+            tenant: None,
+            sid: c.sid,
+        });
+        Box::pin(std::future::ready(claims))
+    }
 }
 
-/// Forces a signing-key rotation in the data directory (`tiergate
+/// Forces a signing-key rotation in the data directory (`tiergate users
 /// rotate-signing-key`): a new key signs from now on, in every process
 /// sharing the directory within a minute (they re-read the key file), and
 /// the previous key stays published until its tokens expire. Returns the
@@ -84,7 +156,7 @@ pub fn rotate_signing_key(settings: &UsersSettings) -> Result<Vec<String>, Strin
         );
     }
     let signer = signer(settings)?;
-    signer.maintain(now_ms(), true)?;
+    signer.maintain(backend_common::clock::system_now_ms(), true)?;
     Ok(signer.kids())
 }
 
@@ -98,88 +170,4 @@ fn signer(settings: &UsersSettings) -> Result<keys::Signer, String> {
         &cfg.issuer,
         &cfg.audience,
     )
-}
-
-/// How often used and expired tokens are purged.
-const PURGE_INTERVAL: Duration = Duration::from_secs(3600);
-
-/// Starts the service (migrating its database first) and returns once it
-/// accepts connections.
-pub fn start(settings: UsersSettings) -> Result<RunningService, StartError> {
-    start_with(settings, DispatchSettings::default())
-}
-
-/// [`start`] with explicit outbox dispatch settings (tests use short
-/// backoffs).
-pub fn start_with(
-    settings: UsersSettings,
-    dispatch: DispatchSettings,
-) -> Result<RunningService, StartError> {
-    settings.service.validate().map_err(StartError::Init)?;
-    let server = settings.server.clone();
-    app::start(server, move || async move {
-        let init = |e: String| StartError::Init(e);
-        let db = Db::connect(&settings.database_url, settings.max_connections)
-            .await
-            .map_err(|e| init(e.to_string()))?;
-        db.migrate(&MIGRATOR)
-            .await
-            .map_err(|e| init(e.to_string()))?;
-        let cfg = settings.service.clone();
-        let signer = Arc::new(signer(&settings).map_err(init)?);
-        // A key older than the rotation period is replaced at start.
-        signer.maintain(now_ms(), false).map_err(init)?;
-        let hasher =
-            password::Hasher::new(cfg.argon2_memory_kib, cfg.argon2_iterations).map_err(init)?;
-        let tokens = ServiceTokens::new(NAME, &settings.shared.service_secret).map_err(init)?;
-        let metrics = HttpMetrics::new(NAME);
-        let outbox = Outbox::new(NAME, settings.shared.events.clone());
-        let users = actix_web::web::Data::new(core::Users {
-            db: db.clone(),
-            signer: signer.clone(),
-            hasher,
-            outbox: outbox.clone(),
-            config: cfg,
-            public_url: settings.shared.public_url.clone(),
-            environment: settings.shared.environment,
-            metrics: metrics.clone(),
-        });
-        let purger = users.clone();
-        let purge = async move {
-            let mut tick = tokio::time::interval(PURGE_INTERVAL);
-            loop {
-                tick.tick().await;
-                match purger.purge().await {
-                    Ok(n) => tracing::debug!(rows = n, "purged used and expired tokens"),
-                    Err(e) => tracing::warn!(error = %e, "purging expired tokens failed"),
-                }
-            }
-        }
-        .boxed_local();
-        let dispatcher = outbox
-            .dispatch(db.clone(), tokens.clone(), metrics.clone(), dispatch)
-            .boxed_local();
-        let key_maintenance = async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                if let Err(e) = signer.maintain(now_ms(), false) {
-                    tracing::error!(error = %e, "signing-key maintenance failed");
-                }
-            }
-        }
-        .boxed_local();
-        Ok(ServiceDef {
-            name: NAME,
-            openapi: routes::UsersApi::openapi(),
-            db,
-            metrics,
-            tokens,
-            routes: Arc::new(move |cfg| {
-                cfg.app_data(users.clone());
-                routes::configure(cfg);
-            }),
-            background: vec![dispatcher, key_maintenance, purge],
-        })
-    })
 }

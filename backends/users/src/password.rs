@@ -1,11 +1,15 @@
 //! Password hashing (Argon2id) and the password policy.
 //!
-//! Hashing costs tens of milliseconds of CPU by design, so it runs on the
-//! blocking pool (`spawn_blocking`), never on a reactor thread.
+//! Hashing costs tens of milliseconds of CPU (and 19 MiB) by design, so it
+//! runs on the blocking pool, never on a reactor thread, through a bounded
+//! gate ([`backend_common::blocking::Bounded`]): a burst of logins beyond
+//! two per core plus as many waiting gets 503 with `Retry-After` rather
+//! than unbounded memory.
 
 use argon2::password_hash::phc::PasswordHash;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier};
 use argon2::{Algorithm, Argon2, Params, Version};
+use backend_common::blocking::{Bounded, Saturated};
 
 /// Shortest accepted password, in characters.
 pub const MIN_LEN: usize = 10;
@@ -36,6 +40,7 @@ pub fn policy_violation(password: &str, email: &str) -> Option<String> {
 #[derive(Clone)]
 pub struct Hasher {
     params: Params,
+    gate: Bounded,
     /// A hash of a random password, verified against when an e-mail is
     /// unknown so that a login takes as long either way.
     dummy: String,
@@ -57,6 +62,7 @@ impl Hasher {
             .map_err(|e| format!("argon2 parameters: {e}"))?;
         let mut hasher = Self {
             params,
+            gate: Bounded::per_core("password hashing"),
             dummy: String::new(),
         };
         let random = backend_common::random_token(18).map_err(|e| e.to_string())?;
@@ -86,26 +92,24 @@ impl Hasher {
     }
 
     /// The PHC string of `password`, computed on the blocking pool.
-    pub async fn hash(&self, password: String) -> Result<String, String> {
+    pub async fn hash(&self, password: String) -> Result<Result<String, String>, Saturated> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.hash_now(&password))
-            .await
-            .map_err(|e| e.to_string())?
+        self.gate.run(move || this.hash_now(&password)).await
     }
 
     /// Whether `password` matches `hash`; with `None` (unknown account) it
     /// verifies against a dummy hash and returns false, taking as long.
-    pub async fn verify(&self, password: String, hash: Option<String>) -> bool {
+    pub async fn verify(&self, password: String, hash: Option<String>) -> Result<bool, Saturated> {
         let this = self.clone();
-        tokio::task::spawn_blocking(move || match hash {
-            Some(h) => this.verify_now(&password, &h),
-            None => {
-                let _ = this.verify_now(&password, &this.dummy);
-                false
-            }
-        })
-        .await
-        .unwrap_or(false)
+        self.gate
+            .run(move || match hash {
+                Some(h) => this.verify_now(&password, &h),
+                None => {
+                    let _ = this.verify_now(&password, &this.dummy);
+                    false
+                }
+            })
+            .await
     }
 }
 
@@ -136,11 +140,17 @@ mod tests {
     #[tokio::test]
     async fn test_hash_verifies_and_unknown_account_is_false() {
         let h = Hasher::new(8 * 1024, 1).unwrap();
-        let hash = h.hash("correct horse 9".into()).await.unwrap();
+        let hash = h.hash("correct horse 9".into()).await.unwrap().unwrap();
         assert!(hash.starts_with("$argon2id$v=19$m=8192,t=1,p=1$"));
-        assert!(h.verify("correct horse 9".into(), Some(hash.clone())).await);
-        assert!(!h.verify("wrong horse 9".into(), Some(hash)).await);
-        assert!(!h.verify("correct horse 9".into(), None).await);
-        assert!(!h.verify("x".into(), Some("not a phc string".into())).await);
+        assert!(h
+            .verify("correct horse 9".into(), Some(hash.clone()))
+            .await
+            .unwrap());
+        assert!(!h.verify("wrong horse 9".into(), Some(hash)).await.unwrap());
+        assert!(!h.verify("correct horse 9".into(), None).await.unwrap());
+        assert!(!h
+            .verify("x".into(), Some("not a phc string".into()))
+            .await
+            .unwrap());
     }
 }

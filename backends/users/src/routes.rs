@@ -2,70 +2,19 @@
 //! unknown fields (a 422 naming the field), so a typo never passes
 //! silently.
 
-use std::future::{ready, Ready};
-
-use actix_web::{web, FromRequest, HttpRequest, HttpResponse};
+use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
 
 use backend_common::json::Json;
-use backend_common::outbox::Event;
-use backend_common::service_auth::{bearer, ServiceCaller};
+use backend_common::service_auth::{AllowedCallers, ServiceCaller};
+use backend_common::user_auth::{Admin, AuthUser};
 use backend_common::ApiError;
 
 use crate::core::{ProfileChange, TokenPair, User, UserPage, Users};
-use crate::error::Error;
 
 type Api<T> = Result<T, ApiError>;
-
-/// The caller, proven by a valid access token of ours.
-pub struct AuthUser {
-    /// User id (`sub`).
-    pub id: String,
-    /// Roles.
-    pub roles: Vec<String>,
-    /// The session (login) the token belongs to.
-    pub sid: Option<String>,
-}
-
-impl FromRequest for AuthUser {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
-
-    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
-        let Some(users) = req.app_data::<web::Data<Users>>() else {
-            return ready(Err(ApiError::internal(&"Users state missing")));
-        };
-        let Some(token) = bearer(req) else {
-            return ready(Err(ApiError::unauthorized(
-                "missing_token",
-                "a bearer token is required",
-            )));
-        };
-        ready(
-            users
-                .signer
-                .verify(token)
-                .map(|c| AuthUser {
-                    id: c.sub,
-                    roles: c.roles,
-                    sid: c.sid,
-                })
-                .map_err(|why| Error::Unauthenticated(why).into()),
-        )
-    }
-}
-
-impl AuthUser {
-    fn require_admin(&self) -> Result<(), ApiError> {
-        if self.roles.iter().any(|r| r == "admin") {
-            Ok(())
-        } else {
-            Err(Error::Forbidden.into())
-        }
-    }
-}
 
 /// `POST /api/auth/register`.
 #[derive(Deserialize, ToSchema)]
@@ -238,7 +187,7 @@ async fn reset_password(users: web::Data<Users>, body: Json<ResetRequest>) -> Ap
     responses((status = 200, body = User),
         (status = 401, description = "no or invalid token", body = backend_common::error::ErrorEnvelope)))]
 async fn me(users: web::Data<Users>, caller: AuthUser) -> Api<HttpResponse> {
-    Ok(HttpResponse::Ok().json(users.get(&caller.id).await?))
+    Ok(HttpResponse::Ok().json(users.get(&caller.user_id).await?))
 }
 
 /// `PATCH /api/users/me`: any of `name`, `email`, `password`.
@@ -278,7 +227,7 @@ async fn update_me(
         current_password: b.current_password.as_deref(),
     };
     let user = users
-        .update_me(&caller.id, caller.sid.as_deref(), change)
+        .update_me(&caller.user_id, caller.sid.as_deref(), change)
         .await?;
     Ok(HttpResponse::Ok().json(user))
 }
@@ -301,10 +250,9 @@ pub struct ListQuery {
         (status = 403, description = "not an admin", body = backend_common::error::ErrorEnvelope)))]
 async fn list_users(
     users: web::Data<Users>,
-    caller: AuthUser,
+    _admin: Admin,
     query: web::Query<ListQuery>,
 ) -> Api<HttpResponse> {
-    caller.require_admin()?;
     let q = query.into_inner();
     Ok(HttpResponse::Ok().json(users.list(q.after.as_deref(), q.limit).await?))
 }
@@ -328,12 +276,15 @@ pub struct SetRolesRequest {
         (status = 422, description = "invalid roles", body = backend_common::error::ErrorEnvelope)))]
 async fn set_roles(
     users: web::Data<Users>,
-    caller: AuthUser,
+    admin: Admin,
     id: web::Path<String>,
     body: Json<SetRolesRequest>,
 ) -> Api<HttpResponse> {
-    caller.require_admin()?;
-    Ok(HttpResponse::Ok().json(users.set_roles(&caller.id, &id, &body.0.roles).await?))
+    Ok(HttpResponse::Ok().json(
+        users
+            .set_roles(&admin.0.user_id, &id, &body.0.roles)
+            .await?,
+    ))
 }
 
 /// The public keys access tokens are signed with (RFC 7517).
@@ -344,28 +295,6 @@ async fn jwks(users: web::Data<Users>) -> HttpResponse {
         .content_type("application/json")
         .insert_header(("Cache-Control", "public, max-age=60"))
         .body(users.signer.jwks().to_string())
-}
-
-/// `POST /internal/events` answer.
-#[derive(Serialize, ToSchema)]
-pub struct Consumed {
-    /// `applied`, `duplicate`, `stale`, `unknown_user` or `ignored`.
-    pub status: &'static str,
-}
-
-/// Receive an event (service token only): `subscription.activated` and
-/// `subscription.ended` set the user's tier. Idempotent by event id.
-#[utoipa::path(post, path = "/internal/events", tag = "internal", security(("service" = [])),
-    request_body = Event,
-    responses((status = 200, body = Consumed),
-        (status = 401, description = "not a service token", body = backend_common::error::ErrorEnvelope)))]
-async fn receive_event(
-    users: web::Data<Users>,
-    _caller: ServiceCaller,
-    body: Json<Event>,
-) -> Api<HttpResponse> {
-    let status = users.apply_event(&body.0).await?;
-    Ok(HttpResponse::Ok().json(Consumed { status }))
 }
 
 /// A user, for other services (service token only).
@@ -381,6 +310,10 @@ async fn internal_user(
 ) -> Api<HttpResponse> {
     Ok(HttpResponse::Ok().json(users.get(&id).await?))
 }
+
+/// The services that read users (`GET /internal/users/{id}`): billing
+/// prints the buyer, notifications finds the address and locale.
+const INTERNAL_USER_CALLERS: &[&str] = &["billing", "notifications", "subscriptions", "payments"];
 
 /// Registers the routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -403,8 +336,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/api/admin/users", web::get().to(list_users))
         .route("/api/admin/users/{id}", web::patch().to(set_roles))
         .route("/.well-known/jwks.json", web::get().to(jwks))
-        .route("/internal/events", web::post().to(receive_event))
-        .route("/internal/users/{id}", web::get().to(internal_user));
+        .service(
+            web::resource("/internal/users/{id}")
+                .app_data(AllowedCallers(INTERNAL_USER_CALLERS))
+                .route(web::get().to(internal_user)),
+        );
 }
 
 struct SecuritySchemes;
@@ -438,10 +374,10 @@ impl Modify for SecuritySchemes {
 #[openapi(
     info(title = "tiergate users service", description = "Accounts, access tokens (EdDSA, JWKS), refresh-token rotation."),
     paths(register, verify_email, resend_verification, login, refresh, logout, forgot_password, reset_password,
-        me, update_me, list_users, set_roles, jwks, receive_event, internal_user),
+        me, update_me, list_users, set_roles, jwks, internal_user),
     components(schemas(RegisterRequest, TokenRequest, Verified, ResendRequest, LoginRequest, RefreshRequest,
-        ForgotRequest, Accepted, ResetRequest, UpdateMeRequest, SetRolesRequest, Consumed,
-        User, UserPage, TokenPair, Event)),
+        ForgotRequest, Accepted, ResetRequest, UpdateMeRequest, SetRolesRequest,
+        User, UserPage, TokenPair)),
     modifiers(&SecuritySchemes)
 )]
 pub struct UsersApi;
