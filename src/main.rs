@@ -148,10 +148,15 @@ enum EventsCommand {
         config: Option<PathBuf>,
     },
     /// Put dead deliveries back in the queue (due now, attempts reset).
+    /// Events older than 30 days are left dead unless `--force`: their
+    /// consumers may no longer remember having applied them.
     Retry {
         /// Only this event.
         #[arg(long)]
         event: Option<String>,
+        /// Also events older than 30 days.
+        #[arg(long)]
+        force: bool,
         /// Only this service.
         #[arg(long)]
         service: Option<String>,
@@ -388,9 +393,24 @@ fn events(command: EventsCommand) -> ExitCode {
                     Err(e) => return failed(s.name(), e),
                 }
             }
-            EventsCommand::Retry { event, .. } => {
-                match s.retry_events(file.as_deref(), Environment::Production, event.as_deref()) {
-                    Ok(n) => println!("{}: {n} deliveries queued again", s.name()),
+            EventsCommand::Retry { event, force, .. } => {
+                match s.retry_events(
+                    file.as_deref(),
+                    Environment::Production,
+                    event.as_deref(),
+                    *force,
+                ) {
+                    Ok(r) => {
+                        println!("{}: {} deliveries queued again", s.name(), r.queued);
+                        if r.too_old > 0 {
+                            println!(
+                                "{}: {} older than 30 days left dead: their consumers may have \
+                                 forgotten them (--force sends them anyway)",
+                                s.name(),
+                                r.too_old
+                            );
+                        }
+                    }
                     Err(e) => return failed(s.name(), e),
                 }
             }

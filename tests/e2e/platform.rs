@@ -253,14 +253,7 @@ impl World {
     /// The service key of `name` (a caller the test plays), created in
     /// this world's data directory so the services find its public half.
     pub fn keys_of(&self, name: &str) -> ServiceKeys {
-        ServiceKeys::load(&KeySource {
-            name: name.to_owned(),
-            pem: None,
-            data_dir: self.dir.path().to_owned(),
-            environment: Environment::Development,
-            known: HashMap::new(),
-        })
-        .unwrap()
+        ServiceKeys::load(&KeySource::development(name, self.dir.path())).unwrap()
     }
 
     /// A pool on `service`'s database, to look at its rows.
@@ -503,10 +496,9 @@ impl Inbox {
 pub fn subscribers_of(entries: &[(&str, String, &str)]) -> Subscribers {
     let mut s = Subscribers::new();
     for (kind, url, audience) in entries {
-        s.entry((*kind).to_owned()).or_default().push(Subscriber {
-            url: url.clone(),
-            audience: (*audience).to_owned(),
-        });
+        s.entry((*kind).to_owned())
+            .or_default()
+            .push(Subscriber::url(url, audience));
     }
     s
 }

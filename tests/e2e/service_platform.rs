@@ -93,7 +93,8 @@ impl Service for Ledger {
                         );
                 }),
             );
-            parts.consumer = Some(Consumer::new("ledger").on("user.registered", Members { clock }));
+            parts.consumer =
+                Some(Consumer::new("ledger").on("user.registered", &["users"], Members { clock }));
             Ok(parts)
         }
     }
@@ -196,13 +197,13 @@ impl Handler for Members {
         let (Some(user_id), Some(email)) =
             (event.data["user_id"].as_str(), event.data["email"].as_str())
         else {
-            return Err(ApiError::bad_request(
-                "bad_event",
+            return Ok(Applied::rejected(
+                "invalid_event",
                 "user_id and email are required",
             ));
         };
         if email.ends_with("@blocked.test") {
-            return Err(ApiError::forbidden(
+            return Ok(Applied::rejected(
                 "blocked_domain",
                 "this domain cannot join",
             ));

@@ -2,7 +2,7 @@
 //! the gateway (which verifies its EdDSA tokens through its JWKS). Every
 //! test runs on SQLite and on PostgreSQL ([`both_databases!`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -323,19 +323,34 @@ both_databases! {
             "occurred_at": now, "data": {"user_id": "no-such-user"}});
         let (_, body) = send_event(nobody).await;
         assert_eq!(body["status"], "rejected");
-        // A type users does not consume.
+        // An event dated more than five minutes ahead cannot pin the tier.
+        let future = json!({"id": "evt-5", "type": "subscription.ended", "source": "subscriptions",
+            "occurred_at": now + 86_400_000, "data": {"user_id": user_id}});
+        let (_, body) = send_event(future).await;
+        assert_eq!((body["status"].as_str(), body["reason"].as_str()), (Some("rejected"), Some("from_the_future")));
+        // A type users does not consume, from its producer.
+        let billing = world.keys_of("billing");
         let other = json!({"id": "evt-4", "type": "invoice.issued", "source": "billing",
             "occurred_at": now, "data": {}});
-        let (_, body) = send_event(other).await;
+        let (_, body) = as_service(&billing, Method::POST, ("users", &svc), "/internal/events", Some(other.clone())).await;
         assert_eq!(body["status"], "ignored");
+        // No service delivers another's events, nor a type it does not produce.
+        let (status, body) = send_event(other).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("wrong_source")));
+        let forged = json!({"id": "evt-6", "type": "subscription.activated", "source": "billing",
+            "occurred_at": now, "data": {"user_id": user_id, "tier": "ENTERPRISE"}});
+        let (status, body) = as_service(&billing, Method::POST, ("users", &svc), "/internal/events", Some(forged)).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("producer_not_allowed")));
         // Each outcome counted.
         for (kind, outcome, n) in [
             ("subscription.activated", "applied", 1.0),
             ("subscription.activated", "duplicate", 2.0),
             ("subscription.activated", "rejected", 1.0),
+            ("subscription.activated", "refused", 1.0),
             ("subscription.ended", "stale", 1.0),
-            ("subscription.ended", "rejected", 1.0),
+            ("subscription.ended", "rejected", 2.0),
             ("invoice.issued", "ignored", 1.0),
+            ("invoice.issued", "refused", 1.0),
         ] {
             let line = format!("events_consumed_total{{event_type=\"{kind}\",result=\"{outcome}\",service=\"users\"}}");
             assert_eq!(metric(&base, &line).await, Some(n), "{line}");
@@ -356,13 +371,10 @@ both_databases! {
         let (status, body) = send(client().post(svc.url("/internal/events")).bearer_auth(&once).json(&activated)).await;
         assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::UNAUTHORIZED, Some("replayed_service_token")));
         // A service whose key is not known (none in the data directory).
-        let stranger = backend_common::service_auth::ServiceKeys::load(&backend_common::service_auth::KeySource {
-            name: "subscriptions".into(),
-            pem: None,
-            data_dir: crate::platform::TempDir::new("stranger").path().to_owned(),
-            environment: backend_common::config::Environment::Development,
-            known: HashMap::new(),
-        })
+        let elsewhere = crate::platform::TempDir::new("stranger");
+        let stranger = backend_common::service_auth::ServiceKeys::load(
+            &backend_common::service_auth::KeySource::development("subscriptions", elsewhere.path()),
+        )
         .unwrap();
         let (status, _) = as_service(&stranger, Method::POST, ("users", &svc), "/internal/events", Some(activated.clone())).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "a key of the same name but not the one users knows");
@@ -387,7 +399,7 @@ both_databases! {
         }
         // The dedupe rows were written with the changes.
         let pool = world.pool("users").await;
-        assert_eq!(count_rows(&pool, "processed_events").await, 4, "evt-0 to evt-3, each once");
+        assert_eq!(count_rows(&pool, "processed_events").await, 5, "evt-0 to evt-3 and evt-5, each once");
         pool.close().await;
         svc.stop().await;
     }
@@ -568,6 +580,97 @@ both_databases! {
         let out = cli(&["events", "dead"]);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "", "nothing listed");
         drop(hanging);
+        svc.stop().await;
+    }
+}
+
+/// The PKCS#8 PEM of a fresh development key (made in a directory of its
+/// own, so no service of `world` knows it yet).
+fn fresh_key_pem() -> backend_common::secret::Secret<String> {
+    let elsewhere = crate::platform::TempDir::new("key");
+    backend_common::service_auth::ServiceKeys::load(
+        &backend_common::service_auth::KeySource::development("users", elsewhere.path()),
+    )
+    .unwrap();
+    let pem = std::fs::read_to_string(elsewhere.path().join("service-keys/users.pem")).unwrap();
+    backend_common::secret::Secret::new(pem)
+}
+
+both_databases! {
+    /// A queued event survives a rotation of its service's key when the old
+    /// key is given as the previous one; without it the delivery is parked
+    /// as dead (never lost: the payload stays) and `events retry` sends it
+    /// once the previous key is set. A subscriber removed from `events`
+    /// gets its queued deliveries parked as dead, not pending for ever.
+    async fn test_queued_events_survive_a_service_key_rotation(db: Database) {
+        let world = World::new(db);
+        let sub_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let events = crate::platform::subscribers_of(&[("*", format!("http://{sub_addr}/events"), "inbox")]);
+        let old_key = backend_common::secret::Secret::new(
+            std::fs::read_to_string({
+                world.keys_of("users");
+                world.dir.path().join("service-keys/users.pem")
+            })
+            .unwrap(),
+        );
+        let new_key = fresh_key_pem();
+        let start = |key: backend_common::secret::Secret<String>,
+                     previous: Option<backend_common::secret::Secret<String>>,
+                     events: backend_common::outbox::Subscribers| {
+            let world = &world;
+            async move {
+                let mut s = settings(world, events).await;
+                s.service_key = Some(key);
+                s.previous_service_key = previous;
+                world.start::<UsersService>(s)
+            }
+        };
+        // Queued under the old key while the subscriber is down.
+        let svc = start(old_key.clone(), None, events.clone()).await;
+        register(&svc.base, "rotate@example.com").await;
+        svc.stop().await;
+        // The new key alone cannot open it: parked as dead. (The stopped
+        // instance may have claimed the delivery: its claim runs out as the
+        // clock moves.)
+        let svc = start(new_key.clone(), None, events.clone()).await;
+        let dead = "outbox_dead{service=\"users\"}";
+        eventually("the sealed delivery parked", || async {
+            world.clock.advance(Duration::from_secs(5));
+            (metric(&svc.base, dead).await == Some(1.0)).then_some(())
+        })
+        .await;
+        svc.stop().await;
+        let database_url = world.db.url_for("users", world.dir.path()).await;
+        let out = tiergate_in(&world, &database_url, &["events", "dead"]).output().unwrap();
+        let listing = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(listing.contains("sealed payload") && listing.contains("SERVICE_KEY_PREVIOUS"), "{listing}");
+        // With the previous key: retried, opened, delivered.
+        let svc = start(new_key.clone(), Some(old_key), events.clone()).await;
+        let out = tiergate_in(&world, &database_url, &["events", "retry"]).output().unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("users: 1 deliveries queued again"), "{out:?}");
+        let inbox = Inbox::start_on(Some(sub_addr)).await;
+        eventually("the event delivered", || async {
+            world.clock.advance(Duration::from_millis(200));
+            (inbox.count(|e| e["data"]["email"] == "rotate@example.com") == 1).then_some(())
+        })
+        .await;
+        // A subscriber dropped from the config: its queued deliveries are
+        // parked, not left pending.
+        register(&svc.base, "orphan@example.com").await;
+        inbox.wait_for("user.registered", "email", "orphan@example.com").await;
+        svc.stop().await;
+        drop(inbox);
+        let svc = start(new_key.clone(), None, events.clone()).await;
+        register(&svc.base, "queued@example.com").await;
+        svc.stop().await;
+        let svc = start(new_key, None, Default::default()).await;
+        eventually("the orphaned delivery parked", || async {
+            world.clock.advance(Duration::from_millis(1));
+            (metric(&svc.base, dead).await == Some(1.0)).then_some(())
+        })
+        .await;
+        let out = tiergate_in(&world, &database_url, &["events", "dead"]).output().unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("no longer configured"), "{out:?}");
         svc.stop().await;
     }
 }

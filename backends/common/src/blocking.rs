@@ -1,8 +1,9 @@
 //! CPU-heavy work (Argon2 hashing, PDF rendering) on the blocking pool,
 //! bounded: at most `permits` jobs run at once (≈ 2 × cores), and at most
-//! `queue` more wait, each at most `wait`. Beyond that the caller gets a
-//! 503 with `Retry-After` at once — a burst of logins costs a bounded
-//! amount of memory (Argon2id takes 19 MiB a hash) and never a timeout.
+//! `queue` more wait, each at most `wait`. Beyond the queue the caller
+//! gets a 503 with `Retry-After` at once (and after `wait` in the queue)
+//! — a burst of logins costs a bounded amount of memory (Argon2id takes
+//! 19 MiB a hash), never an unbounded pile-up.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -71,13 +72,15 @@ impl Bounded {
         let permit = match self.permits.clone().try_acquire_owned() {
             Ok(p) => p,
             Err(_) => {
-                if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue {
-                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                let place = Waiting::enter(&self.waiting);
+                if place.ahead >= self.queue {
                     return Err(Saturated::Busy(self.what));
                 }
+                // `place` leaves the queue when dropped, also when the
+                // caller gives up (a client disconnect drops this future).
                 let got =
                     tokio::time::timeout(self.wait, self.permits.clone().acquire_owned()).await;
-                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                drop(place);
                 match got {
                     Ok(Ok(p)) => p,
                     _ => return Err(Saturated::Busy(self.what)),
@@ -90,6 +93,26 @@ impl Bounded {
         })
         .await;
         result.map_err(|_| Saturated::Failed(self.what))
+    }
+}
+
+/// A place in the queue, given back when dropped.
+struct Waiting<'a> {
+    count: &'a AtomicUsize,
+    /// How many were waiting before this one.
+    ahead: usize,
+}
+
+impl<'a> Waiting<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        let ahead = count.fetch_add(1, Ordering::AcqRel);
+        Self { count, ahead }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -126,8 +149,12 @@ mod tests {
         assert!(matches!(refused, Err(Saturated::Busy("test"))));
         let api: ApiError = refused.unwrap_err().into();
         assert_eq!(api.status().as_u16(), 503);
+        // A waiter that gives up (its request was dropped) frees its place.
+        queued.abort();
+        let _ = queued.await;
+        assert_eq!(gate.waiting.load(Ordering::Acquire), 0);
         release_tx.send(()).unwrap();
         assert!(running.await.unwrap().is_ok());
-        assert_eq!(queued.await.unwrap().unwrap(), 2);
+        assert_eq!(gate.run(|| 4).await.unwrap(), 4);
     }
 }

@@ -9,11 +9,17 @@
 //! not March 28.
 //!
 //! The time-zone database is compiled into the binary (jiff's bundled
-//! tzdb), so results do not depend on the host's `/usr/share/zoneinfo`.
+//! tzdb, read explicitly, never the host's): results do not depend on the
+//! host's `/usr/share/zoneinfo` or `TZDIR`.
+
+use std::sync::LazyLock;
 
 use jiff::civil::Date;
-use jiff::tz::TimeZone;
+use jiff::tz::{TimeZone, TimeZoneDatabase};
 use jiff::{Span, Timestamp, Zoned};
+
+/// The bundled time-zone database.
+static TZDB: LazyLock<TimeZoneDatabase> = LazyLock::new(TimeZoneDatabase::bundled);
 
 /// The default business time zone.
 pub const DEFAULT_ZONE: &str = "Asia/Jakarta";
@@ -56,7 +62,8 @@ impl BusinessCalendar {
     /// The calendar of the IANA zone `name` (`Asia/Jakarta`,
     /// `Europe/Berlin`, …).
     pub fn new(name: &str) -> Result<Self, CalendarError> {
-        let tz = TimeZone::get(name)
+        let tz = TZDB
+            .get(name)
             .map_err(|e| CalendarError(format!("unknown time zone `{name}`: {e}")))?;
         Ok(Self {
             tz,

@@ -1,9 +1,15 @@
 //! Calling another service: one client for every service-to-service call.
 //! Each call gets a fresh service token for the service called, a timeout,
 //! and — when it is safe to send again (a `GET`, or a `POST` with an
-//! `Idempotency-Key`) — up to two retries after a connection failure or a
-//! 502/503/504. The other service's JSON error envelope comes back as a
-//! typed [`CallError`].
+//! `Idempotency-Key`) — up to two retries after a connection failure, a
+//! timeout or a 502/503/504. The other service's JSON error envelope comes
+//! back as a typed [`CallError`].
+//!
+//! A call that is not safe to repeat and fails after it was sent (a
+//! timeout, a dropped connection) has an unknown outcome: the other side
+//! may have acted. That is [`CallError::Indeterminate`], answered 502
+//! without `Retry-After`, never "unavailable, try again". Calls that move
+//! money send an idempotency key.
 //!
 //! ```no_run
 //! # async fn f(client: backend_common::client::ServiceClient) -> Result<(), backend_common::client::CallError> {
@@ -47,6 +53,15 @@ pub enum CallError {
         /// Its message.
         message: String,
     },
+    /// The call was sent and may have been acted on, but no answer came
+    /// (a timeout, a dropped connection), and it is not safe to repeat.
+    #[error("{service} may or may not have acted: {why}")]
+    Indeterminate {
+        /// The service called.
+        service: String,
+        /// What happened.
+        why: String,
+    },
     /// It answered 2xx with a body that is not what was expected.
     #[error("{service} answered something unexpected: {why}")]
     Invalid {
@@ -77,9 +92,10 @@ impl CallError {
 
 impl From<CallError> for ApiError {
     /// What a handler answers when a call it depends on fails: 503 with
-    /// `Retry-After` when the other service is unavailable, 502 otherwise
-    /// (its refusal is logged, not passed through: it is not the
-    /// client's to read).
+    /// `Retry-After` when the other service is unavailable (the call was
+    /// not made, or is safe to make again), 502 otherwise — a refusal
+    /// (logged, not passed through: it is not the client's to read), an
+    /// unexpected answer, or an outcome that is unknown.
     fn from(e: CallError) -> Self {
         match &e {
             CallError::Unavailable { service, .. } => {
@@ -126,19 +142,24 @@ pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 impl ServiceClient {
     /// A client calling as the owner of `keys`, reaching each service at
-    /// its base URL in `peers` (`http://host:port`).
-    pub fn new(keys: ServiceKeys, peers: BTreeMap<String, String>, timeout: Duration) -> Self {
+    /// its base URL in `peers` (`http://host:port`). Fails only when the
+    /// HTTP client cannot be built (no TLS backend).
+    pub fn new(
+        keys: ServiceKeys,
+        peers: BTreeMap<String, String>,
+        timeout: Duration,
+    ) -> Result<Self, String> {
         let http = reqwest::Client::builder()
             .timeout(timeout)
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
-            .unwrap_or_default();
-        Self {
+            .map_err(|e| format!("cannot build the service client: {e}"))?;
+        Ok(Self {
             http,
             keys,
             peers: Arc::new(peers),
             retries: 2,
-        }
+        })
     }
 
     /// `GET <service><path>`, JSON answer. Retried when safe.
@@ -205,11 +226,16 @@ impl ServiceClient {
                 req = req.json(b);
             }
             let outcome = match req.send().await {
-                Err(e) => Err(CallError::Unavailable {
+                // Never reached the other side: safe to call unavailable.
+                Err(e) if e.is_connect() || retry => Err(CallError::Unavailable {
                     service: service.to_owned(),
                     why: e.without_url().to_string(),
                 }),
-                Ok(r) => decode(service, r).await,
+                Err(e) => Err(CallError::Indeterminate {
+                    service: service.to_owned(),
+                    why: e.without_url().to_string(),
+                }),
+                Ok(r) => decode(service, r, retry).await,
             };
             match outcome {
                 Err(e @ CallError::Unavailable { .. }) => last = Some(e),
@@ -228,11 +254,28 @@ impl ServiceClient {
     }
 }
 
-async fn decode<T: DeserializeOwned>(service: &str, r: reqwest::Response) -> Result<T, CallError> {
+/// The answer `r` as `T`, or the error it says. `safe`: the call may be
+/// repeated, so an answer cut off is "unavailable" rather than
+/// "indeterminate".
+async fn decode<T: DeserializeOwned>(
+    service: &str,
+    r: reqwest::Response,
+    safe: bool,
+) -> Result<T, CallError> {
     let status = r.status();
-    let bytes = r.bytes().await.map_err(|e| CallError::Unavailable {
-        service: service.to_owned(),
-        why: format!("reading the answer: {}", e.without_url()),
+    let bytes = r.bytes().await.map_err(|e| {
+        let why = format!("reading the answer: {}", e.without_url());
+        if safe {
+            CallError::Unavailable {
+                service: service.to_owned(),
+                why,
+            }
+        } else {
+            CallError::Indeterminate {
+                service: service.to_owned(),
+                why,
+            }
+        }
     })?;
     if status.is_success() {
         return serde_json::from_slice(&bytes).map_err(|e| CallError::Invalid {
@@ -255,18 +298,10 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::config::Environment;
     use crate::service_auth::KeySource;
 
     fn keys(dir: &std::path::Path) -> ServiceKeys {
-        ServiceKeys::load(&KeySource {
-            name: "billing".into(),
-            pem: None,
-            data_dir: dir.to_owned(),
-            environment: Environment::Development,
-            known: Default::default(),
-        })
-        .unwrap()
+        ServiceKeys::load(&KeySource::development("billing", dir)).unwrap()
     }
 
     fn temp() -> PathBuf {
@@ -275,7 +310,7 @@ mod tests {
 
     fn client_for(dir: &std::path::Path, base: &str) -> ServiceClient {
         let peers = BTreeMap::from([("users".to_owned(), base.to_owned())]);
-        ServiceClient::new(keys(dir), peers, Duration::from_secs(2))
+        ServiceClient::new(keys(dir), peers, Duration::from_millis(500)).unwrap()
     }
 
     #[tokio::test]
@@ -361,6 +396,24 @@ mod tests {
         assert!(matches!(e, CallError::Unavailable { .. }), "{e:?}");
         let api = ApiError::from(e);
         assert_eq!(api.status().as_u16(), 503);
+
+        // A peer that takes the request and never answers: a POST without
+        // a key may have been acted on (502, no invitation to retry); a GET
+        // is retried, then unavailable (503).
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_base = format!("http://{}", silent.local_addr().unwrap());
+        let c = client_for(&dir, &silent_base);
+        let e = c
+            .post::<_, serde_json::Value>("users", "/charge", &serde_json::json!({}), None)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, CallError::Indeterminate { .. }), "{e:?}");
+        let api = ApiError::from(e);
+        assert_eq!(api.status().as_u16(), 502);
+        assert!(api.retry_after().is_none());
+        let e = c.get::<User>("users", "/u").await.unwrap_err();
+        assert!(matches!(e, CallError::Unavailable { .. }), "{e:?}");
+        drop(silent);
         let _ = std::fs::remove_dir_all(dir);
     }
 
@@ -382,14 +435,7 @@ mod tests {
         }
         assert_eq!(seen.lock().unwrap().len(), 2);
         // The tokens themselves: verified by the callee's keys.
-        let callee = ServiceKeys::load(&KeySource {
-            name: "users".into(),
-            pem: None,
-            data_dir: dir.clone(),
-            environment: Environment::Development,
-            known: Default::default(),
-        })
-        .unwrap();
+        let callee = ServiceKeys::load(&KeySource::development("users", &dir)).unwrap();
         let caller = keys(&dir);
         let (t1, t2) = (caller.issue("users"), caller.issue("users"));
         assert_ne!(t1, t2);

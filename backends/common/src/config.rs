@@ -197,6 +197,9 @@ pub struct Settings<S> {
     pub max_connections: u32,
     /// `TIERGATE_<NAME>_SERVICE_KEY[_FILE]`.
     pub service_key: Option<Secret<String>>,
+    /// `TIERGATE_<NAME>_SERVICE_KEY_PREVIOUS[_FILE]`: the key it replaced,
+    /// still used to open outbox payloads sealed before the rotation.
+    pub previous_service_key: Option<Secret<String>>,
     /// The service's own section.
     pub service: S,
 }
@@ -207,6 +210,7 @@ impl<S> Settings<S> {
         KeySource {
             name: self.name.to_owned(),
             pem: self.service_key.clone(),
+            previous_pem: self.previous_service_key.clone(),
             data_dir: self.shared.data_dir.clone(),
             environment: self.shared.environment,
             known: self
@@ -407,6 +411,7 @@ pub fn load<S: ServiceConfig>(
     };
     let env_url = secret(&format!("TIERGATE_{upper}_DATABASE_URL"));
     let service_key = secret(&format!("TIERGATE_{upper}_SERVICE_KEY"));
+    let previous_service_key = secret(&format!("TIERGATE_{upper}_SERVICE_KEY_PREVIOUS"));
     let database_url = env_url.or(database.url).unwrap_or_else(|| {
         Secret::new(format!(
             "sqlite://{}",
@@ -442,6 +447,7 @@ pub fn load<S: ServiceConfig>(
         database_url,
         max_connections,
         service_key,
+        previous_service_key,
         service: own,
     })
 }
@@ -500,15 +506,9 @@ fn subscribers(
                     .iter()
                     .find(|(_, base)| entry.starts_with(base.as_str()))
                     .map_or_else(|| "external".to_owned(), |(name, _)| name.clone());
-                list.push(Subscriber {
-                    url: entry.clone(),
-                    audience,
-                });
+                list.push(Subscriber::url(entry, &audience));
             } else if let Some(base) = peers.get(entry) {
-                list.push(Subscriber {
-                    url: format!("{base}/internal/events"),
-                    audience: entry.clone(),
-                });
+                list.push(Subscriber::service(entry, base));
             } else {
                 errors.push(format!(
                     "events.{event_type}[{i}]: `{entry}` is neither a service ({}) nor an http(s) URL",
@@ -643,10 +643,7 @@ mod tests {
         assert_eq!(s.shared.events["a.b"][0].url, "http://x/e");
         assert_eq!(
             s.shared.events["a.b"][1],
-            Subscriber {
-                url: "http://127.0.0.1:8025/internal/events".into(),
-                audience: "billing".into()
-            }
+            Subscriber::service("billing", "http://127.0.0.1:8025")
         );
         assert!(s.database_url.expose().ends_with("users.db"));
         assert_eq!(s.shared.calendar.zone_name(), "Asia/Jakarta");

@@ -3,7 +3,7 @@
 //!
 //! Portable SQL only: `$1`-style placeholders numbered in order of first
 //! use (SQLite reads `$N` as a named parameter and numbers them in order of
-//! appearance), `TEXT` ids, `BIGINT` integers (money in minor units, times
+//! appearance), `TEXT` ids, `BIGINT` integers (money in whole rupiah (`money::Rupiah`; the rupiah has no minor unit in use), times
 //! in Unix milliseconds), no `RETURNING`-specific or vendor-only syntax.
 
 use std::path::Path;

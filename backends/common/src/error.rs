@@ -133,6 +133,11 @@ impl ApiError {
         self
     }
 
+    /// The `Retry-After` it is answered with, if any.
+    pub fn retry_after(&self) -> Option<u64> {
+        self.retry_after
+    }
+
     /// The fields at fault (empty unless a validation error).
     pub fn fields(&self) -> &[FieldError] {
         &self.fields

@@ -66,10 +66,35 @@ pub struct Event {
 /// Where one subscriber gets its events.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subscriber {
+    /// What its deliveries are stored under: the service's name when the
+    /// config names a service (so a new address in `peers` applies to
+    /// deliveries already queued), else the URL.
+    pub key: String,
     /// `POST` target.
     pub url: String,
     /// The service it is: the audience of its service tokens.
     pub audience: String,
+}
+
+impl Subscriber {
+    /// A service subscriber: `name` reached at `base` (its
+    /// `/internal/events`).
+    pub fn service(name: &str, base: &str) -> Self {
+        Self {
+            key: name.to_owned(),
+            url: format!("{}/internal/events", base.trim_end_matches('/')),
+            audience: name.to_owned(),
+        }
+    }
+
+    /// A subscriber at `url`, whose tokens are for `audience`.
+    pub fn url(url: &str, audience: &str) -> Self {
+        Self {
+            key: url.to_owned(),
+            url: url.to_owned(),
+            audience: audience.to_owned(),
+        }
+    }
 }
 
 /// Subscribers per event type (`*` matches every type).
@@ -117,7 +142,9 @@ pub struct Outbox {
     source: &'static str,
     subscribers: Arc<Subscribers>,
     wake: Arc<Notify>,
-    cipher: Arc<XChaCha20Poly1305>,
+    /// The current key's cipher first (it seals), then the previous
+    /// key's (it still opens what was sealed before a key rotation).
+    ciphers: Arc<Vec<XChaCha20Poly1305>>,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -134,14 +161,19 @@ const SEALED: &str = "enc1:";
 
 impl Outbox {
     /// The outbox of service `source`, delivering to `subscribers`, its
-    /// payloads sealed with a key derived from `keys`.
+    /// payloads sealed with a key derived from `keys` (and opened with it
+    /// or with the one derived from its previous key).
     pub fn new(source: &'static str, subscribers: Subscribers, keys: &ServiceKeys) -> Self {
-        let key = keys.derive("outbox payloads");
+        let ciphers = keys
+            .derive_all("outbox payloads")
+            .iter()
+            .map(|key| XChaCha20Poly1305::new(key.into()))
+            .collect();
         Self {
             source,
             subscribers: Arc::new(subscribers),
             wake: Arc::new(Notify::new()),
-            cipher: Arc::new(XChaCha20Poly1305::new((&key).into())),
+            ciphers: Arc::new(ciphers),
         }
     }
 
@@ -179,7 +211,7 @@ impl Outbox {
                  VALUES ($1, $2, 0, $3)",
             )
             .bind(&id)
-            .bind(&s.url)
+            .bind(&s.key)
             .bind(now_ms)
             .execute(&mut *tx)
             .await?;
@@ -190,8 +222,11 @@ impl Outbox {
     fn seal(&self, id: &str, payload: &str) -> Result<String, sqlx::Error> {
         let mut nonce = [0u8; 24];
         getrandom::fill(&mut nonce).map_err(|e| sqlx::Error::Encode(e.to_string().into()))?;
-        let ct = self
-            .cipher
+        let cipher = self
+            .ciphers
+            .first()
+            .ok_or_else(|| sqlx::Error::Encode("no outbox key".into()))?;
+        let ct = cipher
             .encrypt(
                 XNonce::from_slice(&nonce),
                 Payload {
@@ -219,15 +254,24 @@ impl Outbox {
                 }
                 let (nonce, ct) = raw.split_at(24);
                 let plain = self
-                    .cipher
-                    .decrypt(
-                        XNonce::from_slice(nonce),
-                        Payload {
-                            msg: ct,
-                            aad: id.as_bytes(),
-                        },
-                    )
-                    .map_err(|_| "cannot open the payload (another service key?)".to_owned())?;
+                    .ciphers
+                    .iter()
+                    .find_map(|c| {
+                        c.decrypt(
+                            XNonce::from_slice(nonce),
+                            Payload {
+                                msg: ct,
+                                aad: id.as_bytes(),
+                            },
+                        )
+                        .ok()
+                    })
+                    .ok_or_else(|| {
+                        "sealed payload: no key opens it (sealed under a service key since \
+                         replaced? set TIERGATE_<SERVICE>_SERVICE_KEY_PREVIOUS to that key, \
+                         then `tiergate events retry`)"
+                            .to_owned()
+                    })?;
                 String::from_utf8(plain).map_err(|e| e.to_string())?
             }
         };
@@ -240,7 +284,7 @@ impl Outbox {
         let any = self.subscribers.get("*").into_iter().flatten();
         let mut out: Vec<&Subscriber> = Vec::new();
         for s in exact.chain(any) {
-            if !out.iter().any(|o| o.url == s.url) {
+            if !out.iter().any(|o| o.key == s.key) {
                 out.push(s);
             }
         }
@@ -251,7 +295,7 @@ impl Outbox {
     fn all_subscribers(&self) -> Vec<Subscriber> {
         let mut out: Vec<Subscriber> = Vec::new();
         for s in self.subscribers.values().flatten() {
-            if !out.iter().any(|o| o.url == s.url) {
+            if !out.iter().any(|o| o.key == s.key) {
                 out.push(s.clone());
             }
         }
@@ -295,8 +339,11 @@ impl Outbox {
             subscriber: s,
             claim: uuid::Uuid::now_v7().to_string(),
         };
-        let mut loops: Vec<_> = self
-            .all_subscribers()
+        let subscribers = self.all_subscribers();
+        if let Err(e) = park_orphans(&db, &subscribers, clock.now_ms()).await {
+            tracing::warn!(error = %e, "cannot check the outbox for deliveries to removed subscribers");
+        }
+        let mut loops: Vec<_> = subscribers
             .into_iter()
             .map(|s| Box::pin(loop_of(s).run()))
             .collect();
@@ -309,7 +356,12 @@ impl Outbox {
                 clock.tick(GAUGES_EVERY).await;
             }
         };
-        let all = futures_util::future::join_all(loops.iter_mut());
+        // The loops never end; with no subscriber there are none, and the
+        // gauges still run.
+        let all = async {
+            futures_util::future::join_all(loops.iter_mut()).await;
+            std::future::pending::<()>().await
+        };
         tokio::select! {
             _ = all => {}
             _ = gauges => {}
@@ -351,7 +403,7 @@ impl Loop {
                 }
                 Err(e) => {
                     if !quiet_error {
-                        tracing::warn!(source = self.outbox.source, subscriber = %self.subscriber.url,
+                        tracing::warn!(source = self.outbox.source, subscriber = %self.subscriber.key,
                             error = %e, "outbox dispatcher cannot read the outbox; retrying");
                         quiet_error = true;
                     }
@@ -370,10 +422,13 @@ impl Loop {
     async fn pass(&self) -> Result<bool, sqlx::Error> {
         let now = self.clock.now_ms();
         let lease = i64::try_from(
-            (self.settings.timeout * u32::try_from(self.settings.batch).unwrap_or(16)).as_millis(),
+            self.settings
+                .timeout
+                .saturating_mul(u32::try_from(self.settings.batch).unwrap_or(16))
+                .as_millis(),
         )
-        .unwrap_or(i64::MAX / 2)
-            + 30_000;
+        .unwrap_or(i64::MAX / 4)
+        .saturating_add(30_000);
         // The outer conditions repeat the inner ones: on PostgreSQL a row
         // another instance claimed meanwhile fails the re-check and is
         // skipped; SQLite runs one writer at a time.
@@ -387,8 +442,8 @@ impl Loop {
                  ORDER BY next_attempt_at LIMIT $5)",
         )
         .bind(&self.claim)
-        .bind(now + lease)
-        .bind(&self.subscriber.url)
+        .bind(now.saturating_add(lease))
+        .bind(&self.subscriber.key)
         .bind(now)
         .bind(self.settings.batch)
         .execute(self.db.pool())
@@ -401,9 +456,9 @@ impl Loop {
             "SELECT d.event_id, d.attempts, e.event_type, e.payload, e.created_at \
              FROM outbox_deliveries d JOIN outbox_events e ON e.id = d.event_id \
              WHERE d.subscriber = $1 AND d.claim = $2 AND d.delivered_at IS NULL \
-             ORDER BY d.next_attempt_at",
+               AND d.dead_at IS NULL ORDER BY d.next_attempt_at",
         )
-        .bind(&self.subscriber.url)
+        .bind(&self.subscriber.key)
         .bind(&self.claim)
         .fetch_all(self.db.pool())
         .await?;
@@ -480,13 +535,15 @@ impl Loop {
         match outcome {
             Outcome::Delivered => {
                 count("delivered");
+                // Recorded even if the claim was lost meanwhile: the
+                // subscriber has it (a concurrent send is a duplicate).
                 sqlx::query(
                     "UPDATE outbox_deliveries SET delivered_at = $1, attempts = attempts + 1, \
                      last_error = NULL, claim = NULL WHERE event_id = $2 AND subscriber = $3",
                 )
                 .bind(now)
                 .bind(event_id)
-                .bind(&self.subscriber.url)
+                .bind(&self.subscriber.key)
                 .execute(self.db.pool())
                 .await?;
                 forget_if_delivered(&self.db, event_id).await?;
@@ -494,20 +551,20 @@ impl Loop {
             Outcome::Retry(error) => {
                 count("failed");
                 if attempts == 0 {
-                    tracing::warn!(event_id, event_type, subscriber = %self.subscriber.url,
+                    tracing::warn!(event_id, event_type, subscriber = %self.subscriber.key,
                         error, "event delivery failed; will retry");
                 }
                 let delay = backoff(attempts, &self.settings);
-                sqlx::query(
+                let due =
+                    now.saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 4));
+                self.release(
                     "UPDATE outbox_deliveries SET attempts = attempts + 1, next_attempt_at = $1, \
                      last_error = $2, claim = NULL, claimed_until = NULL \
-                     WHERE event_id = $3 AND subscriber = $4",
+                     WHERE event_id = $3 AND subscriber = $4 AND claim = $5",
+                    due,
+                    &error,
+                    event_id,
                 )
-                .bind(now + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX / 2))
-                .bind(error)
-                .bind(event_id)
-                .bind(&self.subscriber.url)
-                .execute(self.db.pool())
                 .await?;
             }
             Outcome::Dead(error) => {
@@ -516,23 +573,76 @@ impl Loop {
                     .outbox_dead_total
                     .with_label_values(&[event_type])
                     .inc();
-                tracing::error!(event_id, event_type, subscriber = %self.subscriber.url, error,
+                tracing::error!(event_id, event_type, subscriber = %self.subscriber.key, error,
                     "event delivery parked as dead; `tiergate events retry` sends it again");
-                sqlx::query(
+                self.release(
                     "UPDATE outbox_deliveries SET attempts = attempts + 1, dead_at = $1, \
                      last_error = $2, claim = NULL, claimed_until = NULL \
-                     WHERE event_id = $3 AND subscriber = $4",
+                     WHERE event_id = $3 AND subscriber = $4 AND claim = $5",
+                    now,
+                    &error,
+                    event_id,
                 )
-                .bind(now)
-                .bind(error)
-                .bind(event_id)
-                .bind(&self.subscriber.url)
-                .execute(self.db.pool())
                 .await?;
             }
         }
         Ok(())
     }
+
+    /// Records a failed attempt (`sql` binds time, error, event, subscriber,
+    /// claim) only while this loop still holds the claim: if it expired and
+    /// another instance took the delivery over, that one's state stands.
+    async fn release(
+        &self,
+        sql: &'static str,
+        at: i64,
+        error: &str,
+        event_id: &str,
+    ) -> Result<(), sqlx::Error> {
+        let done = sqlx::query(sql)
+            .bind(at)
+            .bind(error)
+            .bind(event_id)
+            .bind(&self.subscriber.key)
+            .bind(&self.claim)
+            .execute(self.db.pool())
+            .await?;
+        if done.rows_affected() == 0 {
+            tracing::debug!(event_id, subscriber = %self.subscriber.key,
+                "the claim on this delivery was taken over; leaving its state to the new holder");
+        }
+        Ok(())
+    }
+}
+
+/// Parks as dead every waiting delivery to a subscriber that is no longer
+/// configured (removed from `events`, or renamed): no loop would ever send
+/// it, and `tiergate events dead` shows it.
+async fn park_orphans(db: &Db, configured: &[Subscriber], now_ms: i64) -> Result<(), sqlx::Error> {
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT subscriber FROM outbox_deliveries \
+         WHERE delivered_at IS NULL AND dead_at IS NULL",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    for key in keys {
+        if configured.iter().any(|s| s.key == key) {
+            continue;
+        }
+        let parked = sqlx::query(
+            "UPDATE outbox_deliveries SET dead_at = $1, last_error = $2, claim = NULL, \
+             claimed_until = NULL WHERE subscriber = $3 AND delivered_at IS NULL AND dead_at IS NULL",
+        )
+        .bind(now_ms)
+        .bind("the subscriber is no longer configured in `events`")
+        .bind(&key)
+        .execute(db.pool())
+        .await?
+        .rows_affected();
+        tracing::warn!(subscriber = %key, deliveries = parked,
+            "deliveries to a subscriber no longer in `events` parked as dead");
+    }
+    Ok(())
 }
 
 /// Deliveries waiting, and parked as dead (for the gauges; run every
@@ -612,23 +722,52 @@ pub async fn dead(db: &Db) -> Result<Vec<DeadDelivery>, sqlx::Error> {
         .collect()
 }
 
+/// What [`retry`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retried {
+    /// Deliveries queued again.
+    pub queued: u64,
+    /// Dead deliveries left alone because their event is older than the
+    /// cutoff.
+    pub too_old: u64,
+}
+
 /// Puts dead deliveries back in the queue, attempts reset: one event's
-/// (`Some(id)`) or all. Returns how many (`tiergate events retry`). They
-/// are due at once (`next_attempt_at = 0`) whatever the clock of the host
-/// running the command says.
-pub async fn retry(db: &Db, event_id: Option<&str>) -> Result<u64, sqlx::Error> {
-    let q = match event_id {
-        Some(id) => sqlx::query(
-            "UPDATE outbox_deliveries SET dead_at = NULL, attempts = 0, next_attempt_at = 0, \
-             claim = NULL, claimed_until = NULL WHERE dead_at IS NOT NULL AND event_id = $1",
-        )
-        .bind(id.to_owned()),
-        None => sqlx::query(
-            "UPDATE outbox_deliveries SET dead_at = NULL, attempts = 0, next_attempt_at = 0, \
-             claim = NULL, claimed_until = NULL WHERE dead_at IS NOT NULL",
-        ),
-    };
-    Ok(q.execute(db.pool()).await?.rows_affected())
+/// (`Some(id)`) or all, of events created at or after `created_since`
+/// (Unix ms; consumers forget the events they saw after a while, so a
+/// much older event could be applied twice). They are due at once
+/// (`next_attempt_at = 0`) whatever the clock of the host running the
+/// command says (`tiergate events retry`).
+pub async fn retry(
+    db: &Db,
+    event_id: Option<&str>,
+    created_since: i64,
+) -> Result<Retried, sqlx::Error> {
+    let id = event_id.unwrap_or("");
+    let too_old: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM outbox_deliveries d JOIN outbox_events e ON e.id = d.event_id \
+         WHERE d.dead_at IS NOT NULL AND d.delivered_at IS NULL \
+           AND ($1 = '' OR d.event_id = $1) AND e.created_at < $2",
+    )
+    .bind(id)
+    .bind(created_since)
+    .fetch_one(db.pool())
+    .await?;
+    let queued = sqlx::query(
+        "UPDATE outbox_deliveries SET dead_at = NULL, attempts = 0, next_attempt_at = 0, \
+         claim = NULL, claimed_until = NULL \
+         WHERE dead_at IS NOT NULL AND delivered_at IS NULL AND ($1 = '' OR event_id = $1) \
+           AND event_id IN (SELECT id FROM outbox_events WHERE created_at >= $2)",
+    )
+    .bind(id)
+    .bind(created_since)
+    .execute(db.pool())
+    .await?
+    .rows_affected();
+    Ok(Retried {
+        queued,
+        too_old: u64::try_from(too_old).unwrap_or(0),
+    })
 }
 
 /// Housekeeping, run periodically by each service: deletes events every
@@ -671,7 +810,7 @@ pub fn backoff(attempts: i64, settings: &DispatchSettings) -> Duration {
     let mut byte = [0u8; 1];
     let _ = getrandom::fill(&mut byte);
     let jitter = 0.8 + 0.4 * f64::from(byte[0]) / 255.0;
-    raw.mul_f64(jitter)
+    Duration::try_from_secs_f64(raw.as_secs_f64() * jitter).unwrap_or(raw)
 }
 
 /// Records that `consumer` applied `event`, inside the transaction that
@@ -705,22 +844,13 @@ mod tests {
 
     fn outbox(subs: Subscribers) -> Outbox {
         let dir = std::env::temp_dir().join(format!("tg-outbox-{}", uuid::Uuid::now_v7()));
-        let keys = ServiceKeys::load(&crate::service_auth::KeySource {
-            name: "users".into(),
-            pem: None,
-            data_dir: dir,
-            environment: crate::config::Environment::Development,
-            known: Default::default(),
-        })
-        .unwrap();
+        let keys =
+            ServiceKeys::load(&crate::service_auth::KeySource::development("users", &dir)).unwrap();
         Outbox::new("users", subs, &keys)
     }
 
     fn sub(url: &str) -> Subscriber {
-        Subscriber {
-            url: url.to_owned(),
-            audience: "x".to_owned(),
-        }
+        Subscriber::url(url, "x")
     }
 
     #[test]

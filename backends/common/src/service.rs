@@ -34,8 +34,9 @@ use crate::user_auth::{Jwks, UserTokens};
 
 /// How often the housekeeping runs.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(3600);
-/// Consumer dedupe records kept this long.
-const DEDUPE_KEPT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Consumer dedupe records kept this long; `events retry` leaves older
+/// dead deliveries alone unless forced.
+pub const DEDUPE_KEPT: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// What the platform hands a service to build itself with.
 pub struct Platform<C> {
@@ -152,7 +153,8 @@ pub fn start<S: Service>(
         let metrics = HttpMetrics::new(S::NAME);
         let clock = options.clock.clone();
         let outbox = Outbox::new(S::NAME, settings.shared.events.clone(), &keys);
-        let client = ServiceClient::new(keys.clone(), settings.shared.peers.clone(), TIMEOUT);
+        let client = ServiceClient::new(keys.clone(), settings.shared.peers.clone(), TIMEOUT)
+            .map_err(init)?;
         let jwks_url = format!(
             "{}/.well-known/jwks.json",
             settings
@@ -163,7 +165,8 @@ pub fn start<S: Service>(
             jwks_url,
             &settings.shared.access_tokens.issuer,
             &settings.shared.access_tokens.audience,
-        );
+        )
+        .map_err(init)?;
         let platform = Platform {
             settings,
             db: db.clone(),
@@ -256,13 +259,15 @@ pub trait Registered: Sync {
         file: Option<&Path>,
         env: Environment,
     ) -> Result<Vec<DeadDelivery>, CommandError>;
-    /// Puts dead deliveries back (one event's, or all). Returns how many.
+    /// Puts dead deliveries back (one event's, or all): those of events
+    /// younger than [`DEDUPE_KEPT`], or every one with `force`.
     fn retry_events(
         &self,
         file: Option<&Path>,
         env: Environment,
         event_id: Option<&str>,
-    ) -> Result<u64, CommandError>;
+        force: bool,
+    ) -> Result<outbox::Retried, CommandError>;
     /// Its service key's public half (creating a development key).
     fn service_key(&self, file: Option<&Path>, env: Environment) -> Result<String, CommandError>;
 }
@@ -330,9 +335,16 @@ impl<S: Service> Registered for Entry<S> {
         file: Option<&Path>,
         env: Environment,
         event_id: Option<&str>,
-    ) -> Result<u64, CommandError> {
+        force: bool,
+    ) -> Result<outbox::Retried, CommandError> {
         let s = settings::<S>(file, env)?;
-        on_db(&s, async |db| outbox::retry(db, event_id).await)
+        let since = if force {
+            i64::MIN
+        } else {
+            let kept = i64::try_from(DEDUPE_KEPT.as_millis()).unwrap_or(i64::MAX);
+            crate::clock::system_now_ms().saturating_sub(kept)
+        };
+        on_db(&s, async |db| outbox::retry(db, event_id, since).await)
     }
 
     fn service_key(&self, file: Option<&Path>, env: Environment) -> Result<String, CommandError> {

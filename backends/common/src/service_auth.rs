@@ -14,11 +14,24 @@
 //!   `<data_dir>/service-keys/<name>.pem` (mode 0600) with its public key
 //!   beside it (`<name>.pub`). In production a missing key is a start-up
 //!   error: a key generated on each host would make every host disagree.
+//! * the key it replaced, when one was rotated:
+//!   `TIERGATE_<NAME>_SERVICE_KEY_PREVIOUS[_FILE]`. It signs nothing; the
+//!   keys derived from it ([`ServiceKeys::derive_all`]) still open what was
+//!   sealed before the rotation (outbox payloads).
 //! * the callers' public keys: `service_keys.<name>` in
 //!   `conf/services.yaml` (base64url of the 32-byte key, what
-//!   `tiergate <service> service-key` prints; public keys are not
-//!   secrets), else `<data_dir>/service-keys/<name>.pub` (how the
-//!   services of one host find each other in development).
+//!   `tiergate service-key <name>` prints; public keys are not secrets);
+//!   in development only, else `<data_dir>/service-keys/<name>.pub` (how
+//!   the services of one host find each other). In production a caller
+//!   must be configured: a file dropped into the data directory does not
+//!   make a trusted caller.
+//!
+//! Replays: a token's `jti` is remembered by the process that accepted it
+//! until the token has expired, so a captured token is good for one call
+//! to that process. Another instance of the same service would accept it
+//! once more within its 60 s; every internal route is idempotent (events
+//! by id, invoices by reference, reads), so such a replay changes
+//! nothing. Keep service traffic on a private network.
 //!
 //! A user's access token (EdDSA too, but signed by the users service's
 //! JWKS key and with audience `tiergate`) has no `aud` of a service and no
@@ -73,10 +86,28 @@ pub struct KeySource {
     pub pem: Option<Secret<String>>,
     /// The data directory (development keys live under it).
     pub data_dir: PathBuf,
-    /// Production refuses to generate a key.
+    /// `TIERGATE_<NAME>_SERVICE_KEY_PREVIOUS[_FILE]`, when set.
+    pub previous_pem: Option<Secret<String>>,
+    /// Production refuses to generate a key, and trusts only configured
+    /// callers.
     pub environment: Environment,
     /// Public keys of other services, by name (base64url).
     pub known: HashMap<String, String>,
+}
+
+impl KeySource {
+    /// A development key of `name` under `data_dir` (generated on first
+    /// use), trusting the callers whose keys are in that directory.
+    pub fn development(name: &str, data_dir: &Path) -> Self {
+        Self {
+            name: name.to_owned(),
+            pem: None,
+            previous_pem: None,
+            data_dir: data_dir.to_owned(),
+            environment: Environment::Development,
+            known: HashMap::new(),
+        }
+    }
 }
 
 /// One service's signing key, and the public keys of the services that
@@ -90,7 +121,11 @@ struct Inner {
     public: String,
     /// Derived from the private key: what [`ServiceKeys::derive`] hands out.
     seed: Secret<[u8; 32]>,
+    /// The previous key's, for [`ServiceKeys::derive_all`].
+    previous_seed: Option<Secret<[u8; 32]>>,
     dir: PathBuf,
+    /// Whether callers' keys may be read from the data directory.
+    development: bool,
     peers: RwLock<HashMap<String, Option<DecodingKey>>>,
     seen: Mutex<Replay>,
 }
@@ -133,6 +168,19 @@ impl ServiceKeys {
             }
             None => development_key(&dir, &source.name)?,
         };
+        let previous_seed = match &source.previous_pem {
+            Some(pem) => Some(Secret::new(
+                SigningKey::from_pkcs8_pem(pem.expose().trim())
+                    .map_err(|e| {
+                        format!(
+                            "TIERGATE_{}_SERVICE_KEY_PREVIOUS: not an Ed25519 PKCS#8 PEM key: {e}",
+                            source.name.to_ascii_uppercase()
+                        )
+                    })?
+                    .to_bytes(),
+            )),
+            None => None,
+        };
         let der = sk
             .to_pkcs8_der()
             .map_err(|e| format!("cannot encode the service key: {e}"))?;
@@ -152,7 +200,9 @@ impl ServiceKeys {
             encoding: EncodingKey::from_ed_der(der.as_bytes()),
             public,
             seed: Secret::new(sk.to_bytes()),
+            previous_seed,
             dir,
+            development: source.environment == Environment::Development,
             peers: RwLock::new(peers),
             seen: Mutex::new(Replay::default()),
         })))
@@ -171,10 +221,16 @@ impl ServiceKeys {
     /// A 32-byte key derived from the private key for `purpose` (HKDF-SHA256):
     /// encryption at rest, without another secret to manage.
     pub fn derive(&self, purpose: &str) -> [u8; 32] {
-        let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"tiergate"), self.0.seed.expose());
-        let mut out = [0u8; 32];
-        // 32 bytes is within HKDF-SHA256's output limit.
-        let _ = hk.expand(purpose.as_bytes(), &mut out);
+        derive_from(self.0.seed.expose(), purpose)
+    }
+
+    /// [`ServiceKeys::derive`] from the current key, then from the
+    /// previous one when one is set: seal with the first, open with any.
+    pub fn derive_all(&self, purpose: &str) -> Vec<[u8; 32]> {
+        let mut out = vec![self.derive(purpose)];
+        if let Some(previous) = &self.0.previous_seed {
+            out.push(derive_from(previous.expose(), purpose));
+        }
         out
     }
 
@@ -211,7 +267,7 @@ impl ServiceKeys {
             .map_err(|_| invalid())?
             .claims;
         let key = self.peer_key(&unverified.iss).ok_or_else(|| {
-            tracing::warn!(caller = %unverified.iss, "service token from a service whose public key is unknown");
+            tracing::debug!(caller = %unverified.iss, "service token from a service whose public key is unknown");
             invalid()
         })?;
         let mut v = Validation::new(Algorithm::EdDSA);
@@ -221,7 +277,12 @@ impl ServiceKeys {
         let claims = jsonwebtoken::decode::<ServiceClaims>(token, &key, &v)
             .map_err(|_| invalid())?
             .claims;
-        if claims.sub != claims.iss || claims.exp > claims.iat + TTL.as_secs() + LEEWAY_SECS {
+        // Issued in the future (a caller's clock ahead, or a forged
+        // lifetime) would outlive the replay window: refused.
+        if claims.sub != claims.iss
+            || claims.exp > claims.iat.saturating_add(TTL.as_secs() + LEEWAY_SECS)
+            || claims.iat > unix_now().saturating_add(LEEWAY_SECS)
+        {
             return Err(invalid());
         }
         if !allowed.iter().any(|a| *a == "*" || *a == claims.iss) {
@@ -251,7 +312,7 @@ impl ServiceKeys {
                 return known.clone();
             }
         }
-        if !valid_service_name(service) {
+        if !self.0.development || !valid_service_name(service) {
             return None;
         }
         let key = std::fs::read_to_string(self.0.dir.join(format!("{service}.pub")))
@@ -266,6 +327,14 @@ impl ServiceKeys {
         }
         key
     }
+}
+
+fn derive_from(seed: &[u8; 32], purpose: &str) -> [u8; 32] {
+    let hk = hkdf::Hkdf::<sha2::Sha256>::new(Some(b"tiergate"), seed);
+    let mut out = [0u8; 32];
+    // 32 bytes is within HKDF-SHA256's output limit.
+    let _ = hk.expand(purpose.as_bytes(), &mut out);
+    out
 }
 
 fn valid_service_name(name: &str) -> bool {
@@ -322,8 +391,11 @@ fn development_key(dir: &Path, name: &str) -> Result<SigningKey, String> {
     Ok(sk)
 }
 
-/// Token ids seen within the last two token lifetimes, in two
-/// generations: memory is bounded by the calls of two minutes.
+/// Token ids seen recently, in two generations of one window each, so an
+/// id is remembered at least one window: a token's whole life (its `iat`
+/// at most `LEEWAY` ahead, its `exp` at most `TTL + LEEWAY` after `iat`,
+/// accepted `LEEWAY` past `exp`). Memory is bounded by the calls of two
+/// windows.
 #[derive(Default)]
 struct Replay {
     current: HashSet<String>,
@@ -335,7 +407,7 @@ impl Replay {
     /// `false` when `jti` was seen before.
     fn insert(&mut self, jti: &str) -> bool {
         let now = Instant::now();
-        let window = TTL + Duration::from_secs(LEEWAY_SECS);
+        let window = TTL + Duration::from_secs(3 * LEEWAY_SECS);
         match self.since {
             Some(t) if now.duration_since(t) < window => {}
             _ => {
@@ -407,6 +479,13 @@ fn unix_now() -> u64 {
 mod tests {
     use super::*;
 
+    fn caller_pem_for_rotation() -> String {
+        SigningKey::from_bytes(&[5u8; 32])
+            .to_pkcs8_pem(Default::default())
+            .unwrap()
+            .to_string()
+    }
+
     fn dir() -> PathBuf {
         let d = std::env::temp_dir().join(format!("tg-keys-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&d).unwrap();
@@ -414,14 +493,7 @@ mod tests {
     }
 
     fn keys(name: &str, data_dir: &Path) -> ServiceKeys {
-        ServiceKeys::load(&KeySource {
-            name: name.into(),
-            pem: None,
-            data_dir: data_dir.to_owned(),
-            environment: Environment::Development,
-            known: HashMap::new(),
-        })
-        .unwrap()
+        ServiceKeys::load(&KeySource::development(name, data_dir)).unwrap()
     }
 
     #[test]
@@ -463,14 +535,14 @@ mod tests {
     #[test]
     fn test_production_needs_a_configured_key_and_takes_known_public_keys() {
         let d = dir();
-        let missing = ServiceKeys::load(&KeySource {
-            name: "billing".into(),
-            pem: None,
-            data_dir: d.clone(),
-            environment: Environment::Production,
-            known: HashMap::new(),
-        })
-        .unwrap_err();
+        let production =
+            |name: &str, pem: Option<String>, known: HashMap<String, String>| KeySource {
+                pem: pem.map(Secret::new),
+                environment: Environment::Production,
+                known,
+                ..KeySource::development(name, &d)
+            };
+        let missing = ServiceKeys::load(&production("billing", None, HashMap::new())).unwrap_err();
         assert!(
             missing.contains("TIERGATE_BILLING_SERVICE_KEY"),
             "{missing}"
@@ -485,26 +557,54 @@ mod tests {
             .to_string();
         let caller = SigningKey::from_bytes(&[3u8; 32]);
         let caller_pem = caller.to_pkcs8_pem(Default::default()).unwrap().to_string();
-        let payments = ServiceKeys::load(&KeySource {
-            name: "payments".into(),
-            pem: Some(Secret::new(caller_pem)),
-            data_dir: d.clone(),
-            environment: Environment::Production,
-            known: HashMap::new(),
-        })
-        .unwrap();
-        let billing = ServiceKeys::load(&KeySource {
-            name: "billing".into(),
-            pem: Some(Secret::new(pem)),
-            data_dir: d.clone(),
-            environment: Environment::Production,
-            known: HashMap::from([("payments".to_owned(), payments.public_key().to_owned())]),
-        })
+        let payments =
+            ServiceKeys::load(&production("payments", Some(caller_pem), HashMap::new())).unwrap();
+        let billing = ServiceKeys::load(&production(
+            "billing",
+            Some(pem.clone()),
+            HashMap::from([("payments".to_owned(), payments.public_key().to_owned())]),
+        ))
         .unwrap();
         assert!(billing
             .verify(&payments.issue("billing"), &["payments"])
             .is_ok());
+        // In production a key file in the data directory makes no caller.
+        let dev_users = keys("users", &d);
+        assert!(key_dir(&d).join("users.pub").exists());
+        assert_eq!(
+            billing
+                .verify(&dev_users.issue("billing"), &["*"])
+                .unwrap_err()
+                .code(),
+            "invalid_service_token"
+        );
+        // A token issued in the future is refused (it would outlive the
+        // replay window).
+        let now = unix_now();
+        let early = ServiceClaims {
+            iss: "payments".into(),
+            sub: "payments".into(),
+            aud: "billing".into(),
+            iat: now + 600,
+            exp: now + 660,
+            jti: "j-1".into(),
+        };
+        let forged =
+            jsonwebtoken::encode(&Header::new(Algorithm::EdDSA), &early, &payments.0.encoding)
+                .unwrap();
+        assert!(billing.verify(&forged, &["payments"]).is_err());
+        // The previous key still derives what it derived.
+        let rotated = ServiceKeys::load(&KeySource {
+            previous_pem: Some(Secret::new(pem)),
+            ..production("billing", Some(caller_pem_for_rotation()), HashMap::new())
+        })
+        .unwrap();
+        let all = rotated.derive_all("outbox");
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1], billing.derive("outbox"));
+        assert_ne!(all[0], all[1]);
         assert!(!format!("{billing:?}").contains("PRIVATE"));
+        assert!(!format!("{rotated:?}").contains("PRIVATE"));
         assert_ne!(billing.derive("outbox"), billing.derive("other"));
         std::fs::remove_dir_all(&d).unwrap();
     }

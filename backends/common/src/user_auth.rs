@@ -50,13 +50,22 @@ impl UserClaims {
     }
 }
 
+/// Why a token was not accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The token is not valid (401, with the reason).
+    Invalid(&'static str),
+    /// It cannot be checked now: the keys cannot be fetched (503).
+    Unavailable,
+}
+
 /// Verifies user access tokens.
 pub trait UserTokens: Send + Sync + 'static {
-    /// The claims of a valid token, or why it is not.
+    /// The claims of a valid token, or why it is not accepted.
     fn verify<'a>(
         &'a self,
         token: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<UserClaims, &'static str>> + 'a>>;
+    ) -> Pin<Box<dyn Future<Output = Result<UserClaims, Refused>> + 'a>>;
 }
 
 /// The caller, proven by a valid access token.
@@ -91,7 +100,14 @@ impl FromRequest for AuthUser {
                 .verify(&token)
                 .await
                 .map(AuthUser)
-                .map_err(|why| ApiError::unauthorized("invalid_token", why))
+                .map_err(|r| match r {
+                    Refused::Invalid(why) => ApiError::unauthorized("invalid_token", why),
+                    Refused::Unavailable => ApiError::unavailable(
+                        "access tokens cannot be checked right now (the users service's keys \
+                     cannot be fetched); try again shortly",
+                        1,
+                    ),
+                })
         })
     }
 }
@@ -122,6 +138,8 @@ impl FromRequest for Admin {
 
 /// Least time between two fetches caused by unknown key ids.
 const REFETCH_EVERY: Duration = Duration::from_secs(10);
+/// Least time between two fetches after a failed one.
+const RETRY_FAILED_EVERY: Duration = Duration::from_secs(1);
 
 /// The users service's JWKS, fetched and kept.
 pub struct Jwks {
@@ -129,7 +147,8 @@ pub struct Jwks {
     validation: Validation,
     http: reqwest::Client,
     keys: RwLock<Vec<(Option<String>, DecodingKey)>>,
-    last_fetch: Mutex<Option<Instant>>,
+    /// When the set was last fetched, and whether that worked.
+    last_fetch: Mutex<Option<(Instant, bool)>>,
     refetch_every: Duration,
 }
 
@@ -144,8 +163,9 @@ impl std::fmt::Debug for Jwks {
 impl Jwks {
     /// Tokens of issuer `issuer` for audience `audience`, with the keys
     /// at `url` (fetched on first use, again for an unknown key id at most
-    /// every 10 s).
-    pub fn new(url: impl Into<String>, issuer: &str, audience: &str) -> Arc<Self> {
+    /// every 10 s, or every second while fetching fails). Fails only when
+    /// the HTTP client cannot be built.
+    pub fn new(url: impl Into<String>, issuer: &str, audience: &str) -> Result<Arc<Self>, String> {
         Self::with_refetch_every(url, issuer, audience, REFETCH_EVERY)
     }
 
@@ -155,23 +175,24 @@ impl Jwks {
         issuer: &str,
         audience: &str,
         refetch_every: Duration,
-    ) -> Arc<Self> {
+    ) -> Result<Arc<Self>, String> {
         let mut validation = Validation::new(Algorithm::EdDSA);
         validation.set_issuer(&[issuer]);
         validation.set_audience(&[audience]);
         validation.set_required_spec_claims(&["exp", "sub", "iss", "aud"]);
         validation.leeway = 30;
-        Arc::new(Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| format!("cannot build the JWKS client: {e}"))?;
+        Ok(Arc::new(Self {
             url: url.into(),
             validation,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(2))
-                .build()
-                .unwrap_or_default(),
+            http,
             keys: RwLock::new(Vec::new()),
             last_fetch: Mutex::new(None),
             refetch_every,
-        })
+        }))
     }
 
     fn key(&self, kid: Option<&str>) -> Option<DecodingKey> {
@@ -181,17 +202,33 @@ impl Jwks {
             .map(|(_, key)| key.clone())
     }
 
+    /// Whether the last fetch worked (`false` before the first).
+    fn last_fetch_ok(&self) -> bool {
+        self.last_fetch
+            .lock()
+            .map(|l| l.is_some_and(|(_, ok)| ok))
+            .unwrap_or(false)
+    }
+
     /// Fetches the set again unless that happened less than
-    /// `refetch_every` ago. `true` when it did.
+    /// `refetch_every` ago (a second, when it failed). `true` when it did.
     async fn refetch(&self) -> bool {
         {
             let Ok(mut last) = self.last_fetch.lock() else {
                 return false;
             };
-            if last.is_some_and(|t| t.elapsed() < self.refetch_every) {
+            let wait = |ok: bool| {
+                if ok {
+                    self.refetch_every
+                } else {
+                    RETRY_FAILED_EVERY.min(self.refetch_every)
+                }
+            };
+            if last.is_some_and(|(t, ok)| t.elapsed() < wait(ok)) {
                 return false;
             }
-            *last = Some(Instant::now());
+            // Marked as failed until it works, so concurrent callers wait.
+            *last = Some((Instant::now(), false));
         }
         let fetched = async {
             let set: JwkSet = self
@@ -222,6 +259,9 @@ impl Jwks {
                 if let Ok(mut slot) = self.keys.write() {
                     *slot = keys;
                 }
+                if let Ok(mut last) = self.last_fetch.lock() {
+                    *last = Some((Instant::now(), true));
+                }
                 true
             }
             None => {
@@ -236,26 +276,35 @@ impl UserTokens for Jwks {
     fn verify<'a>(
         &'a self,
         token: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<UserClaims, &'static str>> + 'a>> {
+    ) -> Pin<Box<dyn Future<Output = Result<UserClaims, Refused>> + 'a>> {
         Box::pin(async move {
-            let header =
-                jsonwebtoken::decode_header(token).map_err(|_| "the token is malformed")?;
+            let header = jsonwebtoken::decode_header(token)
+                .map_err(|_| Refused::Invalid("the token is malformed"))?;
             if header.alg != Algorithm::EdDSA {
-                return Err("the token is not signed with EdDSA");
+                return Err(Refused::Invalid("the token is not signed with EdDSA"));
             }
             let kid = header.kid.as_deref();
             let key = match self.key(kid) {
                 Some(k) => k,
                 None => {
                     self.refetch().await;
-                    self.key(kid).ok_or("the token's key is unknown")?
+                    match self.key(kid) {
+                        Some(k) => k,
+                        // The keys could not be fetched: not the token's fault.
+                        None if !self.last_fetch_ok() => return Err(Refused::Unavailable),
+                        None => return Err(Refused::Invalid("the token's key is unknown")),
+                    }
                 }
             };
             jsonwebtoken::decode::<UserClaims>(token, &key, &self.validation)
                 .map(|t| t.claims)
-                .map_err(|e| match e.kind() {
-                    jsonwebtoken::errors::ErrorKind::ExpiredSignature => "the token has expired",
-                    _ => "the token is invalid",
+                .map_err(|e| {
+                    Refused::Invalid(match e.kind() {
+                        jsonwebtoken::errors::ErrorKind::ExpiredSignature => {
+                            "the token has expired"
+                        }
+                        _ => "the token is invalid",
+                    })
                 })
         })
     }
@@ -315,7 +364,8 @@ mod tests {
         let set = Arc::new(Mutex::new(set_of(&[&k1])));
         let server = jwks_server(set.clone()).await;
         let jwks =
-            Jwks::with_refetch_every(&server.base, "tiergate-users", "tiergate", Duration::ZERO);
+            Jwks::with_refetch_every(&server.base, "tiergate-users", "tiergate", Duration::ZERO)
+                .unwrap();
         let c = jwks
             .verify(&token(&k1, claims("tiergate", 60)))
             .await
@@ -355,7 +405,7 @@ mod tests {
             ),
         ];
         for (t, why) in cases {
-            assert_eq!(jwks.verify(&t).await.unwrap_err(), why);
+            assert_eq!(jwks.verify(&t).await.unwrap_err(), Refused::Invalid(why));
         }
     }
 
@@ -363,7 +413,7 @@ mod tests {
     async fn test_unknown_key_ids_fetch_at_most_once_per_interval() {
         let k1 = key("k1", 1);
         let server = jwks_server(Arc::new(Mutex::new(set_of(&[&k1])))).await;
-        let jwks = Jwks::new(&server.base, "tiergate-users", "tiergate");
+        let jwks = Jwks::new(&server.base, "tiergate-users", "tiergate").unwrap();
         jwks.verify(&token(&k1, claims("tiergate", 60)))
             .await
             .unwrap();
@@ -371,12 +421,32 @@ mod tests {
             let e = jwks
                 .verify(&token(&key("k9", 9), claims("tiergate", 60)))
                 .await;
-            assert_eq!(e.unwrap_err(), "the token's key is unknown");
+            assert_eq!(
+                e.unwrap_err(),
+                Refused::Invalid("the token's key is unknown")
+            );
         }
         assert_eq!(
             server.hits(),
             1,
             "a flood of unknown kids is not a flood of fetches"
+        );
+    }
+
+    #[tokio::test]
+    async fn test_keys_that_cannot_be_fetched_are_unavailable_not_invalid() {
+        let k1 = key("k1", 1);
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("http://{}", l.local_addr().unwrap())
+        };
+        let jwks = Jwks::new(&closed, "tiergate-users", "tiergate").unwrap();
+        let t = token(&k1, claims("tiergate", 60));
+        assert_eq!(jwks.verify(&t).await.unwrap_err(), Refused::Unavailable);
+        // A malformed token is still the token's fault.
+        assert_eq!(
+            jwks.verify("nope").await.unwrap_err(),
+            Refused::Invalid("the token is malformed")
         );
     }
 }

@@ -682,22 +682,23 @@ impl Handler for TierEvents {
             match TIERS.iter().find(|t| **t == claimed) {
                 Some(t) => *t,
                 None => {
-                    return Err(field_error(
-                        "data.tier",
-                        &format!("must be one of {}", TIERS.join(", ")),
-                    )
-                    .into())
+                    return Ok(Applied::rejected(
+                        "unknown_tier",
+                        format!("data.tier `{claimed}` is not one of {}", TIERS.join(", ")),
+                    ))
                 }
             }
         };
         let Some(user_id) = event.data.get("user_id").and_then(|u| u.as_str()) else {
-            return Err(field_error("data.user_id", "is required").into());
+            return Ok(Applied::rejected(
+                "invalid_event",
+                "data.user_id is required",
+            ));
         };
         if storage::set_tier(tx, user_id, tier, event.occurred_at, self.clock.now_ms()).await? {
             Ok(Applied::Applied)
         } else if storage::user_by_id(tx, user_id).await?.is_none() {
-            Err(ApiError::new(
-                actix_web::http::StatusCode::UNPROCESSABLE_ENTITY,
+            Ok(Applied::rejected(
                 "unknown_user",
                 "the event names a user that does not exist",
             ))

@@ -29,7 +29,7 @@ use utoipa::OpenApi;
 use backend_common::config::Settings;
 use backend_common::consumer::Consumer;
 use backend_common::service::{Parts, Platform, Service};
-use backend_common::user_auth::{UserClaims, UserTokens};
+use backend_common::user_auth::{Refused, UserClaims, UserTokens};
 
 pub use config::UsersConfig;
 
@@ -84,6 +84,7 @@ impl Service for UsersService {
         let consumer = Consumer::new("users")
             .on(
                 "subscription.activated",
+                &["subscriptions"],
                 core::TierEvents {
                     ended: false,
                     clock: p.clock.clone(),
@@ -91,6 +92,7 @@ impl Service for UsersService {
             )
             .on(
                 "subscription.ended",
+                &["subscriptions"],
                 core::TierEvents {
                     ended: true,
                     clock: p.clock.clone(),
@@ -129,14 +131,18 @@ impl UserTokens for OwnTokens {
     fn verify<'a>(
         &'a self,
         token: &'a str,
-    ) -> Pin<Box<dyn Future<Output = Result<UserClaims, &'static str>> + 'a>> {
-        let claims = self.0.verify(token).map(|c| UserClaims {
-            user_id: c.sub,
-            tier: c.tier,
-            roles: c.roles,
-            tenant: None,
-            sid: c.sid,
-        });
+    ) -> Pin<Box<dyn Future<Output = Result<UserClaims, Refused>> + 'a>> {
+        let claims = self
+            .0
+            .verify(token)
+            .map_err(Refused::Invalid)
+            .map(|c| UserClaims {
+                user_id: c.sub,
+                tier: c.tier,
+                roles: c.roles,
+                tenant: None,
+                sid: c.sid,
+            });
         Box::pin(std::future::ready(claims))
     }
 }
