@@ -11,7 +11,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 use ipnet::IpNet;
 
 use crate::auth::{AuthError, Authenticator, Identity};
-use crate::config::{AuthMode, RouteSpec};
+use crate::config::{AuthMode, LimitBy, RouteSpec};
 use crate::forward::X_FORWARDED_FOR;
 use crate::ratelimit::Verdict;
 use crate::respond::ErrorResponse;
@@ -125,16 +125,29 @@ pub async fn admit(
             ));
         }
     }
+    let mut by_tenant = false;
     let verdict = if route.rate_limit {
         let verdict = match &identity {
-            Some(id) => {
-                let sub = id.subject.as_bytes();
-                limiter
-                    .check(class, id.key, || {
-                        format!("u:{}", String::from_utf8_lossy(sub))
-                    })
-                    .await
-            }
+            Some(id) => match (&id.tenant, id.tenant_key) {
+                // The organization's one budget, shared by its members.
+                (Some(tenant), Some(key)) if limiter.class(class).limit_by == LimitBy::Tenant => {
+                    by_tenant = true;
+                    let tenant = tenant.as_bytes();
+                    limiter
+                        .check(class, key, || {
+                            format!("t:{}", String::from_utf8_lossy(tenant))
+                        })
+                        .await
+                }
+                _ => {
+                    let sub = id.subject.as_bytes();
+                    limiter
+                        .check(class, id.key, || {
+                            format!("u:{}", String::from_utf8_lossy(sub))
+                        })
+                        .await
+                }
+            },
             None => {
                 let anon = limiter.anonymous_key(client);
                 limiter.check(class, anon.key, || anon.redis_id()).await
@@ -154,7 +167,12 @@ pub async fn admit(
                     response: ErrorResponse {
                         status: StatusCode::TOO_MANY_REQUESTS,
                         code: "rate_limited",
-                        message: "too many requests for your tier; see Retry-After",
+                        message: if by_tenant {
+                            "too many requests: your organization's shared budget for its tier \
+                             is used up; see Retry-After"
+                        } else {
+                            "too many requests for your tier; see Retry-After"
+                        },
                     },
                     headers,
                     admission: Some(Admission {

@@ -29,6 +29,49 @@ fn shipped_gateway(port: u16, users: SocketAddr) -> TestGateway {
     )
 }
 
+/// The users service behind the shipped gateway, its links pointing at
+/// the gateway, its events in an inbox.
+struct Site {
+    world: World,
+    inbox: Inbox,
+    users: crate::platform::Running,
+    gateway: TestGateway,
+    /// The gateway's `http://127.0.0.1:PORT`.
+    origin: String,
+}
+
+async fn site() -> Site {
+    let world = World::new(Database::sqlite());
+    let inbox = Inbox::start().await;
+    // users first (the gateway checks its health), its links pointing at
+    // the gateway about to start.
+    let gw_port = free_port();
+    let origin = format!("http://127.0.0.1:{gw_port}");
+    let mut s = users_settings(&world, inbox.subscribers("notifications")).await;
+    s.shared.public_url = origin.clone();
+    let users = world.start::<users::UsersService>(s);
+    let gateway = shipped_gateway(gw_port, users.addr());
+    Site {
+        world,
+        inbox,
+        users,
+        gateway,
+        origin,
+    }
+}
+
+/// The link in the newest `kind` event to `email` (its `data.<field>`),
+/// which must start with `prefix`.
+async fn link_in(inbox: &Inbox, kind: &str, email: &str, field: &str, prefix: &str) -> String {
+    let event = inbox.wait_for(kind, "email", email).await;
+    let link = event["data"][field].as_str().unwrap().to_owned();
+    assert!(
+        link.starts_with(prefix),
+        "{link} does not start with {prefix}"
+    );
+    link
+}
+
 async fn wait_until(page: &Page, js: &str) {
     if let Err(e) = page.wait_for(js, WAIT).await {
         let text = page.eval("document.body.innerText").await;
@@ -45,16 +88,13 @@ fn same_origin_only(page: &Page, origin: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_verification_and_reset_links_work_in_a_browser() {
-    let world = World::new(Database::sqlite());
-    let inbox = Inbox::start().await;
-    // users first (the gateway checks its health), its links pointing at
-    // the gateway about to start.
-    let gw_port = free_port();
-    let origin = format!("http://127.0.0.1:{gw_port}");
-    let mut s = users_settings(&world, inbox.subscribers("notifications")).await;
-    s.shared.public_url = origin.clone();
-    let users = world.start::<users::UsersService>(s);
-    let _gw = shipped_gateway(gw_port, users.addr());
+    let Site {
+        world: _world,
+        inbox,
+        users,
+        gateway: _gw,
+        origin,
+    } = site().await;
 
     let email = "browser@example.com";
     let (status, body) = post(
@@ -64,14 +104,14 @@ async fn test_verification_and_reset_links_work_in_a_browser() {
     )
     .await;
     assert_eq!(status, 201, "{body}");
-    let link = inbox.wait_for("user.registered", "email", email).await["data"]["verification_url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        link.starts_with(&format!("{origin}/verify-email?token=")),
-        "{link}"
-    );
+    let link = link_in(
+        &inbox,
+        "user.registered",
+        email,
+        "verification_url",
+        &format!("{origin}/verify-email?token="),
+    )
+    .await;
 
     let browser = Browser::launch().await;
     let page = browser.open(&link).await;
@@ -118,16 +158,14 @@ async fn test_verification_and_reset_links_work_in_a_browser() {
     )
     .await;
     assert_eq!(status, 202);
-    let reset_link = inbox
-        .wait_for("user.password_reset_requested", "email", email)
-        .await["data"]["reset_url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert!(
-        reset_link.starts_with(&format!("{origin}/reset-password?token=")),
-        "{reset_link}"
-    );
+    let reset_link = link_in(
+        &inbox,
+        "user.password_reset_requested",
+        email,
+        "reset_url",
+        &format!("{origin}/reset-password?token="),
+    )
+    .await;
     let reset = browser.open(&reset_link).await;
     wait_until(&reset, "!!document.getElementById('form')").await;
     let fill = |password: &str, confirm: &str| {
@@ -174,5 +212,139 @@ async fn test_verification_and_reset_links_work_in_a_browser() {
         .unwrap();
     wait_until(&used, "document.body.dataset.result === 'failed'").await;
     assert_eq!(login("another pass 99").await, 401);
+    users.stop().await;
+}
+
+/// The invitation link: the page shows the offer, logs the invited person
+/// in and joins them; another invitation is declined without an account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn test_invitation_links_work_in_a_browser() {
+    let Site {
+        world: _world,
+        inbox,
+        users,
+        gateway: _gw,
+        origin,
+    } = site().await;
+    let direct = users.base.clone();
+    let owner = crate::users::signed_up(&direct, &inbox, "owner@example.com").await;
+    crate::users::signed_up(&direct, &inbox, "bea@example.com").await;
+    let owner_token = owner["access_token"].as_str().unwrap();
+    let (status, org) = crate::platform::as_user(
+        reqwest::Method::POST,
+        &direct,
+        "/api/orgs",
+        owner_token,
+        Some(json!({"name": "Warung Bea"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{org}");
+    let org_id = org["id"].as_str().unwrap();
+    let invite = |email: &'static str| {
+        let (direct, token) = (direct.clone(), owner_token.to_owned());
+        let path = format!("/api/orgs/{org_id}/invitations");
+        async move {
+            let (status, body) = crate::platform::as_user(
+                reqwest::Method::POST,
+                &direct,
+                &path,
+                &token,
+                Some(json!({"email": email})),
+            )
+            .await;
+            assert_eq!(status, 201, "{body}");
+        }
+    };
+    invite("bea@example.com").await;
+    let link = link_in(
+        &inbox,
+        "organization.invitation_created",
+        "bea@example.com",
+        "accept_url",
+        &format!("{origin}/accept-invitation?token="),
+    )
+    .await;
+
+    let browser = Browser::launch().await;
+    let page = browser.open(&link).await;
+    wait_until(&page, "document.body.dataset.ready === 'yes'").await;
+    let offer = page
+        .eval("document.getElementById('offer').textContent")
+        .await
+        .unwrap();
+    assert!(
+        offer.as_str().unwrap().contains("Warung Bea")
+            && offer.as_str().unwrap().contains("bea@example.com"),
+        "{offer}"
+    );
+    assert_eq!(page.eval("location.search").await.unwrap(), "");
+    // A wrong password: said on the page, nothing joined.
+    page.eval(
+        "document.getElementById('password').value = 'wrong password 1'; \
+         document.getElementById('form').requestSubmit(); true",
+    )
+    .await
+    .unwrap();
+    wait_until(
+        &page,
+        "document.getElementById('status').textContent.includes('wrong')",
+    )
+    .await;
+    page.eval(&format!(
+        "document.getElementById('password').value = {PASSWORD:?}; \
+         document.getElementById('form').requestSubmit(); true"
+    ))
+    .await
+    .unwrap();
+    wait_until(&page, "document.body.dataset.result === 'accepted'").await;
+    let csp = header(
+        &page.document_response().unwrap(),
+        "content-security-policy",
+    );
+    assert!(csp.contains("script-src 'sha256-"), "{csp}");
+    same_origin_only(&page, &origin);
+    // The login here produced problems only for the expected 401.
+    let problems: Vec<String> = page
+        .problems()
+        .into_iter()
+        .filter(|p| !p.contains("401"))
+        .collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+    let (_, bea) = post(
+        &direct,
+        "/api/auth/login",
+        json!({"email": "bea@example.com", "password": PASSWORD}),
+    )
+    .await;
+    let (status, members) = crate::platform::as_user(
+        reqwest::Method::GET,
+        &direct,
+        &format!("/api/orgs/{org_id}/members"),
+        bea["access_token"].as_str().unwrap(),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{members}");
+    assert_eq!(members.as_array().unwrap().len(), 2);
+
+    // Declined by someone without an account.
+    invite("zed@example.com").await;
+    let link = link_in(
+        &inbox,
+        "organization.invitation_created",
+        "zed@example.com",
+        "accept_url",
+        &format!("{origin}/accept-invitation?token="),
+    )
+    .await;
+    let page = browser.open(&link).await;
+    wait_until(&page, "document.body.dataset.ready === 'yes'").await;
+    page.eval("document.getElementById('decline').click(); true")
+        .await
+        .unwrap();
+    wait_until(&page, "document.body.dataset.result === 'declined'").await;
+    // The used link now says so.
+    let again = browser.open(&link).await;
+    wait_until(&again, "document.body.dataset.result === 'failed'").await;
     users.stop().await;
 }

@@ -56,7 +56,7 @@ fn test_shipped_default_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/tiergate.yaml");
     let (code, out) = run(&[path]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("ok (11 routes, 5 upstreams)"), "{out}");
+    assert!(out.contains("ok (14 routes, 5 upstreams)"), "{out}");
 }
 
 #[test]
@@ -328,6 +328,23 @@ fn test_auth_and_rate_limit_errors_are_all_reported() {
     ] {
         assert!(out.contains(expected), "missing `{expected}` in:\n{out}");
     }
+}
+
+#[test]
+fn test_limit_by_takes_user_or_tenant() {
+    let yaml = format!(
+        "{VALID}rate_limit:\n  tiers:\n    - {{ name: TEAM, per_minute: 5, limit_by: team }}\n"
+    );
+    let (code, out) = check(&yaml);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("rate_limit.tiers[0].limit_by")
+            && out.contains("user")
+            && out.contains("tenant"),
+        "{out}"
+    );
+    let (code, out) = check(&yaml.replace("team", "tenant"));
+    assert_eq!(code, 0, "{out}");
 }
 
 #[test]

@@ -17,6 +17,7 @@ mod errors;
 mod hardening;
 mod health_checks;
 mod observability;
+mod orgs;
 mod platform;
 mod plugins;
 mod process;

@@ -193,7 +193,7 @@ impl Consumer {
             ));
         }
         let now = clock.now_ms();
-        let mut tx = db.pool().begin().await.map_err(ApiError::from)?;
+        let mut tx = db.begin_write().await.map_err(ApiError::from)?;
         if !consume_once(&mut tx, self.name, event, now)
             .await
             .map_err(ApiError::from)?
@@ -223,7 +223,7 @@ impl Consumer {
             Applied::Rejected { code, message } => {
                 // Undo what the handler did; keep the event as seen.
                 drop(tx);
-                let mut tx = db.pool().begin().await.map_err(ApiError::from)?;
+                let mut tx = db.begin_write().await.map_err(ApiError::from)?;
                 if !consume_once(&mut tx, self.name, event, now)
                     .await
                     .map_err(ApiError::from)?

@@ -140,6 +140,19 @@ impl Db {
             })
     }
 
+    /// Begins a transaction that will write. On SQLite it takes the write
+    /// lock at once (`BEGIN IMMEDIATE`), waiting for it up to the busy
+    /// timeout: a deferred transaction that reads first and writes later
+    /// fails at once (`database is locked`) when another connection wrote
+    /// meanwhile, which the busy timeout does not cover. On PostgreSQL it
+    /// is a plain `BEGIN`. Use it for every transaction that writes.
+    pub async fn begin_write(&self) -> Result<sqlx::Transaction<'static, sqlx::Any>, sqlx::Error> {
+        match self.kind {
+            DbKind::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await,
+            DbKind::Postgres => self.pool.begin().await,
+        }
+    }
+
     /// The pool.
     pub fn pool(&self) -> &AnyPool {
         &self.pool

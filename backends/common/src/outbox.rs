@@ -662,7 +662,7 @@ async fn counts(db: &Db) -> Result<(i64, i64), sqlx::Error> {
 /// Deletes an event once every subscriber has acknowledged it: payloads
 /// can carry single-use links, which should not outlive their delivery.
 async fn forget_if_delivered(db: &Db, event_id: &str) -> Result<(), sqlx::Error> {
-    let mut tx = db.pool().begin().await?;
+    let mut tx = db.begin_write().await?;
     let pending: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM outbox_deliveries WHERE event_id = $1 AND delivered_at IS NULL",
     )
@@ -782,7 +782,7 @@ pub async fn purge(db: &Db, older_than: Duration, now_ms: i64) -> Result<u64, sq
         .bind(cutoff)
         .execute(db.pool())
         .await?;
-    let mut tx = db.pool().begin().await?;
+    let mut tx = db.begin_write().await?;
     let deliveries = sqlx::query(
         "DELETE FROM outbox_deliveries WHERE event_id NOT IN \
          (SELECT event_id FROM outbox_deliveries WHERE delivered_at IS NULL)",

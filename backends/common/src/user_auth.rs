@@ -38,6 +38,9 @@ pub struct UserClaims {
     /// The active organization, when the token acts for one.
     #[serde(default)]
     pub tenant: Option<String>,
+    /// The holder's role in it (`owner`, `admin`, `member`).
+    #[serde(default)]
+    pub tenant_role: Option<String>,
     /// The login (session) the token belongs to.
     #[serde(default)]
     pub sid: Option<String>,
@@ -47,6 +50,51 @@ impl UserClaims {
     /// Whether the user has `role`.
     pub fn has_role(&self, role: &str) -> bool {
         self.roles.iter().any(|r| r == role)
+    }
+
+    /// Who the request acts for: the active organization, else the user.
+    /// Everything a service keeps for someone belongs to a subject, and
+    /// its storage layer scopes every query by this value.
+    pub fn subject(&self) -> Subject {
+        match &self.tenant {
+            Some(org) => Subject::Organization(org.clone()),
+            None => Subject::User(self.user_id.clone()),
+        }
+    }
+
+    /// Whether the token acts for an organization its holder administers
+    /// (owner or admin): only they change what the organization owns.
+    pub fn is_tenant_admin(&self) -> bool {
+        self.tenant.is_some() && self.has_role("tenant_admin")
+    }
+}
+
+/// Who owns a resource: a user (a personal account) or an organization.
+/// Serialized as `{"kind": "user" | "organization", "id": …}`, as events
+/// carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, Deserialize)]
+#[serde(tag = "kind", content = "id", rename_all = "lowercase")]
+pub enum Subject {
+    /// A user.
+    User(String),
+    /// An organization.
+    Organization(String),
+}
+
+impl Subject {
+    /// `user` or `organization`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Subject::User(_) => "user",
+            Subject::Organization(_) => "organization",
+        }
+    }
+
+    /// The user's or organization's id.
+    pub fn id(&self) -> &str {
+        match self {
+            Subject::User(id) | Subject::Organization(id) => id,
+        }
     }
 }
 

@@ -22,6 +22,9 @@ pub struct UsersConfig {
     /// Password-reset link lifetime (default 1h).
     #[serde(with = "humantime_serde")]
     pub reset_ttl: Duration,
+    /// Lifetime of an organization invitation link.
+    #[serde(with = "humantime_serde")]
+    pub invitation_ttl: Duration,
     /// `iss` of access tokens (the gateway's `auth.issuer`).
     pub issuer: String,
     /// `aud` of access tokens (the gateway's `auth.audience`).
@@ -49,6 +52,7 @@ impl Default for UsersConfig {
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
             verification_ttl: Duration::from_secs(24 * 3600),
             reset_ttl: Duration::from_secs(3600),
+            invitation_ttl: Duration::from_secs(7 * 24 * 3600),
             issuer: "tiergate-users".to_owned(),
             audience: "tiergate".to_owned(),
             rotate_signing_key_after: Duration::from_secs(30 * 24 * 3600),
@@ -80,6 +84,10 @@ impl ServiceConfig for UsersConfig {
         check(
             self.refresh_token_ttl > self.access_token_ttl,
             "refresh_token_ttl: must be longer than access_token_ttl",
+        );
+        check(
+            self.invitation_ttl >= Duration::from_secs(3600),
+            "invitation_ttl: must be at least 1h",
         );
         check(
             self.rotate_signing_key_after >= Duration::from_secs(3600),

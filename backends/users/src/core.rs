@@ -14,6 +14,7 @@ use backend_common::{random_token, token_hash, ApiError, FieldError, Validator};
 use crate::config::UsersConfig;
 use crate::error::Error;
 use crate::keys::Signer;
+use crate::orgs::storage::MemberOrgRow;
 use crate::password::{policy_violation, Hasher};
 use crate::storage::{self, UserRow};
 
@@ -206,12 +207,20 @@ fn check_name(v: &mut Validator, name: &str) -> String {
 }
 
 impl Users {
-    async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, Error> {
+    pub(crate) async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Any>, Error> {
         Ok(self.db.pool().acquire().await?)
     }
 
-    fn link(&self, page: &str, token: &str) -> String {
+    pub(crate) fn link(&self, page: &str, token: &str) -> String {
         format!("{}/{page}?token={token}", self.public_url)
+    }
+
+    /// In development, logs a link that would be e-mailed (INFO), since no
+    /// mail goes out without the notifications service.
+    pub(crate) fn log_link(&self, event: &str, to: &str, link: &str) {
+        if self.environment == Environment::Development {
+            tracing::info!(email = %to, link = %link, "development: {event}");
+        }
     }
 
     /// Registers an account (unverified) and emits `user.registered` with
@@ -253,7 +262,7 @@ impl Users {
             created_at: now,
             updated_at: now,
         };
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         if let Err(e) = storage::insert_user(&mut tx, &user).await {
             return Err(if on_constraint(&e, &EMAIL_UNIQUE) {
                 Error::EmailTaken
@@ -285,7 +294,7 @@ impl Users {
             tracing::info!(user_id = %user.id, "verification link not resent: one was sent less than a minute ago");
             return Ok(());
         }
-        let tx = self.db.pool().begin().await?;
+        let tx = self.db.begin_write().await?;
         self.send_link(tx, &user, &VERIFY_EMAIL, None).await
     }
 
@@ -318,6 +327,7 @@ impl Users {
         let to = new_email.unwrap_or(&user.email);
         let mut data = serde_json::json!({
             "user_id": user.id, "email": to, "name": user.name, "expires_at": expires_at,
+            "subject": {"kind": "user", "id": user.id},
         });
         if new_email.is_some() {
             data["old_email"] = serde_json::Value::String(user.email.clone());
@@ -326,9 +336,7 @@ impl Users {
         self.outbox.enqueue(&mut tx, kind.event, &data, now).await?;
         tx.commit().await?;
         self.outbox.notify();
-        if self.environment == Environment::Development {
-            tracing::info!(email = %to, link = %link, "development: {}", kind.event);
-        }
+        self.log_link(kind.event, to, &link);
         Ok(())
     }
 
@@ -337,7 +345,7 @@ impl Users {
     /// then takes effect, and `user.email_changed` tells the old address).
     pub async fn verify_email(&self, token: &str) -> Result<(), Error> {
         let now = self.clock.now_ms();
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let (user_id, new_email) =
             storage::use_one_time(&mut tx, &token_hash(token), VERIFY_EMAIL.purpose, now)
                 .await?
@@ -384,35 +392,59 @@ impl Users {
         if user.email_verified_at.is_none() {
             return Err(Error::EmailNotVerified);
         }
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let family = uuid::Uuid::now_v7().to_string();
-        let pair = self.new_pair(&mut tx, &user, &family).await?;
+        let pair = self.new_pair(&mut tx, &user, &family, None).await?;
         tx.commit().await?;
         Ok(pair)
     }
 
+    /// A new token pair of `family` for `user`, acting for `tenant` (an
+    /// organization and the user's role in it) or personally: the access
+    /// token carries the organization's tier, and `tenant_admin` among
+    /// the roles of its owners and admins.
     async fn new_pair(
         &self,
         tx: &mut sqlx::AnyConnection,
         user: &UserRow,
         family: &str,
+        tenant: Option<&MemberOrgRow>,
     ) -> Result<TokenPair, Error> {
         let now = self.clock.now_ms();
         let refresh = random_token(32).map_err(|e| Error::Internal(e.to_string()))?;
-        let expires_at = now + self.config.refresh_token_ttl.as_millis() as i64;
+        let ttl = i64::try_from(self.config.refresh_token_ttl.as_millis()).unwrap_or(i64::MAX);
         storage::insert_refresh(
             tx,
-            &uuid::Uuid::now_v7().to_string(),
-            &user.id,
-            family,
-            &token_hash(&refresh),
-            now,
-            expires_at,
+            &storage::NewRefresh {
+                id: &uuid::Uuid::now_v7().to_string(),
+                user_id: &user.id,
+                family_id: family,
+                hash: &token_hash(&refresh),
+                tenant: tenant.map(|t| t.org.id.as_str()),
+                now,
+                expires_at: now.saturating_add(ttl),
+            },
         )
         .await?;
+        let mut roles = user.role_list();
+        let (tier, acting) = match tenant {
+            Some(t) => {
+                if t.role == "owner" || t.role == "admin" {
+                    roles.push(crate::orgs::TENANT_ADMIN.to_owned());
+                }
+                (
+                    t.org.tier.as_str(),
+                    Some(crate::keys::Tenant {
+                        id: &t.org.id,
+                        role: &t.role,
+                    }),
+                )
+            }
+            None => (user.tier.as_str(), None),
+        };
         let access = self
             .signer
-            .issue(&user.id, &user.tier, &user.role_list(), Some(family))
+            .issue(&user.id, tier, &roles, Some(family), acting)
             .map_err(Error::Internal)?;
         Ok(TokenPair {
             access_token: access,
@@ -423,10 +455,21 @@ impl Users {
     }
 
     /// Rotates a refresh token. A token already rotated is a reuse (a
-    /// stolen copy, or the thief's): the whole family is revoked.
+    /// stolen copy, or the thief's): the whole family is revoked. The new
+    /// pair acts for the same organization (or personally) as the old one.
     pub async fn refresh(&self, token: &str) -> Result<TokenPair, Error> {
+        self.rotate(token, None).await
+    }
+
+    /// [`Users::refresh`], acting from now on for `switch_to` when given
+    /// (`Some(None)`: personally).
+    pub(crate) async fn rotate(
+        &self,
+        token: &str,
+        switch_to: Option<Option<&str>>,
+    ) -> Result<TokenPair, Error> {
         let now = self.clock.now_ms();
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let row = storage::refresh_by_hash(&mut tx, &token_hash(token))
             .await?
             .ok_or(Error::InvalidRefreshToken)?;
@@ -445,7 +488,18 @@ impl Users {
         let user = storage::user_by_id(&mut tx, &row.user_id)
             .await?
             .ok_or(Error::InvalidRefreshToken)?;
-        let pair = self.new_pair(&mut tx, &user, &row.family_id).await?;
+        let tenant = match switch_to {
+            Some(target) => self.tenant_of(&mut tx, &user.id, target).await?,
+            // The login's organization, if the user still belongs to it
+            // (leaving or removal revokes the family; this is the race).
+            None => self
+                .tenant_of(&mut tx, &user.id, row.tenant.as_deref())
+                .await
+                .map_err(|_| Error::InvalidRefreshToken)?,
+        };
+        let pair = self
+            .new_pair(&mut tx, &user, &row.family_id, tenant.as_ref())
+            .await?;
         tx.commit().await?;
         Ok(pair)
     }
@@ -470,7 +524,7 @@ impl Users {
         let Some(user) = storage::user_by_email(&mut *self.conn().await?, &email).await? else {
             return Ok(());
         };
-        let tx = self.db.pool().begin().await?;
+        let tx = self.db.begin_write().await?;
         self.send_link(tx, &user, &RESET_PASSWORD, None).await
     }
 
@@ -488,7 +542,7 @@ impl Users {
             .await?
             .map_err(Error::Internal)?;
         let now = self.clock.now_ms();
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         let (user_id, _) =
             storage::use_one_time(&mut tx, &token_hash(token), RESET_PASSWORD.purpose, now)
                 .await?
@@ -571,7 +625,7 @@ impl Users {
             None => None,
         };
         let now = self.clock.now_ms();
-        let mut tx = self.db.pool().begin().await?;
+        let mut tx = self.db.begin_write().await?;
         if let Some(name) = &name {
             storage::set_name(&mut tx, id, name, now).await?;
         }
@@ -589,8 +643,11 @@ impl Users {
     /// Deletes used and expired one-time and refresh tokens (hourly; the
     /// platform purges delivered events and old dedupe records).
     pub async fn purge(&self) -> Result<u64, Error> {
-        let tokens = storage::purge_expired(&mut *self.conn().await?, self.clock.now_ms()).await?;
-        Ok(tokens)
+        let now = self.clock.now_ms();
+        let mut conn = self.conn().await?;
+        let tokens = storage::purge_expired(&mut conn, now).await?;
+        let invitations = crate::orgs::storage::purge_invitations(&mut conn, now).await?;
+        Ok(tokens + invitations)
     }
 
     /// A page of users (admin).
@@ -653,14 +710,47 @@ impl Users {
 }
 
 /// `subscription.activated` (the event's tier) and `subscription.ended`
-/// (FREE) set the user's tier, unless a later change was applied already
-/// (events arrive in any order). An unknown user or a tier that does not
-/// exist is refused for good.
+/// (FREE) set the tier of the event's subject — `data.subject: {kind:
+/// "user" | "organization", id}`, or `data.user_id` in events from before
+/// subjects — unless a later change was applied already (events arrive in
+/// any order). An unknown subject or a tier that does not exist is
+/// refused for good.
 pub struct TierEvents {
     /// `subscription.ended`: back to FREE.
     pub ended: bool,
     /// The clock.
     pub clock: Clock,
+}
+
+/// Whose tier an event sets.
+#[derive(Debug, PartialEq, Eq)]
+enum Subject<'a> {
+    User(&'a str),
+    Organization(&'a str),
+}
+
+/// The subject an event names, or why it names none.
+fn subject_of(data: &serde_json::Value) -> Result<Subject<'_>, String> {
+    match data.get("subject") {
+        Some(s) => {
+            let id = s.get("id").and_then(|v| v.as_str()).unwrap_or("");
+            if id.is_empty() {
+                return Err("data.subject.id is required".to_owned());
+            }
+            match s.get("kind").and_then(|v| v.as_str()) {
+                Some("user") => Ok(Subject::User(id)),
+                Some("organization") => Ok(Subject::Organization(id)),
+                other => Err(format!(
+                    "data.subject.kind {other:?} is neither user nor organization"
+                )),
+            }
+        }
+        None => data
+            .get("user_id")
+            .and_then(|u| u.as_str())
+            .map(Subject::User)
+            .ok_or_else(|| "data.subject or data.user_id is required".to_owned()),
+    }
 }
 
 #[async_trait::async_trait(?Send)]
@@ -689,18 +779,27 @@ impl Handler for TierEvents {
                 }
             }
         };
-        let Some(user_id) = event.data.get("user_id").and_then(|u| u.as_str()) else {
-            return Ok(Applied::rejected(
-                "invalid_event",
-                "data.user_id is required",
-            ));
+        let subject = match subject_of(&event.data) {
+            Ok(s) => s,
+            Err(why) => return Ok(Applied::rejected("invalid_event", why)),
         };
-        if storage::set_tier(tx, user_id, tier, event.occurred_at, self.clock.now_ms()).await? {
+        let now = self.clock.now_ms();
+        let (of, id) = match subject {
+            Subject::User(id) => (storage::TierOf::User, id),
+            Subject::Organization(id) => (storage::TierOf::Organization, id),
+        };
+        let changed = storage::set_tier(tx, of, id, tier, event.occurred_at, now).await?;
+        let exists = changed
+            || match of {
+                storage::TierOf::User => storage::user_by_id(tx, id).await?.is_some(),
+                storage::TierOf::Organization => crate::orgs::storage::org_exists(tx, id).await?,
+            };
+        if changed {
             Ok(Applied::Applied)
-        } else if storage::user_by_id(tx, user_id).await?.is_none() {
+        } else if !exists {
             Ok(Applied::rejected(
-                "unknown_user",
-                "the event names a user that does not exist",
+                "unknown_subject",
+                "the event names a user or organization that does not exist",
             ))
         } else {
             Ok(Applied::Stale)
@@ -711,6 +810,28 @@ impl Handler for TierEvents {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn test_the_subject_of_a_tier_event() {
+        use serde_json::json;
+        let cases = [
+            (json!({"user_id": "u1"}), Ok(Subject::User("u1"))),
+            (
+                json!({"user_id": "u1", "subject": {"kind": "organization", "id": "o1"}}),
+                Ok(Subject::Organization("o1")),
+            ),
+            (
+                json!({"subject": {"kind": "user", "id": "u2"}}),
+                Ok(Subject::User("u2")),
+            ),
+            (json!({"subject": {"kind": "team", "id": "t"}}), Err(())),
+            (json!({"subject": {"kind": "user"}}), Err(())),
+            (json!({}), Err(())),
+        ];
+        for (data, want) in cases {
+            assert_eq!(subject_of(&data).map_err(|_| ()), want, "{data}");
+        }
+    }
 
     #[test]
     fn test_normalize_email() {

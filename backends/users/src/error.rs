@@ -38,6 +38,39 @@ pub enum Error {
     /// No such user.
     #[error("user not found")]
     UserNotFound,
+    /// No such organization among the caller's (also: someone else's).
+    #[error("organization not found")]
+    OrgNotFound,
+    /// No such member of the organization.
+    #[error("member not found")]
+    MemberNotFound,
+    /// No such pending invitation.
+    #[error("invitation not found")]
+    InvitationNotFound,
+    /// The caller is a member, not an owner or admin.
+    #[error("not a tenant admin")]
+    NotTenantAdmin,
+    /// Only an owner may do this.
+    #[error("not an owner")]
+    NotOwner,
+    /// The organization would be left without an owner.
+    #[error("last owner")]
+    LastOwner,
+    /// The slug belongs to another organization.
+    #[error("slug taken")]
+    SlugTaken,
+    /// The person is a member already.
+    #[error("already a member")]
+    AlreadyMember,
+    /// An invitation that is unknown, used, declined, revoked or expired.
+    #[error("invalid invitation")]
+    InvalidInvitation,
+    /// The invitation is for another e-mail address than the caller's.
+    #[error("invitation for another address")]
+    InvitationForAnotherAddress,
+    /// The organization still has a paid tier.
+    #[error("subscription active")]
+    SubscriptionActive,
     /// The database failed.
     #[error(transparent)]
     Db(#[from] sqlx::Error),
@@ -83,6 +116,38 @@ impl From<Error> for ApiError {
                 ApiError::forbidden("forbidden", "this endpoint needs the admin role")
             }
             Error::UserNotFound => ApiError::not_found("no such user"),
+            Error::OrgNotFound => ApiError::not_found("no such organization"),
+            Error::MemberNotFound => ApiError::not_found("no such member of this organization"),
+            Error::InvitationNotFound => ApiError::not_found("no such pending invitation"),
+            Error::NotTenantAdmin => ApiError::forbidden(
+                "not_tenant_admin",
+                "only the organization's owners and admins can do this",
+            ),
+            Error::NotOwner => {
+                ApiError::forbidden("not_owner", "only an owner of the organization can do this")
+            }
+            Error::LastOwner => ApiError::conflict(
+                "last_owner",
+                "the organization needs an owner: make another member an owner first",
+            ),
+            Error::SlugTaken => {
+                ApiError::conflict("slug_taken", "another organization has this slug")
+            }
+            Error::AlreadyMember => {
+                ApiError::conflict("already_member", "this person is a member already")
+            }
+            Error::InvalidInvitation => ApiError::bad_request(
+                "invalid_invitation",
+                "this invitation is invalid, already used, declined, revoked or expired",
+            ),
+            Error::InvitationForAnotherAddress => ApiError::forbidden(
+                "invitation_for_another_address",
+                "this invitation is for another e-mail address: log in with the invited account",
+            ),
+            Error::SubscriptionActive => ApiError::conflict(
+                "subscription_active",
+                "the organization has a paid subscription: cancel it before dissolving",
+            ),
             Error::Db(e) => ApiError::from(e),
             Error::Busy(e) => ApiError::from(e),
             Error::Internal(msg) => ApiError::internal(&msg),

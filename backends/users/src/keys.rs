@@ -51,6 +51,21 @@ pub struct AccessClaims {
     /// family. A password change keeps this session and ends the others.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sid: Option<String>,
+    /// The organization the token acts for (`None`: personally).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    /// The holder's role in it: `owner`, `admin` or `member`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_role: Option<String>,
+}
+
+/// The organization a token acts for.
+#[derive(Debug, Clone, Copy)]
+pub struct Tenant<'a> {
+    /// Its id.
+    pub id: &'a str,
+    /// The holder's role in it.
+    pub role: &'a str,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -193,13 +208,15 @@ impl Signer {
         self.access_ttl
     }
 
-    /// A signed access token for this subject, tier, roles and session.
+    /// A signed access token for this subject, tier, roles and session,
+    /// acting for `tenant` when given.
     pub fn issue(
         &self,
         sub: &str,
         tier: &str,
         roles: &[String],
         sid: Option<&str>,
+        tenant: Option<Tenant<'_>>,
     ) -> Result<String, String> {
         let ring = self.ring();
         let key = ring.keys.last().ok_or("no signing key")?;
@@ -214,6 +231,8 @@ impl Signer {
             exp: now + self.access_ttl.as_secs(),
             jti: uuid::Uuid::now_v7().to_string(),
             sid: sid.map(str::to_owned),
+            tenant: tenant.map(|t| t.id.to_owned()),
+            tenant_role: tenant.map(|t| t.role.to_owned()),
         };
         let mut header = Header::new(Algorithm::EdDSA);
         header.kid = Some(key.kid.clone());
@@ -442,7 +461,9 @@ mod tests {
         let a = signer(&dir);
         let b = signer(&dir);
         assert_eq!(a.kids(), b.kids());
-        let token = a.issue("u1", "FREE", &["user".into()], Some("s1")).unwrap();
+        let token = a
+            .issue("u1", "FREE", &["user".into()], Some("s1"), None)
+            .unwrap();
         let claims = b.verify(&token).unwrap();
         assert_eq!((claims.sub.as_str(), claims.tier.as_str()), ("u1", "FREE"));
         assert_eq!(claims.sid.as_deref(), Some("s1"));
@@ -462,7 +483,7 @@ mod tests {
         let dir = tmp();
         let s = signer(&dir);
         let old_kid = s.kids()[0].clone();
-        let old_token = s.issue("u1", "FREE", &[], None).unwrap();
+        let old_token = s.issue("u1", "FREE", &[], None, None).unwrap();
         let t0 = now_ms();
         // Not due yet: nothing changes.
         assert!(!s.maintain(t0, false).unwrap());
@@ -472,7 +493,7 @@ mod tests {
         assert_eq!(kids.len(), 2);
         assert_eq!(kids[1], old_kid);
         assert!(s.verify(&old_token).is_ok());
-        let new_token = s.issue("u1", "FREE", &[], None).unwrap();
+        let new_token = s.issue("u1", "FREE", &[], None, None).unwrap();
         assert_eq!(
             jsonwebtoken::decode_header(&new_token)
                 .unwrap()
@@ -508,7 +529,7 @@ mod tests {
         // A token signed with a key this process has not loaded yet
         // verifies at once (the file is re-read for an unknown kid).
         let newest = signer(&dir);
-        let token = newest.issue("u1", "FREE", &[], None).unwrap();
+        let token = newest.issue("u1", "FREE", &[], None, None).unwrap();
         assert!(signers[0].verify(&token).is_ok());
         // Four rotations, each kept: the first key and four successors.
         for s in &signers {
@@ -517,7 +538,7 @@ mod tests {
         }
         // Whichever key a process signs with, every other one verifies it.
         for a in &signers {
-            let token = a.issue("u1", "FREE", &[], None).unwrap();
+            let token = a.issue("u1", "FREE", &[], None, None).unwrap();
             for b in &signers {
                 assert!(b.verify(&token).is_ok());
             }
@@ -529,7 +550,7 @@ mod tests {
         let dir = tmp();
         let s = signer(&dir);
         let other = signer(&tmp());
-        let token = s.issue("u1", "FREE", &[], None).unwrap();
+        let token = s.issue("u1", "FREE", &[], None, None).unwrap();
         let mut parts: Vec<String> = token.split('.').map(str::to_owned).collect();
         let mut claims: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&parts[1]).unwrap()).unwrap();
@@ -566,7 +587,7 @@ mod tests {
             "a",
         )
         .unwrap();
-        let token = s.issue("u", "FREE", &[], None).unwrap();
+        let token = s.issue("u", "FREE", &[], None, None).unwrap();
         assert!(s.verify(&token).is_ok());
         assert!(!s.maintain(now_ms() + 1_000 * MIN, true).unwrap());
         assert!(Signer::load(

@@ -1,7 +1,9 @@
 //! The users service (port 8021): registration with e-mail verification,
 //! login (Argon2id), EdDSA access tokens with a `kid` and a JWKS, rotating
 //! refresh tokens with reuse detection, password reset, profiles, roles,
-//! and the user's tier kept in step with subscription events.
+//! organizations (teams with members, invitations and a tenant admin;
+//! [`orgs`]), and the tier of each user and organization kept in step with
+//! subscription events.
 //!
 //! Layering: [`routes`] (thin Actix handlers) → [`core`] (logic) →
 //! [`storage`] (SQL). It runs on the service platform
@@ -12,6 +14,7 @@ pub mod config;
 pub mod core;
 pub mod error;
 pub mod keys;
+pub mod orgs;
 pub mod pages;
 pub mod password;
 pub mod routes;
@@ -99,11 +102,14 @@ impl Service for UsersService {
                 },
             );
         let routes_users = users.clone();
+        let mut openapi = routes::UsersApi::openapi();
+        openapi.merge(orgs::routes::OrgsApi::openapi());
         let mut parts = Parts::new(
-            routes::UsersApi::openapi(),
+            openapi,
             Arc::new(move |cfg| {
                 cfg.app_data(routes_users.clone());
                 routes::configure(cfg);
+                orgs::routes::configure(cfg);
                 pages::configure(cfg);
             }),
         );
@@ -140,7 +146,8 @@ impl UserTokens for OwnTokens {
                 user_id: c.sub,
                 tier: c.tier,
                 roles: c.roles,
-                tenant: None,
+                tenant: c.tenant,
+                tenant_role: c.tenant_role,
                 sid: c.sid,
             });
         Box::pin(std::future::ready(claims))

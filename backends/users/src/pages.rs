@@ -1,6 +1,6 @@
-//! The pages the links in e-mails open: `GET /verify-email?token=…` and
-//! `GET /reset-password?token=…`, routed through the gateway at the
-//! public URL. Each is one small self-contained HTML file (inline style
+//! The pages the links in e-mails open: `GET /verify-email?token=…`,
+//! `GET /reset-password?token=…` and `GET /accept-invitation?token=…`,
+//! routed through the gateway at the public URL. Each is one small self-contained HTML file (inline style
 //! and script, no external resource) that calls the API the link is for,
 //! so a person clicking the link sees what happened instead of a JSON
 //! error. The Content-Security-Policy allows exactly that page's own
@@ -14,6 +14,7 @@ use sha2::Digest as _;
 
 const VERIFY_PAGE: &str = include_str!("pages/verify-email.html");
 const RESET_PAGE: &str = include_str!("pages/reset-password.html");
+const INVITATION_PAGE: &str = include_str!("pages/accept-invitation.html");
 
 /// A page and its CSP.
 struct Page {
@@ -53,8 +54,9 @@ impl Page {
 
 static VERIFY: LazyLock<Page> = LazyLock::new(|| Page::new(VERIFY_PAGE));
 static RESET: LazyLock<Page> = LazyLock::new(|| Page::new(RESET_PAGE));
+static INVITATION: LazyLock<Page> = LazyLock::new(|| Page::new(INVITATION_PAGE));
 
-/// Registers the two pages.
+/// Registers the pages.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route(
         "/verify-email",
@@ -63,6 +65,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route(
         "/reset-password",
         web::get().to(|| async { RESET.respond() }),
+    )
+    .route(
+        "/accept-invitation",
+        web::get().to(|| async { INVITATION.respond() }),
     );
 }
 
@@ -72,7 +78,7 @@ mod tests {
 
     #[test]
     fn test_each_page_allows_only_its_own_script() {
-        for html in [VERIFY_PAGE, RESET_PAGE] {
+        for html in [VERIFY_PAGE, RESET_PAGE, INVITATION_PAGE] {
             assert_eq!(html.matches("<script>").count(), 1, "one inline script");
             let page = Page::new(html);
             assert!(page.csp.contains("script-src 'sha256-"), "{}", page.csp);

@@ -362,7 +362,7 @@ impl Modify for SecuritySchemes {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT (HS256 service token)")
+                    .bearer_format("JWT (EdDSA service token, one key per service)")
                     .build(),
             ),
         );

@@ -173,25 +173,43 @@ pub async fn mark_verified(c: &mut AnyConnection, id: &str, now: i64) -> Result<
     .map(|_| ())
 }
 
-/// Sets the tier if `occurred_at` is not older than the last change.
+/// Whose tier [`set_tier`] sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierOf {
+    /// A user's (`users`).
+    User,
+    /// An organization's (`organizations`).
+    Organization,
+}
+
+/// Sets the tier of a user or an organization from a subscription event
+/// that happened at `occurred_at`, unless a later event already set it.
 /// Returns whether it changed.
 pub async fn set_tier(
     c: &mut AnyConnection,
+    of: TierOf,
     id: &str,
     tier: &str,
     occurred_at: i64,
     now: i64,
 ) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE users SET tier = $1, tier_changed_at = $2, updated_at = $3 \
-         WHERE id = $4 AND tier_changed_at <= $2",
-    )
-    .bind(tier)
-    .bind(occurred_at)
-    .bind(now)
-    .bind(id)
-    .execute(c)
-    .await?;
+    let sql = match of {
+        TierOf::User => {
+            "UPDATE users SET tier = $1, tier_changed_at = $2, updated_at = $3 \
+             WHERE id = $4 AND tier_changed_at <= $2"
+        }
+        TierOf::Organization => {
+            "UPDATE organizations SET tier = $1, tier_changed_at = $2, updated_at = $3 \
+             WHERE id = $4 AND tier_changed_at <= $2"
+        }
+    };
+    let r = sqlx::query(sql)
+        .bind(tier)
+        .bind(occurred_at)
+        .bind(now)
+        .bind(id)
+        .execute(c)
+        .await?;
     Ok(r.rows_affected() == 1)
 }
 
@@ -329,28 +347,41 @@ pub struct RefreshRow {
     pub rotated_at: Option<i64>,
     /// When its family was revoked.
     pub revoked_at: Option<i64>,
+    /// The organization its login acts for (`None`: personally).
+    pub tenant: Option<String>,
+}
+
+/// A refresh token to store.
+pub struct NewRefresh<'a> {
+    /// Id.
+    pub id: &'a str,
+    /// Owner.
+    pub user_id: &'a str,
+    /// Its login.
+    pub family_id: &'a str,
+    /// SHA-256 of the token.
+    pub hash: &'a str,
+    /// The organization the login acts for.
+    pub tenant: Option<&'a str>,
+    /// Created (ms).
+    pub now: i64,
+    /// Expires (ms).
+    pub expires_at: i64,
 }
 
 /// Stores a refresh token (its hash).
-pub async fn insert_refresh(
-    c: &mut AnyConnection,
-    id: &str,
-    user_id: &str,
-    family_id: &str,
-    hash: &str,
-    now: i64,
-    expires_at: i64,
-) -> Result<(), sqlx::Error> {
+pub async fn insert_refresh(c: &mut AnyConnection, r: &NewRefresh<'_>) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "INSERT INTO refresh_tokens (id, user_id, family_id, token_hash, created_at, expires_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO refresh_tokens (id, user_id, family_id, token_hash, created_at, expires_at, \
+         tenant) VALUES ($1, $2, $3, $4, $5, $6, $7)",
     )
-    .bind(id)
-    .bind(user_id)
-    .bind(family_id)
-    .bind(hash)
-    .bind(now)
-    .bind(expires_at)
+    .bind(r.id)
+    .bind(r.user_id)
+    .bind(r.family_id)
+    .bind(r.hash)
+    .bind(r.now)
+    .bind(r.expires_at)
+    .bind(r.tenant)
     .execute(c)
     .await
     .map(|_| ())
@@ -362,8 +393,8 @@ pub async fn refresh_by_hash(
     hash: &str,
 ) -> Result<Option<RefreshRow>, sqlx::Error> {
     sqlx::query_as(
-        "SELECT id, user_id, family_id, expires_at, rotated_at, revoked_at FROM refresh_tokens \
-         WHERE token_hash = $1",
+        "SELECT id, user_id, family_id, expires_at, rotated_at, revoked_at, tenant \
+         FROM refresh_tokens WHERE token_hash = $1",
     )
     .bind(hash)
     .fetch_optional(c)

@@ -42,6 +42,9 @@ pub struct Identity {
     pub roles_header: Option<HeaderValue>,
     /// `tenant` (or `tenant_id`), for `X-User-Tenant`.
     pub tenant: Option<HeaderValue>,
+    /// Hash of the tenant, the rate limiter's key for tiers limited by
+    /// tenant.
+    pub tenant_key: Option<u64>,
     /// `exp`, Unix seconds.
     pub expires_at: u64,
     /// Hash of the subject, the rate limiter's key.
@@ -335,7 +338,18 @@ impl Authenticator {
         let roles_header = (!roles.is_empty())
             .then(|| HeaderValue::from_str(&roles.join(",")).ok())
             .flatten();
-        let tenant = c.tenant.and_then(|t| HeaderValue::from_str(&t).ok());
+        // A tenant that could not travel in a header is dropped, not
+        // trusted (its members then draw from their own budgets).
+        let tenant = c
+            .tenant
+            .filter(|t| !t.is_empty() && t.len() <= MAX_SUBJECT_LEN)
+            .and_then(|t| HeaderValue::from_str(&t).ok());
+        let tenant_key = tenant.as_ref().map(|t| {
+            let mut input = Vec::with_capacity(t.len() + 2);
+            input.extend_from_slice(b"t:");
+            input.extend_from_slice(t.as_bytes());
+            self.key_hasher.hash_one(&input)
+        });
         let mut key_input = Vec::with_capacity(c.sub.len() + 2);
         key_input.extend_from_slice(b"u:");
         key_input.extend_from_slice(c.sub.as_bytes());
@@ -345,6 +359,7 @@ impl Authenticator {
             roles,
             roles_header,
             tenant,
+            tenant_key,
             expires_at: c.exp,
             key: self.key_hasher.hash_one(&key_input),
         })

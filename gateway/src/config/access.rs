@@ -88,6 +88,19 @@ pub struct TierSpec {
     pub name: String,
     /// Its limits.
     pub limits: Limits,
+    /// Whose budget its requests draw from.
+    pub limit_by: LimitBy,
+}
+
+/// Whose budget a tier's requests draw from.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum LimitBy {
+    /// Each user's own.
+    #[default]
+    User,
+    /// The organization's the token acts for (its `tenant` claim), shared
+    /// by its members; a token without `tenant` draws from its user's.
+    Tenant,
 }
 
 /// Validated `rate_limit:` section.
@@ -398,6 +411,10 @@ pub(super) fn rate_limit(r: &RateLimitDto, errors: &mut Errors) -> RateLimitSett
         tiers.push(TierSpec {
             name: t.name.clone(),
             limits,
+            limit_by: match t.limit_by {
+                super::dto::LimitByDto::User => LimitBy::User,
+                super::dto::LimitByDto::Tenant => LimitBy::Tenant,
+            },
         });
     }
     let default_tier = match &r.default_tier {

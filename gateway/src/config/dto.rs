@@ -711,18 +711,21 @@ impl Default for AnonymousKeysDto {
 
 impl Default for RateLimitDto {
     fn default() -> Self {
-        let tier = |name: &str, m, h, d: LimitDto| TierDto {
+        let tier = |name: &str, m, h, d: LimitDto, limit_by| TierDto {
             name: name.to_owned(),
             per_minute: LimitDto::Count(m),
             per_hour: LimitDto::Count(h),
             per_day: d,
+            limit_by,
         };
+        let (user, tenant) = (LimitByDto::User, LimitByDto::Tenant);
         Self {
             tiers: vec![
-                tier("FREE", 10, 100, LimitDto::Count(1_000)),
-                tier("BASIC", 50, 1_000, LimitDto::Count(10_000)),
-                tier("PREMIUM", 200, 5_000, LimitDto::Count(50_000)),
-                tier("ENTERPRISE", 1_000, 25_000, LimitDto::Unlimited),
+                tier("FREE", 10, 100, LimitDto::Count(1_000), user),
+                tier("BASIC", 50, 1_000, LimitDto::Count(10_000), user),
+                tier("PREMIUM", 200, 5_000, LimitDto::Count(50_000), user),
+                // A team on ENTERPRISE shares one budget.
+                tier("ENTERPRISE", 1_000, 25_000, LimitDto::Unlimited, tenant),
             ],
             default_tier: None,
             anonymous: LimitsDto::default(),
@@ -747,6 +750,22 @@ pub struct TierDto {
     /// Requests per day.
     #[serde(default)]
     pub per_day: LimitDto,
+    /// Whose budget a request draws from: `user` (each user their own) or
+    /// `tenant` (every member of the organization the token acts for
+    /// shares one; a token without `tenant` draws from its user's).
+    #[serde(default)]
+    pub limit_by: LimitByDto,
+}
+
+/// `rate_limit.tiers[i].limit_by`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitByDto {
+    /// One budget per user.
+    #[default]
+    User,
+    /// One budget per organization (the token's `tenant` claim).
+    Tenant,
 }
 
 /// `rate_limit.anonymous`.

@@ -19,8 +19,8 @@ use http::{HeaderName, HeaderValue, Method};
 use regex::Regex;
 
 pub use access::{
-    AnonymousKeys, AuthMode, AuthSettings, JwksSettings, Limits, RateLimitSettings, RedisSettings,
-    RedisTarget, RedisUrl, TierSpec,
+    AnonymousKeys, AuthMode, AuthSettings, JwksSettings, LimitBy, Limits, RateLimitSettings,
+    RedisSettings, RedisTarget, RedisUrl, TierSpec,
 };
 use lines::{join_key, LineMap};
 use lua_free_plugins::{Chain, Registry};

@@ -21,7 +21,7 @@ use http::HeaderValue;
 use std::net::IpAddr;
 
 use crate::background::Background;
-use crate::config::{AnonymousKeys, Limits, RateLimitSettings};
+use crate::config::{AnonymousKeys, LimitBy, Limits, RateLimitSettings};
 use gcra::{KeyState, Policy, Window};
 use shared::Shared;
 
@@ -148,12 +148,14 @@ pub struct ClassPolicy {
     pub window_names: Vec<&'static str>,
     /// `X-User-Tier` header value.
     pub tier_header: HeaderValue,
+    /// Whose budget its requests draw from.
+    pub limit_by: LimitBy,
     /// (limit, period in ms) per window: the Redis script's arguments.
     pub redis_args: Arc<[(u64, u64)]>,
 }
 
 impl ClassPolicy {
-    fn new(name: &str, limits: &Limits, instances: u32) -> Self {
+    fn new(name: &str, limits: &Limits, limit_by: LimitBy, instances: u32) -> Self {
         let mut windows = Vec::new();
         let mut fallback = Vec::new();
         let mut names = Vec::new();
@@ -186,6 +188,7 @@ impl ClassPolicy {
             window_names: names,
             tier_header: HeaderValue::from_str(name)
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            limit_by,
         }
     }
 
@@ -288,11 +291,12 @@ impl RateLimiter {
         let mut classes: Vec<ClassPolicy> = settings
             .tiers
             .iter()
-            .map(|t| ClassPolicy::new(&t.name, &t.limits, instances))
+            .map(|t| ClassPolicy::new(&t.name, &t.limits, t.limit_by, instances))
             .collect();
         classes.push(ClassPolicy::new(
             "anonymous",
             &settings.anonymous,
+            LimitBy::User,
             instances,
         ));
         let target = match redis_url {
