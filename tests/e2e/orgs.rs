@@ -383,6 +383,66 @@ both_databases! {
 }
 
 both_databases! {
+    /// Changes to one organization are decided under its lock: two owners
+    /// demoting each other at once leave exactly one owner; an invitation
+    /// dies with its sender's admin rights; removal ends a family whole.
+    async fn test_concurrent_changes_and_invitations_follow_the_inviter(db: Database) {
+        let t = teams(db).await;
+        let base = t.users.base.clone();
+        let path = |who: &Person| format!("/api/orgs/{}/members/{}", t.acme, who.id);
+        let (status, _) = call(&base, &t.alice, Method::PATCH, &path(&t.bob), Some(json!({"role": "owner"}))).await;
+        assert_eq!(status, StatusCode::OK);
+        for _ in 0..5 {
+            let demote = json!({"role": "admin"});
+            let (to_bob, to_alice) = (path(&t.bob), path(&t.alice));
+            let (a, b) = tokio::join!(
+                call(&base, &t.alice, Method::PATCH, &to_bob, Some(demote.clone())),
+                call(&base, &t.bob, Method::PATCH, &to_alice, Some(demote.clone())),
+            );
+            // The second, decided after the first committed, is either
+            // the last owner's (409) or no longer an owner's (403).
+            let mut codes = [a.0.as_u16(), b.0.as_u16()];
+            codes.sort_unstable();
+            assert!(codes == [200, 403] || codes == [200, 409], "{} / {}", a.1, b.1);
+            let (_, members) = call(&base, &t.carol, Method::GET, &format!("/api/orgs/{}/members", t.acme), None).await;
+            let owners: Vec<_> = members.as_array().unwrap().iter().filter(|m| m["role"] == "owner").collect();
+            assert_eq!(owners.len(), 1, "{members}");
+            // Make both owners again for the next round.
+            let (owner, other) = if a.0 == StatusCode::OK { (&t.alice, &t.bob) } else { (&t.bob, &t.alice) };
+            let (status, _) = call(&base, owner, Method::PATCH, &path(other), Some(json!({"role": "owner"}))).await;
+            assert_eq!(status, StatusCode::OK);
+        }
+        // Bob (an owner) invites erin, then is made a plain member: the
+        // invitation is revoked; and one sent by an admin who is then
+        // removed is refused at acceptance too.
+        let (status, _) = call(&base, &t.alice, Method::PATCH, &path(&t.bob), Some(json!({"role": "admin"}))).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _) = call(&base, &t.bob, Method::POST, &format!("/api/orgs/{}/invitations", t.acme),
+            Some(json!({"email": t.erin.email, "role": "member"}))).await;
+        assert_eq!(status, StatusCode::CREATED);
+        let sent = t.inbox.wait_for("organization.invitation_created", "email", &t.erin.email).await;
+        let (status, _) = call(&base, &t.alice, Method::PATCH, &path(&t.bob), Some(json!({"role": "member"}))).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, body) = call(&base, &t.erin, Method::POST, "/api/orgs/invitations/accept",
+            Some(json!({"token": token_of(&sent["data"]["accept_url"])}))).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_invitation")));
+        let (_, pending) = call(&base, &t.alice, Method::GET, &format!("/api/orgs/{}/invitations", t.acme), None).await;
+        assert_eq!(pending, json!([]));
+        // Removal revokes the family whole: an older token of it is refused
+        // as well, not just the current one.
+        let mut carol = t.carol.clone();
+        switch(&base, &mut carol, Some(&t.acme)).await;
+        let older = carol.clone();
+        assert_eq!(refresh(&base, &mut carol).await, StatusCode::OK);
+        let (status, _) = call(&base, &t.alice, Method::DELETE, &path(&carol), None).await;
+        assert_eq!(status, StatusCode::NO_CONTENT);
+        assert_eq!(refresh(&base, &mut carol).await, StatusCode::UNAUTHORIZED);
+        assert_eq!(refresh(&base, &mut older.clone()).await, StatusCode::UNAUTHORIZED);
+        t.users.stop().await;
+    }
+}
+
+both_databases! {
     /// A login acts for one organization at a time: its claims and tier;
     /// refresh keeps it; roles follow the membership at the next token;
     /// removal ends the organization's sessions at once; subscription

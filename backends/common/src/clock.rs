@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 /// A clock: Unix milliseconds, now. Cheap to clone.
 #[derive(Clone)]
@@ -26,7 +26,9 @@ enum Inner {
     Manual {
         value: AtomicI64,
         follows: bool,
-        moved: Notify,
+        /// Counts moves: a [`Ticker`] sees every move, also one made
+        /// while its task was busy.
+        moved: watch::Sender<u64>,
     },
 }
 
@@ -66,7 +68,7 @@ impl Clock {
         Self(Arc::new(Inner::Manual {
             value: AtomicI64::new(start_ms),
             follows: false,
-            moved: Notify::new(),
+            moved: watch::Sender::new(0),
         }))
     }
 
@@ -76,7 +78,7 @@ impl Clock {
         Self(Arc::new(Inner::Manual {
             value: AtomicI64::new(0),
             follows: true,
-            moved: Notify::new(),
+            moved: watch::Sender::new(0),
         }))
     }
 
@@ -115,7 +117,7 @@ impl Clock {
                 let _ = value.fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                     Some(v.saturating_add(by))
                 });
-                moved.notify_waiters();
+                moved.send_modify(|n| *n = n.wrapping_add(1));
                 true
             }
         }
@@ -137,19 +139,46 @@ impl Clock {
                     ms
                 };
                 value.fetch_max(target, Ordering::AcqRel);
-                moved.notify_waiters();
+                moved.send_modify(|n| *n = n.wrapping_add(1));
                 true
             }
         }
     }
 
     /// Waits `interval` of real time, or less when a manual clock is
-    /// moved meanwhile: what periodic background tasks wait on.
+    /// moved meanwhile. A loop waits on a [`Ticker`] instead, which also
+    /// sees a move made while the loop was busy.
     pub async fn tick(&self, interval: Duration) {
-        match &*self.0 {
-            Inner::System => tokio::time::sleep(interval).await,
-            Inner::Manual { moved, .. } => {
-                let _ = tokio::time::timeout(interval, moved.notified()).await;
+        self.ticker().tick(interval).await;
+    }
+
+    /// A waiter for a periodic task: [`Ticker::tick`] returns after its
+    /// interval, or at once when a manual clock moved since the last one.
+    pub fn ticker(&self) -> Ticker {
+        Ticker {
+            moves: match &*self.0 {
+                Inner::System => None,
+                Inner::Manual { moved, .. } => Some(moved.subscribe()),
+            },
+        }
+    }
+}
+
+/// See [`Clock::ticker`].
+pub struct Ticker {
+    moves: Option<watch::Receiver<u64>>,
+}
+
+impl Ticker {
+    /// Waits `interval` of real time, or less when the (manual) clock has
+    /// moved since this ticker last returned.
+    pub async fn tick(&mut self, interval: Duration) {
+        match &mut self.moves {
+            None => tokio::time::sleep(interval).await,
+            Some(rx) => {
+                if let Ok(Ok(())) = tokio::time::timeout(interval, rx.changed()).await {
+                    rx.borrow_and_update();
+                }
             }
         }
     }
@@ -178,6 +207,27 @@ mod tests {
         let system = Clock::system();
         assert!(!system.advance(Duration::from_secs(1)));
         assert!((system.now_ms() - system_now_ms()).abs() < 1_000);
+    }
+
+    #[tokio::test]
+    async fn test_a_ticker_sees_a_move_made_while_it_was_busy() {
+        let c = Clock::manual(0);
+        let mut ticker = c.ticker();
+        c.advance(Duration::from_secs(1));
+        // Not waiting when the clock moved: the next tick returns at once.
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            ticker.tick(Duration::from_secs(3600)),
+        )
+        .await
+        .expect("the move was seen");
+        // Seen once: the following tick waits its interval.
+        assert!(tokio::time::timeout(
+            Duration::from_millis(50),
+            ticker.tick(Duration::from_secs(3600))
+        )
+        .await
+        .is_err());
     }
 
     #[tokio::test]

@@ -348,12 +348,13 @@ impl Outbox {
             .map(|s| Box::pin(loop_of(s).run()))
             .collect();
         let gauges = async {
+            let mut ticker = clock.ticker();
             loop {
                 if let Ok((pending, dead)) = counts(&db).await {
                     metrics.outbox_pending.set(pending);
                     metrics.outbox_dead.set(dead);
                 }
-                clock.tick(GAUGES_EVERY).await;
+                ticker.tick(GAUGES_EVERY).await;
             }
         };
         // The loops never end; with no subscriber there are none, and the
@@ -393,6 +394,7 @@ enum Outcome {
 impl Loop {
     async fn run(self) {
         let mut quiet_error = false;
+        let mut ticker = self.clock.ticker();
         loop {
             match self.pass().await {
                 Ok(full) => {
@@ -412,7 +414,7 @@ impl Loop {
             let wake = self.outbox.wake.notified();
             tokio::select! {
                 _ = wake => {}
-                _ = self.clock.tick(self.settings.poll_interval) => {}
+                _ = ticker.tick(self.settings.poll_interval) => {}
             }
         }
     }

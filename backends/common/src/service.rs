@@ -222,6 +222,7 @@ async fn housekeeping(
     clock: Clock,
     own: Option<Box<dyn Fn() -> LocalBoxFuture<'static, ()>>>,
 ) {
+    let mut ticker = clock.ticker();
     loop {
         match outbox::purge(&db, DEDUPE_KEPT, clock.now_ms()).await {
             Ok(n) => tracing::debug!(rows = n, "purged delivered events and old dedupe records"),
@@ -230,7 +231,7 @@ async fn housekeeping(
         if let Some(own) = &own {
             own().await;
         }
-        clock.tick(HOUSEKEEPING_EVERY).await;
+        ticker.tick(HOUSEKEEPING_EVERY).await;
     }
 }
 

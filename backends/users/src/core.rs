@@ -495,7 +495,10 @@ impl Users {
             None => self
                 .tenant_of(&mut tx, &user.id, row.tenant.as_deref())
                 .await
-                .map_err(|_| Error::InvalidRefreshToken)?,
+                .map_err(|e| match e {
+                    Error::OrgNotFound => Error::InvalidRefreshToken,
+                    other => other,
+                })?,
         };
         let pair = self
             .new_pair(&mut tx, &user, &row.family_id, tenant.as_ref())

@@ -74,8 +74,9 @@ impl Service for UsersService {
         let key_maintenance = {
             let (signer, clock) = (signer.clone(), p.clock.clone());
             async move {
+                let mut ticker = clock.ticker();
                 loop {
-                    clock.tick(Duration::from_secs(60)).await;
+                    ticker.tick(Duration::from_secs(60)).await;
                     if let Err(e) = signer.maintain(clock.now_ms(), false) {
                         tracing::error!(error = %e, "signing-key maintenance failed");
                     }

@@ -318,6 +318,27 @@ impl Users {
         }
     }
 
+    /// Locks `org_id` for the rest of `tx` ([`storage::lock_org`]) and
+    /// reads the caller's membership under the lock: what a change decides
+    /// on is what it commits against.
+    async fn locked_membership(
+        tx: &mut sqlx::AnyConnection,
+        caller: &str,
+        org_id: &str,
+        admin: bool,
+    ) -> Result<MemberOrgRow, Error> {
+        if !storage::lock_org(tx, org_id).await? {
+            return Err(not_found());
+        }
+        let m = storage::org_for_member(tx, org_id, caller)
+            .await?
+            .ok_or_else(not_found)?;
+        if admin && !is_admin(&m.role) {
+            return Err(Error::NotTenantAdmin);
+        }
+        Ok(m)
+    }
+
     /// Applies `input` (validated) to `org`.
     fn apply_org_input(org: &mut OrgRow, input: &OrgInput<'_>) -> Result<(), Error> {
         let mut v = Validator::new();
@@ -404,7 +425,9 @@ impl Users {
                     .map_err(|e| Error::Internal(e.to_string()))?
                     .to_ascii_lowercase()
                     .replace(['-', '_'], "x");
-                format!("{base}-{suffix}")
+                // 35 + "-" + 4 stays within the 40 of a slug.
+                let cut = base.get(..35).unwrap_or(&base).trim_end_matches('-');
+                format!("{cut}-{suffix}")
             };
             let mut tx = self.db.begin_write().await?;
             if let Err(e) = storage::insert_org(&mut tx, &org).await {
@@ -465,26 +488,31 @@ impl Users {
                 "cannot be changed",
             )])));
         }
-        let mut m = self.admin_membership(caller, org_id).await?;
+        let mut tx = self.db.begin_write().await?;
+        let mut m = Self::locked_membership(&mut tx, caller, org_id, true).await?;
         Self::apply_org_input(&mut m.org, &input)?;
-        storage::update_org(&mut *self.conn().await?, &m.org, self.clock.now_ms()).await?;
-        self.org(caller, org_id).await
+        let now = self.clock.now_ms();
+        storage::update_org(&mut tx, &m.org, now).await?;
+        tx.commit().await?;
+        m.org.updated_at = now;
+        Ok(Org::from(m))
     }
 
     /// Dissolves an organization (owners; only without a paid tier: its
     /// subscription is canceled first). Every member's logins acting for
     /// it end.
     pub async fn dissolve_org(&self, caller: &str, org_id: &str) -> Result<(), Error> {
-        let m = self.membership(caller, org_id).await?;
+        let mut tx = self.db.begin_write().await?;
+        let m = Self::locked_membership(&mut tx, caller, org_id, false).await?;
         if m.role != "owner" {
             return Err(Error::NotOwner);
         }
-        if m.org.tier != "FREE" {
+        let now = self.clock.now_ms();
+        // Under the lock the tier read is current; the statement checks it
+        // again, so a paid organization is never dissolved.
+        if m.org.tier != "FREE" || !storage::dissolve_org(&mut tx, org_id, now).await? {
             return Err(Error::SubscriptionActive);
         }
-        let now = self.clock.now_ms();
-        let mut tx = self.db.begin_write().await?;
-        storage::dissolve_org(&mut tx, org_id, now).await?;
         storage::revoke_tenant_sessions(&mut tx, org_id, None, now).await?;
         self.outbox
             .enqueue(
@@ -513,17 +541,17 @@ impl Users {
     }
 
     async fn member(&self, org_id: &str, user_id: &str) -> Result<Member, Error> {
-        storage::members(&mut *self.conn().await?, org_id)
+        storage::member(&mut *self.conn().await?, org_id, user_id)
             .await?
-            .into_iter()
-            .find(|m| m.user_id == user_id)
             .map(Member::from)
             .ok_or(Error::MemberNotFound)
     }
 
     /// Changes a member's role. Tenant admins set `admin` or `member` on
     /// non-owners; only an owner makes or unmakes an owner, and the last
-    /// owner keeps the role.
+    /// owner keeps the role. A member who stops being a tenant admin has
+    /// their pending invitations revoked; their next token (refresh)
+    /// carries the new role.
     pub async fn set_member_role(
         &self,
         caller: &str,
@@ -537,9 +565,9 @@ impl Users {
                 "must be one of owner, admin, member",
             )])));
         }
-        let me = self.admin_membership(caller, org_id).await?;
         let now = self.clock.now_ms();
         let mut tx = self.db.begin_write().await?;
+        let me = Self::locked_membership(&mut tx, caller, org_id, true).await?;
         let current = storage::member_role(&mut tx, org_id, user_id)
             .await?
             .ok_or(Error::MemberNotFound)?;
@@ -551,6 +579,10 @@ impl Users {
             return Err(Error::LastOwner);
         }
         storage::set_member_role(&mut tx, org_id, user_id, role, now).await?;
+        if is_admin(&current) && !is_admin(role) {
+            storage::revoke_invitations(&mut tx, org_id, storage::Pending::From(user_id), now)
+                .await?;
+        }
         tx.commit().await?;
         self.member(org_id, user_id).await
     }
@@ -563,13 +595,9 @@ impl Users {
         org_id: &str,
         user_id: &str,
     ) -> Result<(), Error> {
-        let me = if caller == user_id {
-            self.membership(caller, org_id).await?
-        } else {
-            self.admin_membership(caller, org_id).await?
-        };
         let now = self.clock.now_ms();
         let mut tx = self.db.begin_write().await?;
+        let me = Self::locked_membership(&mut tx, caller, org_id, caller != user_id).await?;
         let role = storage::member_role(&mut tx, org_id, user_id)
             .await?
             .ok_or(Error::MemberNotFound)?;
@@ -583,6 +611,7 @@ impl Users {
         }
         storage::delete_member(&mut tx, org_id, user_id).await?;
         storage::revoke_tenant_sessions(&mut tx, org_id, Some(user_id), now).await?;
+        storage::revoke_invitations(&mut tx, org_id, storage::Pending::From(user_id), now).await?;
         self.outbox
             .enqueue(
                 &mut tx,
@@ -607,7 +636,9 @@ impl Users {
         org_id: &str,
         to: &str,
     ) -> Result<Vec<Member>, Error> {
-        let me = self.membership(caller, org_id).await?;
+        let now = self.clock.now_ms();
+        let mut tx = self.db.begin_write().await?;
+        let me = Self::locked_membership(&mut tx, caller, org_id, false).await?;
         if me.role != "owner" {
             return Err(Error::NotOwner);
         }
@@ -617,8 +648,6 @@ impl Users {
                 "is you: give another member",
             )])));
         }
-        let now = self.clock.now_ms();
-        let mut tx = self.db.begin_write().await?;
         if !storage::set_member_role(&mut tx, org_id, to, "owner", now).await? {
             return Err(Error::MemberNotFound);
         }
@@ -653,9 +682,9 @@ impl Users {
         }
         v.finish().map_err(Error::Invalid)?;
         let email = email.unwrap_or_default();
-        let me = self.admin_membership(caller, org_id).await?;
         let now = self.clock.now_ms();
         let mut tx = self.db.begin_write().await?;
+        let me = Self::locked_membership(&mut tx, caller, org_id, true).await?;
         if let Some(user) = crate::storage::user_by_email(&mut tx, &email).await? {
             if storage::member_role(&mut tx, org_id, &user.id)
                 .await?
@@ -664,7 +693,7 @@ impl Users {
                 return Err(Error::AlreadyMember);
             }
         }
-        storage::revoke_invitations(&mut tx, org_id, Some(&email), None, now).await?;
+        storage::revoke_invitations(&mut tx, org_id, storage::Pending::To(&email), now).await?;
         let token = random_token(32).map_err(|e| Error::Internal(e.to_string()))?;
         let ttl = i64::try_from(self.config.invitation_ttl.as_millis()).unwrap_or(i64::MAX);
         let row = InvitationRow {
@@ -723,18 +752,19 @@ impl Users {
         org_id: &str,
         id: &str,
     ) -> Result<(), Error> {
-        self.admin_membership(caller, org_id).await?;
+        let mut tx = self.db.begin_write().await?;
+        Self::locked_membership(&mut tx, caller, org_id, true).await?;
         let n = storage::revoke_invitations(
-            &mut *self.conn().await?,
+            &mut tx,
             org_id,
-            None,
-            Some(id),
+            storage::Pending::Id(id),
             self.clock.now_ms(),
         )
         .await?;
         if n == 0 {
             return Err(Error::InvitationNotFound);
         }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -775,7 +805,8 @@ impl Users {
     }
 
     /// Accepts an invitation as the caller, whose (verified) address must
-    /// be the one invited. Accepting twice is harmless.
+    /// be the one invited, while whoever sent it is still a tenant admin.
+    /// A link works once: a second use is refused (`invalid_invitation`).
     pub async fn accept_invitation(&self, caller: &str, token: &str) -> Result<Org, Error> {
         let (inv, org) = self.usable_invitation(token).await?;
         let me = crate::storage::user_by_id(&mut *self.conn().await?, caller)
@@ -786,6 +817,13 @@ impl Users {
         }
         let now = self.clock.now_ms();
         let mut tx = self.db.begin_write().await?;
+        if !storage::lock_org(&mut tx, &org.id).await? {
+            return Err(Error::InvalidInvitation);
+        }
+        let inviter = storage::member_role(&mut tx, &org.id, &inv.invited_by).await?;
+        if !inviter.as_deref().is_some_and(is_admin) {
+            return Err(Error::InvalidInvitation);
+        }
         if !storage::close_invitation(&mut tx, &inv.id, true, now).await? {
             return Err(Error::InvalidInvitation);
         }

@@ -165,14 +165,37 @@ pub async fn update_org(c: &mut AnyConnection, o: &OrgRow, now: i64) -> Result<(
     .map(|_| ())
 }
 
-/// Dissolves an organization: its memberships and pending invitations
-/// end, the row stays (invoices name it).
-pub async fn dissolve_org(c: &mut AnyConnection, id: &str, now: i64) -> Result<(), sqlx::Error> {
-    sqlx::query("UPDATE organizations SET deleted_at = $1, updated_at = $1 WHERE id = $2")
-        .bind(now)
-        .bind(id)
-        .execute(&mut *c)
-        .await?;
+/// Takes the organization's row lock for the rest of the transaction
+/// (PostgreSQL; SQLite's write transaction already holds the database):
+/// every change to its members, roles, invitations or details starts
+/// here, so two of them never decide on the same stale state (two owners
+/// demoting each other, a removal racing an acceptance). False when the
+/// organization does not exist or is dissolved.
+pub async fn lock_org(c: &mut AnyConnection, id: &str) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE organizations SET updated_at = updated_at WHERE id = $1 AND deleted_at IS NULL",
+    )
+    .bind(id)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Dissolves an organization on the FREE tier: its memberships and
+/// pending invitations end, the row stays (invoices name it). False when
+/// it is already dissolved or has a paid tier (nothing changed).
+pub async fn dissolve_org(c: &mut AnyConnection, id: &str, now: i64) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE organizations SET deleted_at = $1, updated_at = $1 \
+         WHERE id = $2 AND deleted_at IS NULL AND tier = 'FREE'",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(&mut *c)
+    .await?;
+    if r.rows_affected() != 1 {
+        return Ok(false);
+    }
     sqlx::query("DELETE FROM memberships WHERE org_id = $1")
         .bind(id)
         .execute(&mut *c)
@@ -184,8 +207,8 @@ pub async fn dissolve_org(c: &mut AnyConnection, id: &str, now: i64) -> Result<(
     .bind(now)
     .bind(id)
     .execute(c)
-    .await
-    .map(|_| ())
+    .await?;
+    Ok(true)
 }
 
 /// Whether an organization with this id exists (dissolved or not).
@@ -245,6 +268,22 @@ pub async fn members(c: &mut AnyConnection, org_id: &str) -> Result<Vec<MemberRo
     .await
 }
 
+/// One member, if they are one.
+pub async fn member(
+    c: &mut AnyConnection,
+    org_id: &str,
+    user_id: &str,
+) -> Result<Option<MemberRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT m.user_id, u.email, u.name, m.role, m.created_at FROM memberships m \
+         JOIN users u ON u.id = m.user_id WHERE m.org_id = $1 AND m.user_id = $2",
+    )
+    .bind(org_id)
+    .bind(user_id)
+    .fetch_optional(c)
+    .await
+}
+
 /// One member's role, if they are one.
 pub async fn member_role(
     c: &mut AnyConnection,
@@ -300,23 +339,42 @@ pub async fn delete_member(
     Ok(r.rows_affected() == 1)
 }
 
-/// Ends the logins of `user_id` that act for `org_id` (leaving, removal,
-/// dissolution): their refresh tokens stop working at once.
+/// Ends the logins that act for `org_id` — of `user_id` (leaving,
+/// removal), or of everyone (dissolution): each refresh family whose
+/// current token acts for the organization is revoked whole, so its
+/// refresh tokens stop working at once and an old token of the family
+/// stays refused too. Returns how many tokens it revoked.
 pub async fn revoke_tenant_sessions(
     c: &mut AnyConnection,
     org_id: &str,
     user_id: Option<&str>,
     now: i64,
 ) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE refresh_tokens SET revoked_at = $1 WHERE tenant = $2 AND revoked_at IS NULL \
-         AND ($3 = '' OR user_id = $3)",
-    )
-    .bind(now)
-    .bind(org_id)
-    .bind(user_id.unwrap_or(""))
-    .execute(c)
-    .await?;
+    let r = match user_id {
+        Some(user_id) => {
+            sqlx::query(
+                "UPDATE refresh_tokens SET revoked_at = $1 WHERE revoked_at IS NULL \
+                 AND family_id IN (SELECT family_id FROM refresh_tokens WHERE tenant = $2 \
+                 AND user_id = $3 AND rotated_at IS NULL AND revoked_at IS NULL)",
+            )
+            .bind(now)
+            .bind(org_id)
+            .bind(user_id)
+            .execute(c)
+            .await?
+        }
+        None => {
+            sqlx::query(
+                "UPDATE refresh_tokens SET revoked_at = $1 WHERE revoked_at IS NULL \
+                 AND family_id IN (SELECT family_id FROM refresh_tokens WHERE tenant = $2 \
+                 AND rotated_at IS NULL AND revoked_at IS NULL)",
+            )
+            .bind(now)
+            .bind(org_id)
+            .execute(c)
+            .await?
+        }
+    };
     Ok(r.rows_affected())
 }
 
@@ -408,26 +466,47 @@ pub async fn pending_invitations(
     .await
 }
 
-/// Revokes the pending invitations of `email` to `org_id` (a new one
-/// replaces them); with `id`, only that one. Returns how many.
+/// Which pending invitations [`revoke_invitations`] revokes.
+#[derive(Debug, Clone, Copy)]
+pub enum Pending<'a> {
+    /// Those of one address (a new invitation replaces them).
+    To(&'a str),
+    /// One, by id.
+    Id(&'a str),
+    /// Those a member sent (they are no longer a tenant admin).
+    From(&'a str),
+}
+
+/// Revokes pending invitations of `org_id`; how many.
 pub async fn revoke_invitations(
     c: &mut AnyConnection,
     org_id: &str,
-    email: Option<&str>,
-    id: Option<&str>,
+    which: Pending<'_>,
     now: i64,
 ) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE invitations SET revoked_at = $1 WHERE org_id = $2 AND accepted_at IS NULL \
-         AND declined_at IS NULL AND revoked_at IS NULL AND ($3 = '' OR email = $3) \
-         AND ($4 = '' OR id = $4)",
-    )
-    .bind(now)
-    .bind(org_id)
-    .bind(email.unwrap_or(""))
-    .bind(id.unwrap_or(""))
-    .execute(c)
-    .await?;
+    let (sql, value) = match which {
+        Pending::To(email) => (
+            "UPDATE invitations SET revoked_at = $1 WHERE org_id = $2 AND accepted_at IS NULL \
+             AND declined_at IS NULL AND revoked_at IS NULL AND email = $3",
+            email,
+        ),
+        Pending::Id(id) => (
+            "UPDATE invitations SET revoked_at = $1 WHERE org_id = $2 AND accepted_at IS NULL \
+             AND declined_at IS NULL AND revoked_at IS NULL AND id = $3",
+            id,
+        ),
+        Pending::From(user_id) => (
+            "UPDATE invitations SET revoked_at = $1 WHERE org_id = $2 AND accepted_at IS NULL \
+             AND declined_at IS NULL AND revoked_at IS NULL AND invited_by = $3",
+            user_id,
+        ),
+    };
+    let r = sqlx::query(sql)
+        .bind(now)
+        .bind(org_id)
+        .bind(value)
+        .execute(c)
+        .await?;
     Ok(r.rows_affected())
 }
 
