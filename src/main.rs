@@ -18,7 +18,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Every business service: `serve <name>`, `migrate`, `up`, `events` and
 /// `service-key` find them here. Adding a service is one line.
-static SERVICES: &[&dyn Registered] = &[&Entry::<users::UsersService>::NEW];
+static SERVICES: &[&dyn Registered] = &[
+    &Entry::<users::UsersService>::NEW,
+    &Entry::<billing::BillingService>::NEW,
+];
 
 /// The default config, used by `tiergate up` when `conf/tiergate.yaml` is absent.
 const DEFAULT_CONFIG: &str = include_str!("../conf/tiergate.yaml");

@@ -9,6 +9,7 @@
 mod account_pages;
 mod auth;
 mod balancing;
+mod billing;
 mod browser;
 mod check_config;
 mod common;

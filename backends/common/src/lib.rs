@@ -31,6 +31,7 @@ pub mod config;
 pub mod consumer;
 pub mod db;
 pub mod error;
+pub mod failpoint;
 pub mod json;
 pub mod metrics;
 pub mod money;

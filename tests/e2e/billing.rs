@@ -1,0 +1,369 @@
+//! The billing service with the users service beside it, on SQLite and
+//! PostgreSQL: invoices created once per reference, numbered gaplessly at
+//! issue (also under 200 concurrent issues, and when an issue fails after
+//! taking its number), PPN, the PDF read back with poppler, payments
+//! recorded from payment events (partial, paid, duplicate, overpaid),
+//! credit notes, voiding, and isolation between subjects.
+
+use std::process::Command;
+
+use backend_common::calendar::BusinessCalendar;
+use backend_common::failpoint::Failpoints;
+use backend_common::service_auth::ServiceKeys;
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::common::client;
+use crate::platform::{as_service, as_user, both_databases, Database, Inbox, Running, World};
+use crate::users::{settings as users_settings, signed_up};
+
+struct Billing {
+    world: World,
+    inbox: Inbox,
+    users: Running,
+    billing: Running,
+    subscriptions: ServiceKeys,
+    payments: ServiceKeys,
+}
+
+async fn start(db: Database, failpoints: &str) -> Billing {
+    let world = World::new(db);
+    let inbox = Inbox::start().await;
+    let users = world.start::<users::UsersService>(
+        users_settings(&world, inbox.subscribers("notifications")).await,
+    );
+    let mut s = world.settings::<billing::BillingService>(&[]).await;
+    s.shared.events = inbox.subscribers("notifications");
+    s.shared.peers.insert("users".into(), users.base.clone());
+    s.service.failpoints = Failpoints::parse(failpoints).unwrap();
+    let billing = world.start::<billing::BillingService>(s);
+    Billing {
+        subscriptions: world.keys_of("subscriptions"),
+        payments: world.keys_of("payments"),
+        world,
+        inbox,
+        users,
+        billing,
+    }
+}
+
+impl Billing {
+    async fn create(&self, body: Value) -> (StatusCode, Value) {
+        as_service(
+            &self.subscriptions,
+            Method::POST,
+            ("billing", &self.billing),
+            "/internal/invoices",
+            Some(body),
+        )
+        .await
+    }
+
+    async fn payment(&self, kind: &str, id: &str, invoice: &str, amount: i64) -> Value {
+        let event = json!({"id": uuid::Uuid::now_v7().to_string(), "type": kind, "source": "payments",
+            "occurred_at": self.world.clock.now_ms(),
+            "data": {"payment_id": id, "invoice_id": invoice, "amount": amount, "method": "bca_va",
+                     "user_id": "u", "subject": {"kind": "user", "id": "u"}}});
+        let (status, body) = as_service(
+            &self.payments,
+            Method::POST,
+            ("billing", &self.billing),
+            "/internal/events",
+            Some(event),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    async fn invoice(&self, id: &str) -> Value {
+        let (status, body) = as_service(
+            &self.payments,
+            Method::GET,
+            ("billing", &self.billing),
+            &format!("/internal/invoices/{id}"),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    async fn stop(self) {
+        self.billing.stop().await;
+        self.users.stop().await;
+    }
+}
+
+fn user_of(pair: &Value) -> (String, String) {
+    let access = pair["access_token"].as_str().unwrap().to_owned();
+    let id = crate::users::claims_of(&access)["sub"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (id, access)
+}
+
+fn renewal(user: &str, period_start: i64) -> Value {
+    json!({
+        "reference": {"kind": "renewal", "subscription_id": "sub-1", "period_start": period_start},
+        "subject": {"kind": "user", "id": user},
+        "user_id": user,
+        "plan": "BASIC", "cycle": "monthly",
+        "lines": [
+            {"description": "BASIC, bulanan", "quantity": 1, "unit_price": 249_000},
+            {"description": "Kredit sisa periode PREMIUM", "quantity": 1, "unit_price": -66_400}
+        ]
+    })
+}
+
+/// The text of a PDF (poppler's `pdftotext`).
+fn pdf_text(world: &World, pdf: &[u8]) -> String {
+    let path = world
+        .dir
+        .path()
+        .join(format!("{}.pdf", uuid::Uuid::now_v7()));
+    std::fs::write(&path, pdf).unwrap();
+    let out = Command::new("pdftotext")
+        .args(["-layout"])
+        .arg(&path)
+        .arg("-")
+        .output()
+        .expect("pdftotext (poppler-utils) is installed by scripts/test");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Renders page 1 to PNG (`pdftoppm`) and counts the pixels that are not
+/// white.
+fn inked_pixels(world: &World, pdf: &[u8]) -> usize {
+    let dir = world.dir.path().join("pages");
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("invoice.pdf");
+    std::fs::write(&path, pdf).unwrap();
+    let out = Command::new("pdftoppm")
+        .args(["-f", "1", "-l", "1", "-r", "40", "-gray"])
+        .arg(&path)
+        .arg(dir.join("page"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pgm = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .find(|e| e.file_name().to_string_lossy().starts_with("page"))
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(pgm).unwrap();
+    // P5 header: magic, width, height, max value, then one byte a pixel.
+    let mut fields = 0;
+    let mut at = 0;
+    while fields < 4 {
+        while bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        while !bytes[at].is_ascii_whitespace() {
+            at += 1;
+        }
+        fields += 1;
+    }
+    bytes[at + 1..].iter().filter(|&&b| b < 200).count()
+}
+
+async fn get_pdf(base: &str, path: &str, token: &str) -> (StatusCode, String, Vec<u8>) {
+    let r = client()
+        .get(format!("{base}{path}"))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let kind = r
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, kind, r.bytes().await.unwrap().to_vec())
+}
+
+both_databases! {
+    /// An invoice from a renewal: created once per reference, numbered at
+    /// issue, PPN on 11/12, a PDF with the number, totals and buyer; paid
+    /// by payment events (partial, full, duplicate, overpaid); credited;
+    /// never voided once paid; invisible to another subject.
+    async fn test_an_invoice_from_creation_to_credit_note(db: Database) {
+        let b = start(db, "").await;
+        let (ann, ann_token) = user_of(&signed_up(&b.users.base, &b.inbox, "ann@example.com").await);
+        let (_, bob_token) = user_of(&signed_up(&b.users.base, &b.inbox, "bob@example.com").await);
+        let (_, root_token) = user_of(&signed_up(&b.users.base, &b.inbox, "root@example.com").await);
+        let period = b.world.clock.now_ms();
+
+        let (status, inv) = b.create(renewal(&ann, period)).await;
+        assert_eq!(status, StatusCode::CREATED, "{inv}");
+        // 249.000 − 66.400 = 182.600; DPP round(182.600 × 11/12) = 167.383;
+        // PPN round(167.383 × 12%) = 20.086; total 202.686.
+        assert_eq!((inv["subtotal"].as_i64(), inv["dpp"].as_i64(), inv["ppn"].as_i64(), inv["total"].as_i64()),
+            (Some(182_600), Some(167_383), Some(20_086), Some(202_686)), "{inv}");
+        let date = BusinessCalendar::jakarta().date(inv["issued_at"].as_i64().unwrap()).unwrap();
+        let number = format!("INV/{:04}/{:02}/000001", date.year(), date.month());
+        assert_eq!(inv["number"], number.as_str());
+        assert_eq!((inv["status"].as_str(), inv["amount_due"].as_i64()), (Some("open"), Some(202_686)));
+        assert_eq!((inv["buyer"]["email"].as_str(), inv["buyer"]["name"].as_str()), (Some("ann@example.com"), Some("Ann")));
+        let id = inv["id"].as_str().unwrap().to_owned();
+        let issued = b.inbox.wait_for("invoice.issued", "invoice_id", &id).await;
+        assert_eq!((issued["data"]["number"].as_str(), issued["data"]["total"].as_i64()), (Some(number.as_str()), Some(202_686)));
+        assert_eq!(issued["data"]["subject"], json!({"kind": "user", "id": ann}));
+        assert_eq!(issued["data"]["reference"]["kind"], "renewal");
+
+        // The same reference: the same invoice; other contents: 409; a
+        // caller that may not create invoices: 403.
+        let (status, again) = b.create(renewal(&ann, period)).await;
+        assert_eq!((status, again["id"].as_str()), (StatusCode::OK, Some(id.as_str())));
+        let mut changed = renewal(&ann, period);
+        changed["lines"][0]["unit_price"] = json!(1);
+        let (status, body) = b.create(changed).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("reference_conflict")));
+        let (status, _) = as_service(&b.payments, Method::POST, ("billing", &b.billing), "/internal/invoices", Some(renewal(&ann, period + 1))).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let mut bad = renewal(&ann, period + 2);
+        bad["lines"] = json!([{"description": "x", "unit_price": -5}]);
+        let (status, body) = b.create(bad).await;
+        assert_eq!((status, body["error"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("lines")));
+
+        // The buyer's list and PDF; another subject sees nothing.
+        let base = &b.billing.base;
+        let (status, mine) = as_user(Method::GET, base, "/api/billing/invoices", &ann_token, None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(mine["invoices"].as_array().unwrap().len(), 1, "{mine}");
+        let (_, theirs) = as_user(Method::GET, base, "/api/billing/invoices", &bob_token, None).await;
+        assert_eq!(theirs["invoices"], json!([]));
+        for path in [format!("/api/billing/invoices/{id}"), format!("/api/billing/invoices/{id}/pdf")] {
+            let (status, _) = as_user(Method::GET, base, &path, &bob_token, None).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+        }
+        let (status, kind, pdf) = get_pdf(base, &format!("/api/billing/invoices/{id}/pdf"), &ann_token).await;
+        assert_eq!((status, kind.as_str()), (StatusCode::OK, "application/pdf"));
+        let text = pdf_text(&b.world, &pdf);
+        for want in [number.as_str(), "Rp 182.600", "Rp 167.383", "Rp 20.086", "Rp 202.686", "ann@example.com", "Ann", "Belum dibayar", "PPN 12%"] {
+            assert!(text.contains(want), "{want} missing from the PDF:\n{text}");
+        }
+        assert!(!text.contains("LUNAS"));
+        assert!(inked_pixels(&b.world, &pdf) > 500, "page 1 is not blank");
+        let (_, _, again) = get_pdf(base, &format!("/api/billing/invoices/{id}/pdf"), &ann_token).await;
+        assert_eq!(again, pdf, "the same invoice, the same bytes");
+
+        // Payments: partial, then the rest; a redelivery changes nothing;
+        // a second payment of a paid invoice is an overpayment.
+        assert_eq!(b.payment("payment.settled", "pay-1", &id, 100_000).await["status"], "applied");
+        let partial = b.invoice(&id).await;
+        assert_eq!((partial["status"].as_str(), partial["amount_paid"].as_i64(), partial["amount_due"].as_i64()),
+            (Some("open"), Some(100_000), Some(102_686)));
+        assert_eq!(b.payment("payment.settled", "pay-2", &id, 102_686).await["status"], "applied");
+        assert_eq!(b.payment("payment.settled", "pay-2", &id, 102_686).await["status"], "stale", "the same payment, re-sent");
+        let paid = b.invoice(&id).await;
+        assert_eq!((paid["status"].as_str(), paid["amount_due"].as_i64(), paid["payment_method"].as_str()),
+            (Some("paid"), Some(0), Some("bca_va")));
+        let event = b.inbox.wait_for("invoice.paid", "invoice_id", &id).await;
+        assert_eq!(event["data"]["amount_paid"], 202_686);
+        b.payment("payment.settled", "pay-3", &id, 202_686).await;
+        let (status, over) = as_user(Method::GET, base, "/api/admin/billing/overpayments", &root_token, None).await;
+        assert_eq!(status, StatusCode::OK, "{over}");
+        assert_eq!((over["overpayments"][0]["payment_id"].as_str(), over["overpayments"][0]["amount"].as_i64()),
+            (Some("pay-3"), Some(202_686)));
+        let paid_events = b.inbox.events().into_iter().filter(|e| e["type"] == "invoice.paid" && e["data"]["invoice_id"] == id.as_str()).count();
+        assert_eq!(paid_events, 1, "never two invoice.paid for one invoice");
+        // A refund of the overpayment resolves it.
+        b.payment("payment.refunded", "pay-3", &id, 202_686).await;
+        let (_, over) = as_user(Method::GET, base, "/api/admin/billing/overpayments", &root_token, None).await;
+        assert_eq!(over["overpayments"][0]["status"], "refunded");
+        // A payment of an invoice billing does not know is kept for
+        // reconciliation, not lost.
+        assert_eq!(b.payment("payment.settled", "pay-x", "no-such-invoice", 5).await["status"], "applied");
+
+        let (status, kind, pdf) = get_pdf(base, &format!("/api/billing/invoices/{id}/pdf"), &ann_token).await;
+        assert_eq!((status, kind.as_str()), (StatusCode::OK, "application/pdf"));
+        let text = pdf_text(&b.world, &pdf);
+        for want in ["LUNAS", "Lunas", "BCA Virtual Account"] {
+            assert!(text.contains(want), "{want} missing from the paid PDF:\n{text}");
+        }
+
+        // A paid invoice is credited, not voided.
+        let (status, body) = as_user(Method::POST, base, &format!("/api/admin/invoices/{id}/void"), &root_token, Some(json!({"reason": "x"}))).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("cannot_void")));
+        let (status, note) = as_user(Method::POST, base, &format!("/api/admin/invoices/{id}/credit-notes"), &root_token,
+            Some(json!({"amount": 101_343, "reason": "Goodwill: gangguan layanan"}))).await;
+        assert_eq!(status, StatusCode::CREATED, "{note}");
+        assert_eq!(note["number"], format!("CN/{:04}/000001", date.year()).as_str());
+        // Half the total: PPN reversed in proportion, round(20.086 / 2).
+        assert_eq!((note["ppn"].as_i64(), note["price"].as_i64()), (Some(10_043), Some(91_300)));
+        let (status, body) = as_user(Method::POST, base, &format!("/api/admin/invoices/{id}/credit-notes"), &root_token,
+            Some(json!({"amount": 101_344, "reason": "too much"}))).await;
+        assert_eq!((status, body["error"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("amount")));
+        b.inbox.wait_for("credit_note.issued", "invoice_id", &id).await;
+        let (status, _, pdf) = get_pdf(base, note["pdf_url"].as_str().unwrap(), &ann_token).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = pdf_text(&b.world, &pdf);
+        assert!(text.contains("NOTA KREDIT") && text.contains(note["number"].as_str().unwrap()) && text.contains("-Rp 101.343"), "{text}");
+        let (status, _, _) = get_pdf(base, note["pdf_url"].as_str().unwrap(), &bob_token).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+
+        // A manual invoice by an admin: the Idempotency-Key is its
+        // reference; 60 lines run onto a second page.
+        let lines: Vec<Value> = (1..=60).map(|i| json!({"description": format!("Konsultasi integrasi, sesi {i}"), "unit_price": 150_000})).collect();
+        let manual = json!({"subject": {"kind": "user", "id": ann}, "user_id": ann, "lines": lines});
+        let (status, body) = as_user(Method::POST, base, "/api/admin/invoices", &root_token, Some(manual.clone())).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("idempotency_key_required")));
+        let r = client().post(format!("{base}/api/admin/invoices")).bearer_auth(&root_token)
+            .header("Idempotency-Key", "manual-1").json(&manual).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let long: Value = r.json().await.unwrap();
+        assert_eq!(long["total"], 9_000_000 + 990_000);
+        let (_, _, pdf) = get_pdf(base, &format!("/api/admin/invoices/{}/pdf", long["id"].as_str().unwrap()), &root_token).await;
+        let path = b.world.dir.path().join("long.pdf");
+        std::fs::write(&path, &pdf).unwrap();
+        let info = String::from_utf8(Command::new("pdfinfo").arg(&path).output().unwrap().stdout).unwrap();
+        let pages: u32 = info.lines().find_map(|l| l.strip_prefix("Pages:")).unwrap().trim().parse().unwrap();
+        assert!(pages >= 2, "{info}");
+        let (status, _) = as_user(Method::GET, base, "/api/admin/invoices", &ann_token, None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "admins only");
+        b.stop().await;
+    }
+}
+
+both_databases! {
+    /// Numbers are gapless and unique under 200 concurrent issues, and an
+    /// issue that fails after taking its number gives it back.
+    async fn test_numbers_have_no_gap_under_concurrency_and_failure(db: Database) {
+        let b = start(db, "issue.after_number=error*1").await;
+        let (ann, _) = user_of(&signed_up(&b.users.base, &b.inbox, "ann@example.com").await);
+        let new = |i: i64| json!({
+            "reference": {"kind": "plan_change", "id": format!("chg-{i}")},
+            "subject": {"kind": "user", "id": ann}, "user_id": ann,
+            "lines": [{"description": "PREMIUM", "unit_price": 499_000}]
+        });
+        // The first issue fails after taking number 1: rolled back.
+        let (status, _) = b.create(new(0)).await;
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+        let calls = (1..=200).map(|i| b.create(new(i)));
+        let results = futures_util::future::join_all(calls).await;
+        let mut seqs: Vec<u32> = results.iter().map(|(status, inv)| {
+            assert_eq!(*status, StatusCode::CREATED, "{inv}");
+            inv["number"].as_str().unwrap().rsplit('/').next().unwrap().parse().unwrap()
+        }).collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=200).collect::<Vec<u32>>(), "exactly 1..200, no gap, no duplicate");
+        // The failed one, retried, takes the next number.
+        let (status, inv) = b.create(new(0)).await;
+        assert_eq!(status, StatusCode::CREATED);
+        assert!(inv["number"].as_str().unwrap().ends_with("/000201"), "{inv}");
+        b.stop().await;
+    }
+}
