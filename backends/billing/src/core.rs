@@ -741,9 +741,9 @@ impl Billing {
             });
         };
         let status = Status::parse(&row.status).unwrap_or(Status::Void);
+        let paid = row.amount_paid.saturating_add(amount);
         let (outcome, over) = match status {
             Status::Open => {
-                let paid = row.amount_paid.saturating_add(amount);
                 if paid >= row.total {
                     (PaymentOutcome::Paid, paid - row.total)
                 } else {
@@ -764,7 +764,6 @@ impl Billing {
             return Ok(PaymentOutcome::Duplicate);
         }
         if status == Status::Open {
-            let paid = row.amount_paid.saturating_add(amount);
             let closes = outcome == PaymentOutcome::Paid;
             let paid_at = occurred_at.min(now);
             let stored = if closes {
@@ -952,16 +951,13 @@ impl Billing {
             .await?;
         tx.commit().await?;
         self.outbox.notify();
-        let pdf = self.render_credit_note(&row, &note).await?;
-        storage::put_document(
-            &mut *self.conn().await?,
-            &note.id,
-            "credit_note",
-            "issued",
-            &pdf,
-            now,
-        )
-        .await?;
+        // The note is committed: a failure to render its PDF now must not
+        // answer an error (a retry would credit twice). The download
+        // renders it when it is missing.
+        if let Err(e) = self.store_credit_note_pdf(&row, &note).await {
+            tracing::warn!(credit_note = %note.id, error = %e,
+                "credit-note PDF not rendered now; it is rendered at download");
+        }
         Ok(CreditNote::from(note))
     }
 
@@ -1056,17 +1052,7 @@ impl Billing {
             limit,
         )
         .await?;
-        let next = (rows.len() as i64 == limit)
-            .then(|| {
-                rows.last()
-                    .map(|r| cursor_of(r.issued_at.unwrap_or(0), &r.id))
-            })
-            .flatten();
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push(self.view(r).await?);
-        }
-        Ok((out, next))
+        self.page(rows, limit, |r| r.issued_at.unwrap_or(0)).await
     }
 
     /// A page of every invoice matching `search` (admins).
@@ -1084,8 +1070,19 @@ impl Billing {
             limit,
         )
         .await?;
+        self.page(rows, limit, |r| r.created_at).await
+    }
+
+    /// The views of a page of rows and, when the page is full, the cursor
+    /// after its last row (`at`: the time the page is ordered by).
+    async fn page(
+        &self,
+        rows: Vec<InvoiceRow>,
+        limit: i64,
+        at: impl Fn(&InvoiceRow) -> i64,
+    ) -> Result<(Vec<Invoice>, Option<String>), ApiError> {
         let next = (rows.len() as i64 == limit)
-            .then(|| rows.last().map(|r| cursor_of(r.created_at, &r.id)))
+            .then(|| rows.last().map(|r| cursor_of(at(r), &r.id)))
             .flatten();
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
@@ -1262,6 +1259,25 @@ impl Billing {
         self.render(sheet).await
     }
 
+    /// Renders a credit note's PDF and stores it.
+    async fn store_credit_note_pdf(
+        &self,
+        row: &InvoiceRow,
+        note: &CreditNoteRow,
+    ) -> Result<Vec<u8>, ApiError> {
+        let pdf = self.render_credit_note(row, note).await?;
+        storage::put_document(
+            &mut *self.conn().await?,
+            &note.id,
+            "credit_note",
+            "issued",
+            &pdf,
+            self.clock.now_ms(),
+        )
+        .await?;
+        Ok(pdf)
+    }
+
     /// Renders an invoice's PDF as it stands and stores it.
     async fn render_invoice(&self, id: &str) -> Result<Option<(String, Vec<u8>)>, ApiError> {
         let mut conn = self.conn().await?;
@@ -1336,16 +1352,7 @@ impl Billing {
             return Ok((file_name(&note.number), bytes));
         }
         drop(conn);
-        let pdf = self.render_credit_note(&row, &note).await?;
-        storage::put_document(
-            &mut *self.conn().await?,
-            id,
-            "credit_note",
-            "issued",
-            &pdf,
-            self.clock.now_ms(),
-        )
-        .await?;
+        let pdf = self.store_credit_note_pdf(&row, &note).await?;
         Ok((file_name(&note.number), pdf))
     }
 

@@ -44,23 +44,20 @@ pub struct InvoiceRow {
     pub updated_at: i64,
 }
 
-const INVOICE_COLUMNS: &str = "id, number, status, subject_kind, subject_id, user_id, buyer_name, \
-    buyer_email, buyer_legal_name, buyer_npwp, buyer_nitku, buyer_address, reference, \
-    reference_key, request_hash, plan, cycle, period_start, period_end, currency, subtotal, dpp, \
-    ppn, total, amount_paid, amount_refunded, payment_method, nsfp, created_at, issued_at, due_at, \
-    paid_at, voided_at, void_reason, updated_at";
+/// The columns of `invoices`, in [`InvoiceRow`]'s order.
+macro_rules! invoice_columns {
+    () => {
+        "id, number, status, subject_kind, subject_id, user_id, buyer_name, buyer_email, \
+         buyer_legal_name, buyer_npwp, buyer_nitku, buyer_address, reference, reference_key, \
+         request_hash, plan, cycle, period_start, period_end, currency, subtotal, dpp, ppn, total, \
+         amount_paid, amount_refunded, payment_method, nsfp, created_at, issued_at, due_at, \
+         paid_at, voided_at, void_reason, updated_at"
+    };
+}
 
 macro_rules! select_invoices {
     ($rest:literal) => {
-        concat!(
-            "SELECT id, number, status, subject_kind, subject_id, user_id, buyer_name, \
-             buyer_email, buyer_legal_name, buyer_npwp, buyer_nitku, buyer_address, reference, \
-             reference_key, request_hash, plan, cycle, period_start, period_end, currency, \
-             subtotal, dpp, ppn, total, amount_paid, amount_refunded, payment_method, nsfp, \
-             created_at, issued_at, due_at, paid_at, voided_at, void_reason, updated_at \
-             FROM invoices ",
-            $rest
-        )
+        concat!("SELECT ", invoice_columns!(), " FROM invoices ", $rest)
     };
 }
 
@@ -86,49 +83,49 @@ pub async fn insert_invoice(
     i: &InvoiceRow,
     lines: &[LineRow],
 ) -> Result<(), sqlx::Error> {
-    let sql = format!(
-        "INSERT INTO invoices ({INVOICE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-         $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, \
-         $27, $28, $29, $30, $31, $32, $33, $34, $35)"
-    );
-    sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(&i.id)
-        .bind(&i.number)
-        .bind(&i.status)
-        .bind(&i.subject_kind)
-        .bind(&i.subject_id)
-        .bind(&i.user_id)
-        .bind(&i.buyer_name)
-        .bind(&i.buyer_email)
-        .bind(&i.buyer_legal_name)
-        .bind(&i.buyer_npwp)
-        .bind(&i.buyer_nitku)
-        .bind(&i.buyer_address)
-        .bind(&i.reference)
-        .bind(&i.reference_key)
-        .bind(&i.request_hash)
-        .bind(&i.plan)
-        .bind(&i.cycle)
-        .bind(i.period_start)
-        .bind(i.period_end)
-        .bind(&i.currency)
-        .bind(i.subtotal)
-        .bind(i.dpp)
-        .bind(i.ppn)
-        .bind(i.total)
-        .bind(i.amount_paid)
-        .bind(i.amount_refunded)
-        .bind(&i.payment_method)
-        .bind(&i.nsfp)
-        .bind(i.created_at)
-        .bind(i.issued_at)
-        .bind(i.due_at)
-        .bind(i.paid_at)
-        .bind(i.voided_at)
-        .bind(&i.void_reason)
-        .bind(i.updated_at)
-        .execute(&mut *c)
-        .await?;
+    sqlx::query(concat!(
+        "INSERT INTO invoices (",
+        invoice_columns!(),
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+         $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35)"
+    ))
+    .bind(&i.id)
+    .bind(&i.number)
+    .bind(&i.status)
+    .bind(&i.subject_kind)
+    .bind(&i.subject_id)
+    .bind(&i.user_id)
+    .bind(&i.buyer_name)
+    .bind(&i.buyer_email)
+    .bind(&i.buyer_legal_name)
+    .bind(&i.buyer_npwp)
+    .bind(&i.buyer_nitku)
+    .bind(&i.buyer_address)
+    .bind(&i.reference)
+    .bind(&i.reference_key)
+    .bind(&i.request_hash)
+    .bind(&i.plan)
+    .bind(&i.cycle)
+    .bind(i.period_start)
+    .bind(i.period_end)
+    .bind(&i.currency)
+    .bind(i.subtotal)
+    .bind(i.dpp)
+    .bind(i.ppn)
+    .bind(i.total)
+    .bind(i.amount_paid)
+    .bind(i.amount_refunded)
+    .bind(&i.payment_method)
+    .bind(&i.nsfp)
+    .bind(i.created_at)
+    .bind(i.issued_at)
+    .bind(i.due_at)
+    .bind(i.paid_at)
+    .bind(i.voided_at)
+    .bind(&i.void_reason)
+    .bind(i.updated_at)
+    .execute(&mut *c)
+    .await?;
     for l in lines {
         sqlx::query(
             "INSERT INTO invoice_lines (invoice_id, position, description, quantity, unit_price, \
