@@ -42,6 +42,9 @@ CREATE TABLE invoices (
     cycle TEXT,
     period_start BIGINT,
     period_end BIGINT,
+    -- The plan's price per cycle before PPN (for MRR: a prorated or
+    -- credited invoice still names the full recurring price).
+    recurring_price BIGINT,
     currency TEXT NOT NULL,
     subtotal BIGINT NOT NULL,
     dpp BIGINT NOT NULL,
@@ -65,6 +68,8 @@ CREATE TABLE invoices (
 CREATE INDEX invoices_subject ON invoices (subject_kind, subject_id, created_at);
 CREATE INDEX invoices_status ON invoices (status, due_at);
 CREATE INDEX invoices_issued ON invoices (issued_at);
+CREATE INDEX invoices_paid ON invoices (paid_at);
+CREATE INDEX invoices_period ON invoices (status, period_end);
 
 CREATE TABLE invoice_lines (
     invoice_id TEXT NOT NULL REFERENCES invoices (id),

@@ -27,6 +27,10 @@ struct Billing {
 }
 
 async fn start(db: Database, failpoints: &str) -> Billing {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn")
+        .with_test_writer()
+        .try_init();
     let world = World::new(db);
     let inbox = Inbox::start().await;
     let users = world.start::<users::UsersService>(
@@ -352,10 +356,28 @@ both_databases! {
         // The first issue fails after taking number 1: rolled back.
         let (status, _) = b.create(new(0)).await;
         assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
-        let calls = (1..=200).map(|i| b.create(new(i)));
+        // 200 drafts (created a few at a time: creating reads the buyer
+        // from users), then 200 issues at once.
+        use futures_util::StreamExt;
+        let drafts: Vec<String> = futures_util::stream::iter(1..=200)
+            .map(|i| {
+                let mut body = new(i);
+                body["draft"] = json!(true);
+                b.create(body)
+            })
+            .buffer_unordered(8)
+            .map(|(status, inv)| {
+                assert_eq!(status, StatusCode::CREATED, "{inv}");
+                assert!(inv["number"].is_null(), "a draft has no number: {inv}");
+                inv["id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+            .await;
+        let paths: Vec<String> = drafts.iter().map(|id| format!("/internal/invoices/{id}/issue")).collect();
+        let calls = paths.iter().map(|path| as_service(&b.subscriptions, Method::POST, ("billing", &b.billing), path, None));
         let results = futures_util::future::join_all(calls).await;
         let mut seqs: Vec<u32> = results.iter().map(|(status, inv)| {
-            assert_eq!(*status, StatusCode::CREATED, "{inv}");
+            assert_eq!(*status, StatusCode::OK, "{inv}");
             inv["number"].as_str().unwrap().rsplit('/').next().unwrap().parse().unwrap()
         }).collect();
         seqs.sort_unstable();
@@ -364,6 +386,159 @@ both_databases! {
         let (status, inv) = b.create(new(0)).await;
         assert_eq!(status, StatusCode::CREATED);
         assert!(inv["number"].as_str().unwrap().ends_with("/000201"), "{inv}");
+        b.stop().await;
+    }
+}
+
+/// `{reference, subject, user, lines}` for one line of `price`.
+fn one_line(user: &str, id: &str, price: i64) -> Value {
+    json!({
+        "reference": {"kind": "test", "id": id},
+        "subject": {"kind": "user", "id": user},
+        "user_id": user,
+        "lines": [{"description": format!("Layanan {id}"), "unit_price": price}]
+    })
+}
+
+both_databases! {
+    /// One business day of payments reconciled (exact, partial, paid
+    /// twice, no invoice; open past due a week later), closed by the daily
+    /// job into its table and metric; revenue per month and per plan with
+    /// MRR, as JSON and CSV.
+    async fn test_reconciliation_and_revenue(db: Database) {
+        let b = start(db, "").await;
+        // 10 March 2030, 10:00 WIB: the whole test stays on one business day.
+        b.world.clock.set(1_899_342_000_000);
+        let t0 = b.world.clock.now_ms();
+        let (ann, _) = user_of(&signed_up(&b.users.base, &b.inbox, "ann@example.com").await);
+        let (bob, bob_token) = user_of(&signed_up(&b.users.base, &b.inbox, "bob@example.com").await);
+        let (_, root) = user_of(&signed_up(&b.users.base, &b.inbox, "root@example.com").await);
+        let base = &b.billing.base;
+        let day = 30 * 24 * 3600 * 1000_i64;
+
+        let created = |(status, body): (StatusCode, Value)| {
+            assert_eq!(status, StatusCode::CREATED, "{body}");
+            body["id"].as_str().unwrap().to_owned()
+        };
+        // A: BASIC monthly (recurring 249.000), total 202.686, paid exactly.
+        let mut a = renewal(&ann, t0);
+        a["period_end"] = json!(t0 + day);
+        a["period_start"] = json!(t0);
+        let a = created(b.create(a).await);
+        // B: 111.000, half paid. C: 222.000, paid twice.
+        let bb = created(b.create(one_line(&ann, "b", 100_000)).await);
+        let c = created(b.create(one_line(&ann, "c", 200_000)).await);
+        // F: Bob's PREMIUM yearly, 2.763.900, paid.
+        let f = created(b.create(json!({
+            "reference": {"kind": "renewal", "subscription_id": "sub-bob", "period_start": t0},
+            "subject": {"kind": "user", "id": bob}, "user_id": bob,
+            "plan": "PREMIUM", "cycle": "yearly", "period_start": t0, "period_end": t0 + 12 * day,
+            "lines": [{"description": "PREMIUM, tahunan", "unit_price": 2_490_000}]
+        })).await);
+        b.payment("payment.settled", "p-a", &a, 202_686).await;
+        b.payment("payment.settled", "p-b", &bb, 50_000).await;
+        b.payment("payment.settled", "p-c1", &c, 222_000).await;
+        b.payment("payment.settled", "p-c2", &c, 222_000).await;
+        b.payment("payment.settled", "p-f", &f, 2_763_900).await;
+        b.payment("payment.settled", "p-d", "no-such-invoice", 5_000).await;
+        b.payment("payment.refunded", "p-a", &a, 10_000).await;
+        let (status, note) = as_user(Method::POST, base, &format!("/api/admin/invoices/{a}/credit-notes"), &root,
+            Some(json!({"amount": 101_343, "reason": "Goodwill"}))).await;
+        assert_eq!(status, StatusCode::CREATED, "{note}");
+
+        // The day's reconciliation.
+        let (status, r) = as_user(Method::GET, base, "/api/admin/billing/reconciliation?date=2030-03-10", &root, None).await;
+        assert_eq!(status, StatusCode::OK, "{r}");
+        assert_eq!((r["date"].as_str(), r["zone"].as_str()), (Some("2030-03-10"), Some("Asia/Jakarta")));
+        let kinds: Vec<Value> = r["mismatches"].as_array().unwrap().iter()
+            .map(|m| json!([m["kind"], m["invoice_id"], m["payment_id"], m["expected"], m["actual"]]))
+            .collect();
+        assert_eq!(kinds.len(), 3, "{kinds:?}");
+        for want in [json!(["payment_without_invoice", "no-such-invoice", "p-d", null, 5_000]),
+                     json!(["amount_mismatch", bb, null, 111_000, 50_000]),
+                     json!(["paid_twice", c, "p-c2", 222_000, 444_000])] {
+            assert!(kinds.contains(&want), "{want} not in {kinds:?}");
+        }
+        let s = &r["summary"];
+        assert_eq!((s["payments"].as_i64(), s["settled"].as_i64(), s["refunded"].as_i64(), s["matched_payments"].as_i64()),
+            (Some(7), Some(3_465_586), Some(10_000), Some(3)), "{s}");
+        assert_eq!((s["invoices_issued"].as_i64(), s["invoiced"].as_i64(), s["mismatches"].as_i64()), (Some(4), Some(3_299_586), Some(3)));
+        assert_eq!(s["by_kind"], json!({"amount_mismatch": 1, "open_past_due": 0, "paid_twice": 1,
+            "payment_to_void_invoice": 0, "payment_without_invoice": 1}));
+        let matched: Vec<(&str, bool)> = r["payments"].as_array().unwrap().iter()
+            .map(|p| (p["payment_id"].as_str().unwrap(), p["matched"].as_bool().unwrap())).collect();
+        assert!(matched.contains(&("p-a", true)) && matched.contains(&("p-f", true)) && matched.contains(&("p-b", false)), "{matched:?}");
+        assert_eq!(r["invoices"].as_array().unwrap().len(), 4);
+        assert!(r["closed"].is_null(), "the day is not over");
+
+        // A week on, B (due after 7 days) is open past due.
+        let (_, later) = as_user(Method::GET, base, "/api/admin/billing/reconciliation?date=2030-03-18", &root, None).await;
+        let kinds: Vec<(&str, &str)> = later["mismatches"].as_array().unwrap().iter()
+            .map(|m| (m["kind"].as_str().unwrap(), m["invoice_id"].as_str().unwrap())).collect();
+        assert_eq!(kinds, vec![("open_past_due", bb.as_str())]);
+        assert_eq!(later["payments"], json!([]));
+
+        // Revenue per month: one month, MRR 249.000 + 2.490.000 / 12.
+        let (status, rev) = as_user(Method::GET, base, "/api/admin/billing/revenue?from=2030-03-01&to=2030-03-10&group=month", &root, None).await;
+        assert_eq!(status, StatusCode::OK, "{rev}");
+        let want = json!({"group": "2030-03", "invoices": 4, "invoiced": 3_299_586, "ppn_invoiced": 326_986,
+            "voided": 0, "collected": 3_465_586, "refunded": 10_000, "ppn_collected": 315_986, "credit_notes": 1,
+            "credited": 101_343, "ppn_credited": 10_043, "net": 2_881_300, "mrr": 456_500, "paying_subjects": 2});
+        assert_eq!(rev["rows"], json!([want]), "{rev}");
+        assert_eq!(rev["total"]["net"], 2_881_300);
+        // Per plan.
+        let (_, rev) = as_user(Method::GET, base, "/api/admin/billing/revenue?from=2030-03-01&to=2030-03-10&group=plan", &root, None).await;
+        let rows: Vec<(&str, i64, i64, i64, i64, i64)> = rev["rows"].as_array().unwrap().iter()
+            .map(|r| (r["group"].as_str().unwrap(), r["invoices"].as_i64().unwrap(), r["collected"].as_i64().unwrap(),
+                      r["net"].as_i64().unwrap(), r["mrr"].as_i64().unwrap(), r["paying_subjects"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(rows, vec![
+            ("BASIC", 1, 202_686, 91_300, 249_000, 1),
+            ("PREMIUM", 1, 2_763_900, 2_490_000, 207_500, 1),
+            ("none", 2, 499_000, 300_000, 0, 0),
+        ]);
+        assert_eq!(rev["mrr_at_end"], json!([{"plan": "BASIC", "mrr": 249_000, "paying_subjects": 1},
+            {"plan": "PREMIUM", "mrr": 207_500, "paying_subjects": 1}]));
+        // As CSV.
+        let r = client().get(format!("{base}/api/admin/billing/revenue?from=2030-03-01&to=2030-03-10"))
+            .bearer_auth(&root).header("Accept", "text/csv").send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["content-type"], "text/csv; charset=utf-8");
+        let csv = r.text().await.unwrap();
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines, vec![
+            "group,invoices,invoiced,ppn_invoiced,voided,collected,refunded,ppn_collected,credit_notes,credited,ppn_credited,net,mrr,paying_subjects",
+            "2030-03,4,3299586,326986,0,3465586,10000,315986,1,101343,10043,2881300,456500,2",
+            "total,4,3299586,326986,0,3465586,10000,315986,1,101343,10043,2881300,456500,2",
+        ]);
+
+        // Client mistakes are 422; non-admins 403.
+        for (path, field) in [("/api/admin/billing/reconciliation?date=2030-3-1", "date"),
+                              ("/api/admin/billing/revenue?from=2030-03-10&to=2030-03-01", "to"),
+                              ("/api/admin/billing/revenue?group=week", "group")] {
+            let (status, body) = as_user(Method::GET, base, path, &root, None).await;
+            assert_eq!((status, body["error"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some(field)), "{path}: {body}");
+        }
+        let (status, _) = as_user(Method::GET, base, "/api/admin/billing/revenue", &bob_token, None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+
+        // The day ends; an hour later the daily job closes it.
+        b.world.clock.advance(std::time::Duration::from_secs(26 * 3600));
+        let closed = crate::platform::eventually("the day closed", || async {
+            let (_, r) = as_user(Method::GET, base, "/api/admin/billing/reconciliation?date=2030-03-10", &root, None).await;
+            (!r["closed"].is_null()).then(|| r["closed"].clone())
+        }).await;
+        assert_eq!(closed["mismatches"], 3);
+        let stored: i64 = sqlx::query_scalar("SELECT mismatches FROM reconciliations WHERE day = '2030-03-10'")
+            .fetch_one(&b.world.pool("billing").await).await.unwrap();
+        assert_eq!(stored, 3);
+        for (kind, n) in [("paid_twice", 1.0), ("amount_mismatch", 1.0), ("open_past_due", 0.0)] {
+            let line = format!("billing_reconciliation_mismatches{{kind=\"{kind}\"");
+            let value = crate::platform::eventually("the gauge", || async {
+                crate::platform::metric(base, &line).await.filter(|v| *v == n)
+            }).await;
+            assert_eq!(value, n, "{kind}");
+        }
         b.stop().await;
     }
 }

@@ -52,6 +52,10 @@ pub struct BillingConfig {
     pub credit_note_prefix: String,
     /// PDFs rendered at once (each on a blocking thread); more wait.
     pub render_threads: usize,
+    /// The daily reconciliation closes a business day this long after it
+    /// ends, so late payment events land first (default 1h).
+    #[serde(with = "humantime_serde")]
+    pub reconcile_delay: Duration,
     /// Fail points for crash tests, from `TIERGATE_BILLING_FAILPOINTS`
     /// only ([`backend_common::failpoint`]).
     #[serde(skip)]
@@ -66,6 +70,7 @@ impl Default for BillingConfig {
             invoice_prefix: "INV".to_owned(),
             credit_note_prefix: "CN".to_owned(),
             render_threads: 2,
+            reconcile_delay: Duration::from_secs(3600),
             failpoints: Failpoints::default(),
         }
     }
@@ -112,6 +117,10 @@ impl ServiceConfig for BillingConfig {
         check(
             (1..=64).contains(&self.render_threads),
             "render_threads: 1 to 64",
+        );
+        check(
+            self.reconcile_delay <= Duration::from_secs(7 * 24 * 3600),
+            "reconcile_delay: at most 7d",
         );
         errors
     }

@@ -14,6 +14,7 @@
 //! arrives for a paid or void invoice, or beyond the total, is an
 //! overpayment for an admin to refund or credit.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -130,6 +131,11 @@ pub struct NewInvoice {
     /// End of that period (Unix ms).
     #[serde(default)]
     pub period_end: Option<i64>,
+    /// The plan's price per cycle before PPN, for MRR (a prorated
+    /// plan-change invoice names the full price here); default: the sum
+    /// of the positive lines.
+    #[serde(default)]
+    pub recurring_price: Option<i64>,
     /// When it is due (Unix ms); default `due_after` from issue.
     #[serde(default)]
     pub due_at: Option<i64>,
@@ -238,6 +244,8 @@ pub struct Invoice {
     pub period_start: Option<i64>,
     /// End of that period.
     pub period_end: Option<i64>,
+    /// The plan's price per cycle before PPN (MRR counts it).
+    pub recurring_price: Option<i64>,
     /// `IDR`.
     pub currency: String,
     /// The lines.
@@ -427,6 +435,12 @@ impl Billing {
                 v.fail("plan", "must be 1 to 40 characters");
             }
         }
+        if new
+            .recurring_price
+            .is_some_and(|p| !(0..=1_000_000_000_000).contains(&p))
+        {
+            v.fail("recurring_price", "must be 0 to Rp 1.000.000.000.000");
+        }
         if let (Some(s), Some(e)) = (new.period_start, new.period_end) {
             if e <= s {
                 v.fail("period_end", "must be after period_start");
@@ -527,6 +541,14 @@ impl Billing {
             cycle: new.cycle.clone(),
             period_start: new.period_start,
             period_end: new.period_end,
+            recurring_price: new.plan.as_ref().map(|_| {
+                new.recurring_price.unwrap_or_else(|| {
+                    lines
+                        .iter()
+                        .map(|l| l.amount.max(0))
+                        .fold(0, i64::saturating_add)
+                })
+            }),
             currency: "IDR".to_owned(),
             subtotal: totals.subtotal,
             dpp: totals.dpp,
@@ -963,11 +985,53 @@ impl Billing {
 
     /// The full view of an invoice row.
     pub async fn view(&self, row: InvoiceRow) -> Result<Invoice, ApiError> {
+        self.views(vec![row])
+            .await?
+            .pop()
+            .ok_or_else(|| ApiError::internal(&"a view went missing"))
+    }
+
+    /// The full views of `rows`, in their order: two queries for the
+    /// whole page (lines, credit notes), not two per invoice.
+    pub async fn views(&self, rows: Vec<InvoiceRow>) -> Result<Vec<Invoice>, ApiError> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut conn = self.conn().await?;
-        let lines = storage::lines(&mut conn, &row.id).await?;
-        let notes = storage::credit_notes_of(&mut conn, &row.id).await?;
+        let ids: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        let mut lines: HashMap<String, Vec<Line>> = HashMap::new();
+        for storage::InvoiceLine {
+            invoice_id,
+            line: l,
+        } in storage::lines_of_many(&mut conn, &ids).await?
+        {
+            lines.entry(invoice_id).or_default().push(Line {
+                description: l.description,
+                quantity: l.quantity,
+                unit_price: l.unit_price,
+                amount: l.amount,
+            });
+        }
+        let mut notes: HashMap<String, Vec<CreditNote>> = HashMap::new();
+        for n in storage::credit_notes_of_many(&mut conn, &ids).await? {
+            notes
+                .entry(n.invoice_id.clone())
+                .or_default()
+                .push(CreditNote::from(n));
+        }
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let lines = lines.remove(&row.id).unwrap_or_default();
+                let notes = notes.remove(&row.id).unwrap_or_default();
+                Self::view_of(row, lines, notes)
+            })
+            .collect())
+    }
+
+    fn view_of(row: InvoiceRow, lines: Vec<Line>, credit_notes: Vec<CreditNote>) -> Invoice {
         let done = row.status == "paid" || row.status == "void";
-        Ok(Invoice {
+        Invoice {
             pdf_url: (row.status != "draft")
                 .then(|| format!("/api/billing/invoices/{}/pdf", row.id)),
             subject: json!({"kind": row.subject_kind, "id": row.subject_id}),
@@ -985,16 +1049,8 @@ impl Billing {
                 nitku: row.buyer_nitku,
                 address: row.buyer_address,
             },
-            lines: lines
-                .into_iter()
-                .map(|l| Line {
-                    description: l.description,
-                    quantity: l.quantity,
-                    unit_price: l.unit_price,
-                    amount: l.amount,
-                })
-                .collect(),
-            credit_notes: notes.into_iter().map(CreditNote::from).collect(),
+            lines,
+            credit_notes,
             id: row.id,
             number: row.number,
             status: row.status,
@@ -1003,6 +1059,7 @@ impl Billing {
             cycle: row.cycle,
             period_start: row.period_start,
             period_end: row.period_end,
+            recurring_price: row.recurring_price,
             currency: row.currency,
             subtotal: row.subtotal,
             dpp: row.dpp,
@@ -1017,7 +1074,7 @@ impl Billing {
             paid_at: row.paid_at,
             voided_at: row.voided_at,
             void_reason: row.void_reason,
-        })
+        }
     }
 
     /// An invoice by id (internal and admin).
@@ -1084,11 +1141,7 @@ impl Billing {
         let next = (rows.len() as i64 == limit)
             .then(|| rows.last().map(|r| cursor_of(at(r), &r.id)))
             .flatten();
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push(self.view(r).await?);
-        }
-        Ok((out, next))
+        Ok((self.views(rows).await?, next))
     }
 
     /// The open overpayments (and resolved ones after them).

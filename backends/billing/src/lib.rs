@@ -2,7 +2,8 @@
 //! issue (`INV/2026/11/000123`), PPN on a DPP of 11/12 ([`tax`]), A4 PDF
 //! invoices and credit notes with embedded fonts ([`pdf`]), payments
 //! recorded against invoices from payment events ([`payments`]),
-//! overpayments to resolve.
+//! overpayments to resolve, the daily reconciliation and revenue reports
+//! ([`reports`]).
 //!
 //! Layering: [`routes`] (thin Actix handlers) → [`core`] (logic) →
 //! [`storage`] (SQL). It runs on the service platform
@@ -12,6 +13,7 @@ pub mod config;
 pub mod core;
 pub mod payments;
 pub mod pdf;
+pub mod reports;
 pub mod routes;
 pub mod storage;
 pub mod tax;
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt;
+use prometheus::{IntGaugeVec, Opts};
 use sqlx::migrate::Migrator;
 use utoipa::OpenApi;
 
@@ -85,7 +88,44 @@ impl Service for BillingService {
             }),
         );
         parts.consumer = Some(consumer);
-        parts.background = vec![billing.renderer().boxed_local()];
+        let mismatches = IntGaugeVec::new(
+            Opts::new(
+                "billing_reconciliation_mismatches",
+                "Mismatches of the last business day the daily reconciliation closed, by kind",
+            ),
+            &["kind"],
+        )
+        .map_err(|e| e.to_string())?;
+        p.metrics
+            .register(mismatches.clone())
+            .map_err(|e| e.to_string())?;
+        parts.background = vec![
+            billing.clone().renderer().boxed_local(),
+            reconciler(billing, mismatches).boxed_local(),
+        ];
         Ok(parts)
+    }
+}
+
+/// How often the reconciler looks for a day to close.
+const RECONCILE_EVERY: Duration = Duration::from_secs(300);
+
+/// The daily reconciliation: closes each finished business day once and
+/// sets the mismatch gauge to the last closed day's counts.
+async fn reconciler(billing: Arc<core::Billing>, gauge: IntGaugeVec) {
+    let mut ticker = billing.clock.ticker();
+    loop {
+        match billing.close_days().await {
+            Ok(Some(report)) => {
+                for (kind, n) in &report.summary.by_kind {
+                    gauge
+                        .with_label_values(&[kind.as_str()])
+                        .set(i64::try_from(*n).unwrap_or(i64::MAX));
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "reconciliation failed; retried shortly"),
+        }
+        ticker.tick(RECONCILE_EVERY).await;
     }
 }

@@ -13,6 +13,7 @@ use backend_common::user_auth::{Admin, AuthUser};
 use backend_common::ApiError;
 
 use crate::core::{Billing, CreditNote, Invoice, NewInvoice, NewLine};
+use crate::reports;
 use crate::storage::Search;
 
 type Api<T> = Result<T, ApiError>;
@@ -202,6 +203,7 @@ async fn admin_create(
         cycle: None,
         period_start: None,
         period_end: None,
+        recurring_price: None,
         due_at: m.due_at,
         draft: m.draft,
     };
@@ -299,6 +301,89 @@ async fn admin_resolve(
         .resolve_overpayment(&id, &body.0.status, body.0.note.as_deref())
         .await?;
     Ok(HttpResponse::NoContent().finish())
+}
+
+/// `GET /api/admin/billing/reconciliation?date=YYYY-MM-DD` (default:
+/// yesterday in the business zone).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReconQuery {
+    date: Option<String>,
+}
+
+async fn admin_reconciliation(
+    billing: web::Data<Billing>,
+    _admin: Admin,
+    q: web::Query<ReconQuery>,
+) -> Api<HttpResponse> {
+    let date = match &q.date {
+        Some(d) => reports::parse_date("date", d)?,
+        None => billing
+            .today()?
+            .yesterday()
+            .map_err(|e| ApiError::internal(&e))?,
+    };
+    Ok(HttpResponse::Ok().json(billing.reconciliation(date).await?))
+}
+
+/// `GET /api/admin/billing/revenue?from=&to=&group=month|plan` (default:
+/// this month so far, per month).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevenueQuery {
+    from: Option<String>,
+    to: Option<String>,
+    group: Option<String>,
+}
+
+fn wants_csv(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.split(';').next().unwrap_or("").trim() == "text/csv")
+        })
+}
+
+async fn admin_revenue(
+    billing: web::Data<Billing>,
+    _admin: Admin,
+    req: HttpRequest,
+    q: web::Query<RevenueQuery>,
+) -> Api<HttpResponse> {
+    let today = billing.today()?;
+    let to = match &q.to {
+        Some(d) => reports::parse_date("to", d)?,
+        None => today,
+    };
+    let from = match &q.from {
+        Some(d) => reports::parse_date("from", d)?,
+        None => to.first_of_month(),
+    };
+    let group = match q.group.as_deref() {
+        None => reports::Group::Month,
+        Some(g) => reports::Group::parse(g).ok_or_else(|| {
+            ApiError::validation(vec![backend_common::FieldError::new(
+                "group",
+                "must be month or plan",
+            )])
+        })?,
+    };
+    let report = billing.revenue(from, to, group).await?;
+    if wants_csv(&req) {
+        return Ok(HttpResponse::Ok()
+            .content_type("text/csv; charset=utf-8")
+            .insert_header((
+                header::CONTENT_DISPOSITION,
+                format!(
+                    "attachment; filename=\"revenue-{}-{}-{}.csv\"",
+                    report.group, report.from, report.to
+                ),
+            ))
+            .body(report.csv()));
+    }
+    Ok(HttpResponse::Ok().json(report))
 }
 
 async fn internal_create(
@@ -405,6 +490,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             "/api/admin/billing/overpayments/{id}",
             web::post().to(admin_resolve),
         )
+        .route(
+            "/api/admin/billing/reconciliation",
+            web::get().to(admin_reconciliation),
+        )
+        .route("/api/admin/billing/revenue", web::get().to(admin_revenue))
         .service(
             web::resource("/internal/invoices")
                 .app_data(AllowedCallers(CREATORS))

@@ -26,6 +26,7 @@ pub struct InvoiceRow {
     pub cycle: Option<String>,
     pub period_start: Option<i64>,
     pub period_end: Option<i64>,
+    pub recurring_price: Option<i64>,
     pub currency: String,
     pub subtotal: i64,
     pub dpp: i64,
@@ -51,7 +52,7 @@ macro_rules! invoice_columns {
          buyer_legal_name, buyer_npwp, buyer_nitku, buyer_address, reference, reference_key, \
          request_hash, plan, cycle, period_start, period_end, currency, subtotal, dpp, ppn, total, \
          amount_paid, amount_refunded, payment_method, nsfp, created_at, issued_at, due_at, \
-         paid_at, voided_at, void_reason, updated_at"
+         paid_at, voided_at, void_reason, updated_at, recurring_price"
     };
 }
 
@@ -87,7 +88,8 @@ pub async fn insert_invoice(
         "INSERT INTO invoices (",
         invoice_columns!(),
         ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-         $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35)"
+         $18, $19, $20, $21, $22, $23, $24, $25, $26, $27, $28, $29, $30, $31, $32, $33, $34, $35, \
+         $36)"
     ))
     .bind(&i.id)
     .bind(&i.number)
@@ -124,6 +126,7 @@ pub async fn insert_invoice(
     .bind(i.voided_at)
     .bind(&i.void_reason)
     .bind(i.updated_at)
+    .bind(i.recurring_price)
     .execute(&mut *c)
     .await?;
     for l in lines {
@@ -245,6 +248,68 @@ pub async fn lines(c: &mut AnyConnection, invoice_id: &str) -> Result<Vec<LineRo
     )
     .bind(invoice_id)
     .fetch_all(c)
+    .await
+}
+
+/// The rows `head IN ($1, …, $n) tail` selects for `ids` (a page is at
+/// most 100 invoices). Only numbered placeholders are formatted into the
+/// SQL; the ids are bound.
+async fn in_list<T>(
+    c: &mut AnyConnection,
+    head: &'static str,
+    tail: &'static str,
+    ids: &[&str],
+) -> Result<Vec<T>, sqlx::Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+{
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let marks: Vec<String> = (1..=ids.len()).map(|i| format!("${i}")).collect();
+    let sql = format!("{head} IN ({}) {tail}", marks.join(", "));
+    let mut q = sqlx::query_as::<_, T>(sqlx::AssertSqlSafe(sql));
+    for id in ids {
+        q = q.bind(*id);
+    }
+    q.fetch_all(c).await
+}
+
+/// A line with its invoice.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct InvoiceLine {
+    pub invoice_id: String,
+    #[sqlx(flatten)]
+    pub line: LineRow,
+}
+
+/// The lines of several invoices in one query, in order.
+pub async fn lines_of_many(
+    c: &mut AnyConnection,
+    invoice_ids: &[&str],
+) -> Result<Vec<InvoiceLine>, sqlx::Error> {
+    in_list(
+        c,
+        "SELECT invoice_id, position, description, quantity, unit_price, amount \
+         FROM invoice_lines WHERE invoice_id",
+        "ORDER BY invoice_id, position",
+        invoice_ids,
+    )
+    .await
+}
+
+/// The credit notes of several invoices in one query, oldest first.
+pub async fn credit_notes_of_many(
+    c: &mut AnyConnection,
+    invoice_ids: &[&str],
+) -> Result<Vec<CreditNoteRow>, sqlx::Error> {
+    in_list(
+        c,
+        "SELECT id, number, invoice_id, amount, price, ppn, reason, created_by, issued_at \
+         FROM credit_notes WHERE invoice_id",
+        "ORDER BY issued_at, id",
+        invoice_ids,
+    )
     .await
 }
 
@@ -604,4 +669,150 @@ pub async fn stale_documents(
     .bind(limit)
     .fetch_all(c)
     .await
+}
+
+// ---- Reports: reconciliation and revenue. ----
+
+/// The rows `sql` selects with `$1` = `from` and `$2` = `to`.
+pub async fn between<T>(
+    c: &mut AnyConnection,
+    sql: &'static str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<T>, sqlx::Error>
+where
+    T: for<'r> sqlx::FromRow<'r, sqlx::any::AnyRow> + Send + Unpin,
+{
+    sqlx::query_as(sql).bind(from).bind(to).fetch_all(c).await
+}
+
+/// A payment with what its invoice says (nothing when it names none).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PaymentWithInvoice {
+    #[sqlx(flatten)]
+    pub payment: PaymentRow,
+    pub number: Option<String>,
+    pub total: Option<i64>,
+    pub plan: Option<String>,
+    pub found: Option<String>,
+}
+
+/// Payments and refunds that occurred in `[from, to)`, oldest first.
+/// Rows of [`PaymentWithInvoice`]; run with [`between`].
+pub const PAYMENTS_BETWEEN: &str =
+    "SELECT p.payment_id, p.kind, p.invoice_id, p.amount, p.method, p.occurred_at, \
+             p.recorded_at, p.outcome, i.number, i.total, i.plan, i.id AS found \
+             FROM payments p LEFT JOIN invoices i ON i.id = p.invoice_id \
+             WHERE p.occurred_at >= $1 AND p.occurred_at < $2 \
+             ORDER BY p.occurred_at, p.payment_id, p.kind";
+
+/// Every settled payment before `to` of the invoices that had a payment
+/// in `[from, to)`, by invoice then in order of occurrence.
+/// Rows of [`PaymentRow`]; run with [`between`].
+pub const SETTLED_HISTORY: &str =
+    "SELECT payment_id, kind, invoice_id, amount, method, occurred_at, recorded_at, outcome \
+             FROM payments WHERE kind = 'settled' AND occurred_at < $2 AND invoice_id IN \
+             (SELECT invoice_id FROM payments WHERE occurred_at >= $1 AND occurred_at < $2) \
+             ORDER BY invoice_id, occurred_at, recorded_at, payment_id";
+
+/// The invoices a day's reconciliation looks at: issued, paid or voided
+/// in `[from, to)`, paid into then, or open past due at `to`.
+/// Rows of [`InvoiceRow`]; run with [`between`].
+pub const INVOICES_OF_DAY: &str = select_invoices!(
+    "WHERE (issued_at >= $1 AND issued_at < $2) OR (paid_at >= $1 AND paid_at < $2) \
+         OR (voided_at >= $1 AND voided_at < $2) \
+         OR (status <> 'draft' AND issued_at < $2 AND due_at < $2 \
+             AND (paid_at IS NULL OR paid_at >= $2) AND (voided_at IS NULL OR voided_at >= $2)) \
+         OR id IN (SELECT invoice_id FROM payments WHERE occurred_at >= $1 AND occurred_at < $2) \
+         ORDER BY issued_at, id"
+);
+
+/// Invoices issued or paid in `[from, to)`.
+/// Rows of [`InvoiceRow`]; run with [`between`].
+pub const INVOICES_ISSUED_OR_PAID: &str = select_invoices!(
+    "WHERE (issued_at >= $1 AND issued_at < $2) OR (paid_at >= $1 AND paid_at < $2) \
+         ORDER BY issued_at, id"
+);
+
+/// A credit note with its invoice's plan.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct CreditNoteWithPlan {
+    #[sqlx(flatten)]
+    pub note: CreditNoteRow,
+    pub plan: Option<String>,
+}
+
+/// Credit notes issued in `[from, to)`.
+/// Rows of [`CreditNoteWithPlan`]; run with [`between`].
+pub const CREDIT_NOTES_BETWEEN: &str =
+    "SELECT n.id, n.number, n.invoice_id, n.amount, n.price, n.ppn, n.reason, n.created_by, \
+             n.issued_at, i.plan FROM credit_notes n JOIN invoices i ON i.id = n.invoice_id \
+             WHERE n.issued_at >= $1 AND n.issued_at < $2 ORDER BY n.issued_at, n.id";
+
+/// A paid plan invoice whose service period covers an instant.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Coverage {
+    pub subject_kind: String,
+    pub subject_id: String,
+    pub plan: String,
+    pub cycle: Option<String>,
+    pub recurring_price: Option<i64>,
+    pub period_start: i64,
+    pub period_end: i64,
+    pub issued_at: Option<i64>,
+    pub id: String,
+}
+
+/// The paid plan invoices whose period covers any of `[from, to)`: what
+/// MRR at an instant in that span is made of.
+/// Rows of [`Coverage`]; run with [`between`].
+pub const COVERAGE_BETWEEN: &str =
+    "SELECT subject_kind, subject_id, plan, cycle, recurring_price, period_start, period_end, \
+             issued_at, id FROM invoices WHERE status = 'paid' AND plan IS NOT NULL \
+             AND period_start IS NOT NULL AND period_end IS NOT NULL \
+             AND period_start < $2 AND period_end > $1 \
+             ORDER BY subject_kind, subject_id, period_start, issued_at, id";
+
+/// Stores a day's reconciliation once (the first writer wins: two
+/// instances closing the same day store one report).
+pub async fn insert_reconciliation(
+    c: &mut AnyConnection,
+    day: &str,
+    report: &str,
+    mismatches: i64,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO reconciliations (day, report, mismatches, created_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (day) DO NOTHING",
+    )
+    .bind(day)
+    .bind(report)
+    .bind(mismatches)
+    .bind(now)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A stored reconciliation: `(report, mismatches, created_at)`.
+pub async fn reconciliation(
+    c: &mut AnyConnection,
+    day: &str,
+) -> Result<Option<(String, i64, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT report, mismatches, created_at FROM reconciliations WHERE day = $1")
+        .bind(day)
+        .fetch_optional(c)
+        .await
+}
+
+/// The days at or after `since` that have a stored reconciliation.
+pub async fn reconciled_days(
+    c: &mut AnyConnection,
+    since: &str,
+) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT day FROM reconciliations WHERE day >= $1 ORDER BY day")
+        .bind(since)
+        .fetch_all(c)
+        .await
 }

@@ -114,6 +114,15 @@ impl HttpMetrics {
             .observe(elapsed.as_secs_f64());
     }
 
+    /// Registers a service's own metric (labelled with the service like
+    /// the rest); an error when its name is taken.
+    pub fn register(
+        &self,
+        c: impl prometheus::core::Collector + 'static,
+    ) -> Result<(), prometheus::Error> {
+        self.registry.register(Box::new(c))
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
