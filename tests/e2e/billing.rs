@@ -542,3 +542,141 @@ both_databases! {
         b.stop().await;
     }
 }
+
+/// `tiergate serve billing` in its own process against this world's
+/// database and users service, with `failpoints`.
+async fn serve_billing(
+    world: &World,
+    users: &Running,
+    inbox: &Inbox,
+    listen: &str,
+    failpoints: &str,
+) -> std::process::Child {
+    let config = world.dir.path().join("services.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "events:\n  invoice.issued: [\"{0}\"]\n  invoice.paid: [\"{0}\"]\n",
+            inbox.url()
+        ),
+    )
+    .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
+        .args(["serve", "billing", "-c"])
+        .arg(&config)
+        .env("TIERGATE_ENV", "development")
+        .env("TIERGATE_DATA_DIR", world.dir.path())
+        .env(
+            "TIERGATE_BILLING_DATABASE_URL",
+            world.db.url_for("billing", world.dir.path()).await,
+        )
+        .env("TIERGATE_BILLING_LISTEN", listen)
+        .env("TIERGATE_USERS_URL", &users.base)
+        .env("TIERGATE_BILLING_FAILPOINTS", failpoints)
+        .env("RUST_LOG", "warn")
+        .current_dir(world.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let health = format!("http://{listen}/health");
+    crate::platform::eventually("billing up", || async {
+        let r = client().get(&health).send().await.ok()?;
+        (r.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    child
+}
+
+both_databases! {
+    /// The process dies inside the issuing transaction (after the number
+    /// and the event were written, before the commit): nothing is kept,
+    /// and the retry takes number 1. It dies after the commit, before the
+    /// answer: the retry gets the same invoice, never a second one. It
+    /// dies recording a payment: the redelivered event pays it once.
+    async fn test_a_crash_at_each_dangerous_line_loses_nothing_and_bills_nothing_twice(db: Database) {
+        let world = World::new(db);
+        let inbox = Inbox::start().await;
+        let users = world.start::<users::UsersService>(users_settings(&world, inbox.subscribers("notifications")).await);
+        let (ann, _) = user_of(&signed_up(&users.base, &inbox, "ann@example.com").await);
+        let subscriptions = world.keys_of("subscriptions");
+        let listen = format!("127.0.0.1:{}", crate::common::free_port());
+        let url = format!("http://{listen}/internal/invoices");
+        let create = |body: Value| client().post(&url).bearer_auth(subscriptions.issue("billing")).json(&body).send();
+        let exits = |mut child: std::process::Child| {
+            let status = child.wait().unwrap();
+            use std::os::unix::process::ExitStatusExt;
+            assert_eq!(status.signal(), Some(6), "aborted at the fail point: {status}");
+        };
+
+        let child = serve_billing(&world, &users, &inbox, &listen, "issue.before_commit=abort").await;
+        // The process made and migrated the database.
+        let pool = world.pool("billing").await;
+        let count = |sql: &'static str| {
+            let pool = pool.clone();
+            async move { sqlx::query_scalar::<_, i64>(sql).fetch_one(&pool).await.unwrap() }
+        };
+        assert!(create(renewal(&ann, 1)).await.is_err(), "the process died mid-request");
+        exits(child);
+        assert_eq!(count("SELECT COUNT(*) FROM invoices").await, 0);
+        assert_eq!(count("SELECT COUNT(*) FROM outbox_events").await, 0, "no event of an invoice that never was");
+        assert_eq!(count("SELECT COUNT(*) FROM counters WHERE last > 0").await, 0, "the number was given back");
+
+        let child = serve_billing(&world, &users, &inbox, &listen, "create.after_commit=abort").await;
+        assert!(create(renewal(&ann, 1)).await.is_err(), "the process died before answering");
+        exits(child);
+        assert_eq!(count("SELECT COUNT(*) FROM invoices").await, 1, "committed");
+
+        let mut child = serve_billing(&world, &users, &inbox, &listen, "").await;
+        let r = create(renewal(&ann, 1)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "the retry finds the committed invoice");
+        assert_eq!(r.headers()["idempotent-replayed"], "true");
+        let inv: Value = r.json().await.unwrap();
+        assert!(inv["number"].as_str().unwrap().ends_with("/000001"), "{inv}");
+        let r = create(renewal(&ann, 2)).await.unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        let next: Value = r.json().await.unwrap();
+        assert!(next["number"].as_str().unwrap().ends_with("/000002"), "{next}");
+        assert_eq!(count("SELECT COUNT(*) FROM invoices").await, 2);
+        // Both events delivered, once each: the one committed just before
+        // the crash included.
+        for id in [&inv["id"], &next["id"]] {
+            inbox.wait_for("invoice.issued", "invoice_id", id.as_str().unwrap()).await;
+        }
+        assert_eq!(inbox.count(|e| e["type"] == "invoice.issued"), 2);
+        // The PDF of the invoice committed just before the crash is
+        // rendered by the restarted process.
+        crate::platform::eventually("the PDF rendered after the restart", || async {
+            (count("SELECT COUNT(*) FROM documents").await == 2).then_some(())
+        })
+        .await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        // It dies while recording a payment: the payment is not kept, the
+        // redelivered event pays the invoice once.
+        let payments = world.keys_of("payments");
+        let id = inv["id"].as_str().unwrap();
+        let event = json!({"id": uuid::Uuid::now_v7().to_string(), "type": "payment.settled", "source": "payments",
+            "occurred_at": world.clock.now_ms(),
+            "data": {"payment_id": "pay-1", "invoice_id": id, "amount": inv["total"], "method": "qris",
+                     "user_id": ann, "subject": {"kind": "user", "id": ann}}});
+        let deliver = || client().post(format!("http://{listen}/internal/events")).bearer_auth(payments.issue("billing")).json(&event).send();
+        let child = serve_billing(&world, &users, &inbox, &listen, "payment.before_commit=abort").await;
+        assert!(deliver().await.is_err(), "the process died mid-event");
+        exits(child);
+        assert_eq!(count("SELECT COUNT(*) FROM payments").await, 0);
+        let mut child = serve_billing(&world, &users, &inbox, &listen, "").await;
+        let r = deliver().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.json::<Value>().await.unwrap()["status"], "applied");
+        let again: Value = deliver().await.unwrap().json().await.unwrap();
+        assert_ne!(again["status"], "applied", "{again}");
+        inbox.wait_for("invoice.paid", "invoice_id", id).await;
+        assert_eq!(count("SELECT COUNT(*) FROM payments").await, 1);
+        assert_eq!(inbox.count(|e| e["type"] == "invoice.paid"), 1, "paid once");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        users.stop().await;
+    }
+}

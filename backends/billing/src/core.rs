@@ -582,6 +582,8 @@ impl Billing {
             self.issue_in(&mut tx, &mut row).await?;
         }
         tx.commit().await?;
+        // Committed but not answered: a retry must find this invoice.
+        self.config.failpoints.hit("create.after_commit")?;
         self.after_commit(!new.draft);
         Ok((self.view(row).await?, true))
     }
@@ -840,6 +842,7 @@ impl Billing {
                 "overpayment recorded"
             );
         }
+        self.config.failpoints.hit("payment.before_commit")?;
         self.render_wake.notify_one();
         Ok(if over > 0 {
             PaymentOutcome::Overpaid
