@@ -680,3 +680,17 @@ both_databases! {
         users.stop().await;
     }
 }
+
+both_databases! {
+    /// schemathesis, generating requests from billing's `/openapi.json`
+    /// with an admin's token, finds no 5xx, no undocumented status, no
+    /// response that breaks its schema.
+    async fn test_openapi_contract_holds_under_schemathesis(db: Database) {
+        let b = start(db, "").await;
+        let (_, root) = user_of(&signed_up(&b.users.base, &b.inbox, "root@example.com").await);
+        let url = b.billing.url("/openapi.json");
+        let out = crate::users::run_schemathesis(&url, &[&format!("Authorization: Bearer {root}")]).await;
+        assert!(out.0, "schemathesis found failures:\n{}", out.1);
+        b.stop().await;
+    }
+}

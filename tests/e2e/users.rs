@@ -1246,39 +1246,48 @@ fn schemathesis() -> std::path::PathBuf {
     std::path::PathBuf::from("st")
 }
 
+/// Runs schemathesis against the OpenAPI document at `url` with extra
+/// request headers; `(passed, its output)`.
+pub async fn run_schemathesis(url: &str, headers: &[&str]) -> (bool, String) {
+    let st = schemathesis();
+    let mut args: Vec<String> = [
+        "run",
+        url,
+        "--checks",
+        "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+        "--max-examples",
+        "25",
+        "--seed",
+        "1",
+        "--no-color",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    for h in headers {
+        args.extend(["--header".to_owned(), (*h).to_owned()]);
+    }
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(st)
+            .args(&args)
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let text = format!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    (out.status.success() && stdout.contains("passed"), text)
+}
+
 both_databases! {
     /// schemathesis, generating requests from `/openapi.json`, finds no 5xx,
     /// no undocumented status, no response that breaks its schema.
     async fn test_openapi_contract_holds_under_schemathesis(db: Database) {
-        let st = schemathesis();
         let (_world, svc) = alone(db).await;
-        let url = svc.url("/openapi.json");
-        let out = tokio::task::spawn_blocking(move || {
-            std::process::Command::new(st)
-                .args([
-                    "run",
-                    &url,
-                    "--checks",
-                    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
-                    "--max-examples",
-                    "25",
-                    "--seed",
-                    "1",
-                    "--no-color",
-                ])
-                .current_dir(std::env::temp_dir())
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "schemathesis found failures:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(stdout.contains("passed"), "{stdout}");
+        let (passed, out) = run_schemathesis(&svc.url("/openapi.json"), &[]).await;
+        assert!(passed, "schemathesis found failures:\n{out}");
         svc.stop().await;
     }
 }

@@ -3,10 +3,11 @@
 
 use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
+use backend_common::error::ErrorEnvelope;
 use backend_common::json::Json;
 use backend_common::service_auth::{AllowedCallers, ServiceCaller};
 use backend_common::user_auth::{Admin, AuthUser};
@@ -25,10 +26,13 @@ const CREATORS: &[&str] = &["subscriptions"];
 const READERS: &[&str] = &["payments", "subscriptions", "notifications"];
 
 /// `?limit=&cursor=`.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct Page {
+    /// Page size, 1-100 (default 20).
     limit: Option<i64>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
@@ -53,10 +57,47 @@ fn pdf_response((name, bytes): (String, Vec<u8>)) -> HttpResponse {
         .body(bytes)
 }
 
-fn page(invoices: Vec<Invoice>, next: Option<String>) -> HttpResponse {
-    HttpResponse::Ok().json(json!({"invoices": invoices, "next_cursor": next}))
+/// A page of invoices.
+#[derive(Serialize, ToSchema)]
+pub struct InvoicePage {
+    /// Newest first.
+    pub invoices: Vec<Invoice>,
+    /// The `cursor` of the next page; absent on the last.
+    pub next_cursor: Option<String>,
 }
 
+fn page(invoices: Vec<Invoice>, next_cursor: Option<String>) -> HttpResponse {
+    HttpResponse::Ok().json(InvoicePage {
+        invoices,
+        next_cursor,
+    })
+}
+
+/// An overpayment to refund or credit.
+#[derive(Serialize, ToSchema)]
+pub struct Overpayment {
+    pub id: String,
+    pub invoice_id: String,
+    pub payment_id: String,
+    /// What came beyond the invoice's total (whole rupiah).
+    pub amount: i64,
+    /// `open`, `refunded` or `credited`.
+    pub status: String,
+    pub note: Option<String>,
+    pub created_at: i64,
+    pub resolved_at: Option<i64>,
+}
+
+/// `GET /api/admin/billing/overpayments`.
+#[derive(Serialize, ToSchema)]
+pub struct OverpaymentList {
+    pub overpayments: Vec<Overpayment>,
+}
+
+#[utoipa::path(get, path = "/api/billing/invoices", tag = "billing", security(("bearer" = [])),
+    params(Page),
+    responses((status = 200, description = "the caller's subject's issued invoices, newest first", body = InvoicePage),
+        (status = 422, description = "bad limit or cursor", body = ErrorEnvelope)))]
 async fn my_invoices(
     billing: web::Data<Billing>,
     user: AuthUser,
@@ -68,6 +109,10 @@ async fn my_invoices(
     Ok(page(invoices, next))
 }
 
+#[utoipa::path(get, path = "/api/billing/invoices/{id}", tag = "billing", security(("bearer" = [])),
+    params(("id" = String, Path, description = "invoice id")),
+    responses((status = 200, body = Invoice),
+        (status = 404, description = "no such invoice of the caller's subject", body = ErrorEnvelope)))]
 async fn my_invoice(
     billing: web::Data<Billing>,
     user: AuthUser,
@@ -76,6 +121,10 @@ async fn my_invoice(
     Ok(HttpResponse::Ok().json(billing.get_for(&user.subject(), &id).await?))
 }
 
+#[utoipa::path(get, path = "/api/billing/invoices/{id}/pdf", tag = "billing", security(("bearer" = [])),
+    params(("id" = String, Path, description = "invoice id")),
+    responses((status = 200, description = "the PDF (A4)", content_type = "application/pdf", body = Vec<u8>),
+        (status = 404, description = "no such issued invoice of the caller's subject", body = ErrorEnvelope)))]
 async fn my_invoice_pdf(
     billing: web::Data<Billing>,
     user: AuthUser,
@@ -84,6 +133,10 @@ async fn my_invoice_pdf(
     Ok(pdf_response(billing.pdf(Some(&user.subject()), &id).await?))
 }
 
+#[utoipa::path(get, path = "/api/billing/credit-notes/{id}/pdf", tag = "billing", security(("bearer" = [])),
+    params(("id" = String, Path, description = "credit note id")),
+    responses((status = 200, description = "the PDF (A4)", content_type = "application/pdf", body = Vec<u8>),
+        (status = 404, description = "no such credit note of the caller's subject", body = ErrorEnvelope)))]
 async fn my_credit_note_pdf(
     billing: web::Data<Billing>,
     user: AuthUser,
@@ -95,17 +148,28 @@ async fn my_credit_note_pdf(
 }
 
 /// `GET /api/admin/invoices` query.
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct AdminQuery {
+    /// `draft`, `open`, `paid` or `void`.
     status: Option<String>,
+    /// The billed user's or organization's id.
     subject_id: Option<String>,
+    /// An invoice number, exactly.
     number: Option<String>,
+    /// The buyer's e-mail.
     email: Option<String>,
+    /// Page size, 1-100 (default 20).
     limit: Option<i64>,
+    /// `next_cursor` of the previous page.
     cursor: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/admin/invoices", tag = "admin", security(("bearer" = [])),
+    params(AdminQuery),
+    responses((status = 200, description = "every invoice matching, newest first", body = InvoicePage),
+        (status = 422, description = "bad limit or cursor", body = ErrorEnvelope)))]
 async fn admin_list(
     billing: web::Data<Billing>,
     _admin: Admin,
@@ -124,6 +188,9 @@ async fn admin_list(
     Ok(page(invoices, next))
 }
 
+#[utoipa::path(get, path = "/api/admin/invoices/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "invoice id")),
+    responses((status = 200, body = Invoice), (status = 404, description = "no such invoice", body = ErrorEnvelope)))]
 async fn admin_get(
     billing: web::Data<Billing>,
     _admin: Admin,
@@ -132,6 +199,9 @@ async fn admin_get(
     Ok(HttpResponse::Ok().json(billing.get(&id).await?))
 }
 
+#[utoipa::path(get, path = "/api/admin/invoices/{id}/pdf", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "invoice id")),
+    responses((status = 200, description = "the PDF (A4)", content_type = "application/pdf", body = Vec<u8>), (status = 404, description = "no such issued invoice", body = ErrorEnvelope)))]
 async fn admin_pdf(
     billing: web::Data<Billing>,
     _admin: Admin,
@@ -186,6 +256,14 @@ fn created(invoice: Invoice, fresh: bool) -> HttpResponse {
     }
 }
 
+#[utoipa::path(post, path = "/api/admin/invoices", tag = "admin", security(("bearer" = [])),
+    params(("Idempotency-Key" = String, Header, description = "1-200 characters: the invoice's reference")),
+    request_body = ManualInvoice,
+    responses((status = 201, description = "created (and issued unless a draft)", body = Invoice),
+        (status = 200, description = "the invoice of this key, replayed", body = Invoice),
+        (status = 400, description = "no Idempotency-Key", body = ErrorEnvelope),
+        (status = 409, description = "this key with other contents", body = ErrorEnvelope),
+        (status = 502, description = "the users service failed", body = ErrorEnvelope)))]
 async fn admin_create(
     billing: web::Data<Billing>,
     _admin: Admin,
@@ -211,6 +289,11 @@ async fn admin_create(
     Ok(created(invoice, fresh))
 }
 
+#[utoipa::path(post, path = "/api/admin/invoices/{id}/issue", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "invoice id")),
+    responses((status = 200, description = "numbered and open", body = Invoice),
+        (status = 404, description = "no such invoice", body = ErrorEnvelope),
+        (status = 409, description = "not a draft", body = ErrorEnvelope)))]
 async fn admin_issue(
     billing: web::Data<Billing>,
     _admin: Admin,
@@ -227,6 +310,11 @@ pub struct VoidRequest {
     pub reason: String,
 }
 
+#[utoipa::path(post, path = "/api/admin/invoices/{id}/void", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "invoice id")), request_body = VoidRequest,
+    responses((status = 200, description = "void (it keeps its number)", body = Invoice),
+        (status = 404, description = "no such invoice", body = ErrorEnvelope),
+        (status = 409, description = "paid, or voided for another reason", body = ErrorEnvelope)))]
 async fn admin_void(
     billing: web::Data<Billing>,
     _admin: Admin,
@@ -246,6 +334,11 @@ pub struct CreditRequest {
     pub reason: String,
 }
 
+#[utoipa::path(post, path = "/api/admin/invoices/{id}/credit-notes", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "invoice id")), request_body = CreditRequest,
+    responses((status = 201, body = CreditNote),
+        (status = 404, description = "no such invoice", body = ErrorEnvelope),
+        (status = 409, description = "not paid", body = ErrorEnvelope)))]
 async fn admin_credit(
     billing: web::Data<Billing>,
     Admin(admin): Admin,
@@ -258,6 +351,9 @@ async fn admin_credit(
     Ok(HttpResponse::Created().json(note))
 }
 
+#[utoipa::path(get, path = "/api/admin/credit-notes/{id}/pdf", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "credit note id")),
+    responses((status = 200, description = "the PDF (A4)", content_type = "application/pdf", body = Vec<u8>), (status = 404, description = "no such credit note", body = ErrorEnvelope)))]
 async fn admin_credit_note_pdf(
     billing: web::Data<Billing>,
     _admin: Admin,
@@ -266,18 +362,25 @@ async fn admin_credit_note_pdf(
     Ok(pdf_response(billing.credit_note_pdf(None, &id).await?))
 }
 
+#[utoipa::path(get, path = "/api/admin/billing/overpayments", tag = "admin", security(("bearer" = [])),
+    responses((status = 200, description = "open overpayments first", body = OverpaymentList)))]
 async fn admin_overpayments(billing: web::Data<Billing>, _admin: Admin) -> Api<HttpResponse> {
     let list: Vec<_> = billing
         .overpayments()
         .await?
         .into_iter()
-        .map(|o| {
-            json!({"id": o.id, "invoice_id": o.invoice_id, "payment_id": o.payment_id,
-                   "amount": o.amount, "status": o.status, "note": o.note,
-                   "created_at": o.created_at, "resolved_at": o.resolved_at})
+        .map(|o| Overpayment {
+            id: o.id,
+            invoice_id: o.invoice_id,
+            payment_id: o.payment_id,
+            amount: o.amount,
+            status: o.status,
+            note: o.note,
+            created_at: o.created_at,
+            resolved_at: o.resolved_at,
         })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({"overpayments": list})))
+    Ok(HttpResponse::Ok().json(OverpaymentList { overpayments: list }))
 }
 
 /// `POST /api/admin/billing/overpayments/{id}`.
@@ -291,6 +394,10 @@ pub struct ResolveRequest {
     pub note: Option<String>,
 }
 
+#[utoipa::path(post, path = "/api/admin/billing/overpayments/{id}", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "overpayment id")), request_body = ResolveRequest,
+    responses((status = 204, description = "resolved"),
+        (status = 404, description = "no such open overpayment", body = ErrorEnvelope)))]
 async fn admin_resolve(
     billing: web::Data<Billing>,
     _admin: Admin,
@@ -305,12 +412,18 @@ async fn admin_resolve(
 
 /// `GET /api/admin/billing/reconciliation?date=YYYY-MM-DD` (default:
 /// yesterday in the business zone).
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct ReconQuery {
+    /// The business day, `YYYY-MM-DD` (default: yesterday).
     date: Option<String>,
 }
 
+#[utoipa::path(get, path = "/api/admin/billing/reconciliation", tag = "admin", security(("bearer" = [])),
+    params(ReconQuery),
+    responses((status = 200, body = reports::Reconciliation),
+        (status = 422, description = "not a date", body = ErrorEnvelope)))]
 async fn admin_reconciliation(
     billing: web::Data<Billing>,
     _admin: Admin,
@@ -328,11 +441,15 @@ async fn admin_reconciliation(
 
 /// `GET /api/admin/billing/revenue?from=&to=&group=month|plan` (default:
 /// this month so far, per month).
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 struct RevenueQuery {
+    /// First business day, `YYYY-MM-DD` (default: the first of `to`'s month).
     from: Option<String>,
+    /// Last business day, included (default: today).
     to: Option<String>,
+    /// `month` (default) or `plan`.
     group: Option<String>,
 }
 
@@ -346,6 +463,11 @@ fn wants_csv(req: &HttpRequest) -> bool {
         })
 }
 
+#[utoipa::path(get, path = "/api/admin/billing/revenue", tag = "admin", security(("bearer" = [])),
+    params(RevenueQuery),
+    responses((status = 200, description = "JSON, or CSV with `Accept: text/csv`",
+            content((reports::Revenue = "application/json"), (String = "text/csv"))),
+        (status = 422, description = "bad dates or group", body = ErrorEnvelope)))]
 async fn admin_revenue(
     billing: web::Data<Billing>,
     _admin: Admin,
@@ -386,6 +508,12 @@ async fn admin_revenue(
     Ok(HttpResponse::Ok().json(report))
 }
 
+#[utoipa::path(post, path = "/internal/invoices", tag = "internal", security(("service" = [])),
+    request_body = NewInvoice,
+    responses((status = 201, description = "created (and issued unless a draft)", body = Invoice),
+        (status = 200, description = "the invoice of this reference, replayed", body = Invoice),
+        (status = 409, description = "this reference with other contents", body = ErrorEnvelope),
+        (status = 502, description = "the users service failed", body = ErrorEnvelope)))]
 async fn internal_create(
     billing: web::Data<Billing>,
     _caller: ServiceCaller,
@@ -395,6 +523,9 @@ async fn internal_create(
     Ok(created(invoice, fresh))
 }
 
+#[utoipa::path(get, path = "/internal/invoices/{id}", tag = "internal", security(("service" = [])),
+    params(("id" = String, Path, description = "invoice id")),
+    responses((status = 200, body = Invoice), (status = 404, description = "no such invoice", body = ErrorEnvelope)))]
 async fn internal_get(
     billing: web::Data<Billing>,
     _caller: ServiceCaller,
@@ -403,6 +534,9 @@ async fn internal_get(
     Ok(HttpResponse::Ok().json(billing.get(&id).await?))
 }
 
+#[utoipa::path(get, path = "/internal/invoices/{id}/pdf", tag = "internal", security(("service" = [])),
+    params(("id" = String, Path, description = "invoice id")),
+    responses((status = 200, description = "the PDF (A4)", content_type = "application/pdf", body = Vec<u8>), (status = 404, description = "no such issued invoice", body = ErrorEnvelope)))]
 async fn internal_pdf(
     billing: web::Data<Billing>,
     _caller: ServiceCaller,
@@ -411,6 +545,11 @@ async fn internal_pdf(
     Ok(pdf_response(billing.pdf(None, &id).await?))
 }
 
+#[utoipa::path(post, path = "/internal/invoices/{id}/issue", tag = "internal", security(("service" = [])),
+    params(("id" = String, Path, description = "invoice id")),
+    responses((status = 200, body = Invoice),
+        (status = 404, description = "no such invoice", body = ErrorEnvelope),
+        (status = 409, description = "not a draft", body = ErrorEnvelope)))]
 async fn internal_issue(
     billing: web::Data<Billing>,
     _caller: ServiceCaller,
@@ -419,6 +558,11 @@ async fn internal_issue(
     Ok(HttpResponse::Ok().json(billing.issue(&id).await?))
 }
 
+#[utoipa::path(post, path = "/internal/invoices/{id}/void", tag = "internal", security(("service" = [])),
+    params(("id" = String, Path, description = "invoice id")), request_body = VoidRequest,
+    responses((status = 200, body = Invoice),
+        (status = 404, description = "no such invoice", body = ErrorEnvelope),
+        (status = 409, description = "paid, or voided for another reason", body = ErrorEnvelope)))]
 async fn internal_void(
     billing: web::Data<Billing>,
     _caller: ServiceCaller,
@@ -433,9 +577,37 @@ async fn internal_void(
 #[openapi(
     info(
         title = "tiergate billing",
-        description = "Invoices with gapless numbers and PPN, PDFs, credit notes, payments against invoices."
+        description = "Invoices with gapless numbers and PPN, PDFs, credit notes, payments against invoices, reconciliation and revenue."
+    ),
+    paths(
+        my_invoices,
+        my_invoice,
+        my_invoice_pdf,
+        my_credit_note_pdf,
+        admin_list,
+        admin_create,
+        admin_get,
+        admin_pdf,
+        admin_issue,
+        admin_void,
+        admin_credit,
+        admin_credit_note_pdf,
+        admin_overpayments,
+        admin_resolve,
+        admin_reconciliation,
+        admin_revenue,
+        internal_create,
+        internal_get,
+        internal_pdf,
+        internal_issue,
+        internal_void
     ),
     components(schemas(
+        InvoicePage,
+        Overpayment,
+        OverpaymentList,
+        reports::Reconciliation,
+        reports::Revenue,
         Invoice,
         CreditNote,
         NewInvoice,

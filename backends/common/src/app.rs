@@ -412,6 +412,13 @@ fn document_shared_errors(openapi: &mut utoipa::openapi::OpenApi) {
             if op.parameters.as_ref().is_some_and(|p| !p.is_empty()) {
                 codes.push(("400", "invalid query string"));
             }
+            if op.security.as_ref().is_some_and(|s| !s.is_empty()) {
+                codes.push(("401", "no or invalid token"));
+                let tags = op.tags.as_deref().unwrap_or_default();
+                if tags.iter().any(|t| t == "admin" || t == "internal") {
+                    codes.push(("403", "not an admin, or a service not allowed here"));
+                }
+            }
             for (code, description) in codes {
                 op.responses
                     .responses
@@ -422,6 +429,26 @@ fn document_shared_errors(openapi: &mut utoipa::openapi::OpenApi) {
     }
 }
 
+/// The shared document: the operations of every service and the two
+/// security schemes operations name, `bearer` (a user's access token)
+/// and `service` (a service token).
 fn shared_openapi() -> utoipa::openapi::OpenApi {
-    <SharedApi as utoipa::OpenApi>::openapi()
+    use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+    let mut doc = <SharedApi as utoipa::OpenApi>::openapi();
+    let components = doc.components.get_or_insert_with(Default::default);
+    for (name, format) in [
+        ("bearer", "JWT (EdDSA access token)"),
+        ("service", "JWT (EdDSA service token, one key per service)"),
+    ] {
+        components.add_security_scheme(
+            name,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format(format)
+                    .build(),
+            ),
+        );
+    }
+    doc
 }

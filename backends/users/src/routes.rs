@@ -4,8 +4,7 @@
 
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
-use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-use utoipa::{IntoParams, Modify, OpenApi, ToSchema};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use backend_common::json::Json;
 use backend_common::service_auth::{AllowedCallers, ServiceCaller};
@@ -343,41 +342,44 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         );
 }
 
-struct SecuritySchemes;
-
-impl Modify for SecuritySchemes {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT (EdDSA access token)")
-                    .build(),
-            ),
-        );
-        components.add_security_scheme(
-            "service",
-            SecurityScheme::Http(
-                HttpBuilder::new()
-                    .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("JWT (EdDSA service token, one key per service)")
-                    .build(),
-            ),
-        );
-    }
-}
-
 /// The users service's OpenAPI document.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "tiergate users service", description = "Accounts, access tokens (EdDSA, JWKS), refresh-token rotation."),
-    paths(register, verify_email, resend_verification, login, refresh, logout, forgot_password, reset_password,
-        me, update_me, list_users, set_roles, jwks, internal_user),
-    components(schemas(RegisterRequest, TokenRequest, Verified, ResendRequest, LoginRequest, RefreshRequest,
-        ForgotRequest, Accepted, ResetRequest, UpdateMeRequest, SetRolesRequest,
-        User, UserPage, TokenPair)),
-    modifiers(&SecuritySchemes)
+    info(
+        title = "tiergate users service",
+        description = "Accounts, access tokens (EdDSA, JWKS), refresh-token rotation."
+    ),
+    paths(
+        register,
+        verify_email,
+        resend_verification,
+        login,
+        refresh,
+        logout,
+        forgot_password,
+        reset_password,
+        me,
+        update_me,
+        list_users,
+        set_roles,
+        jwks,
+        internal_user
+    ),
+    components(schemas(
+        RegisterRequest,
+        TokenRequest,
+        Verified,
+        ResendRequest,
+        LoginRequest,
+        RefreshRequest,
+        ForgotRequest,
+        Accepted,
+        ResetRequest,
+        UpdateMeRequest,
+        SetRolesRequest,
+        User,
+        UserPage,
+        TokenPair
+    ))
 )]
 pub struct UsersApi;
