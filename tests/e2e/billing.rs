@@ -122,7 +122,7 @@ fn renewal(user: &str, period_start: i64) -> Value {
 }
 
 /// The text of a PDF (poppler's `pdftotext`).
-fn pdf_text(world: &World, pdf: &[u8]) -> String {
+pub(crate) fn pdf_text(world: &World, pdf: &[u8]) -> String {
     let path = world
         .dir
         .path()
@@ -182,7 +182,7 @@ fn inked_pixels(world: &World, pdf: &[u8]) -> usize {
     bytes[at + 1..].iter().filter(|&&b| b < 200).count()
 }
 
-async fn get_pdf(base: &str, path: &str, token: &str) -> (StatusCode, String, Vec<u8>) {
+pub(crate) async fn get_pdf(base: &str, path: &str, token: &str) -> (StatusCode, String, Vec<u8>) {
     let r = client()
         .get(format!("{base}{path}"))
         .bearer_auth(token)

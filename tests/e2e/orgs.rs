@@ -617,3 +617,81 @@ routes:
 "#
     ))
 }
+
+both_databases! {
+    /// An organization's invoice: billed to the company (legal name, NPWP,
+    /// address on the PDF, the buyer's name as the contact), seen by its
+    /// members acting for it, and by nobody else — not the same people
+    /// acting personally, not another organization, not a guessed id.
+    async fn test_an_organizations_invoices_stay_in_it(db: Database) {
+        let mut t = teams(db).await;
+        let base = t.users.base.clone();
+        let (status, body) = call(&base, &t.alice, Method::PATCH, &format!("/api/orgs/{}", t.acme), Some(json!({
+            "company": {"legal_name": "PT Acme Indonesia", "npwp": "01.234.567.8-901.000",
+                        "address": "Jl. Sudirman 1, Jakarta"}}))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let mut settings = t.world.settings::<billing::BillingService>(&[]).await;
+        settings.shared.peers.insert("users".into(), base.clone());
+        let billing = t.world.start::<billing::BillingService>(settings);
+        let bill = billing.base.clone();
+        let (status, inv) = as_service(&t.world.keys_of("subscriptions"), Method::POST, ("billing", &billing), "/internal/invoices",
+            Some(json!({"reference": {"kind": "plan_change", "id": "acme-1"},
+                        "subject": {"kind": "organization", "id": t.acme}, "user_id": t.alice.id,
+                        "plan": "ENTERPRISE", "cycle": "monthly",
+                        "lines": [{"description": "ENTERPRISE, bulanan", "unit_price": 1_999_000}]}))).await;
+        assert_eq!(status, StatusCode::CREATED, "{inv}");
+        let id = inv["id"].as_str().unwrap().to_owned();
+        assert_eq!((inv["buyer"]["legal_name"].as_str(), inv["buyer"]["npwp"].as_str()),
+            (Some("PT Acme Indonesia"), Some("0012345678901000")), "{inv}");
+
+        // Alice's personal access token stays valid beside her Acme one.
+        let alice_personal = t.alice.clone();
+        switch(&base, &mut t.alice, Some(&t.acme)).await;
+        switch(&base, &mut t.carol, Some(&t.acme)).await;
+        switch(&base, &mut t.dave, Some(&t.beta)).await;
+        let dave_beta = t.dave.clone();
+        let guessed = uuid::Uuid::now_v7().to_string();
+        let (one, pdf) = (format!("/api/billing/invoices/{id}"), format!("/api/billing/invoices/{id}/pdf"));
+        // (who, path, expected status)
+        let table: Vec<(&Person, String, u16)> = vec![
+            (&t.alice, one.clone(), 200),
+            (&t.carol, one.clone(), 200),
+            (&t.carol, pdf.clone(), 200),
+            (&alice_personal, one.clone(), 404),
+            (&alice_personal, pdf.clone(), 404),
+            (&dave_beta, one.clone(), 404),
+            (&dave_beta, pdf.clone(), 404),
+            (&t.erin, one.clone(), 404),
+            (&t.alice, format!("/api/billing/invoices/{guessed}"), 404),
+            (&t.alice, format!("/api/billing/credit-notes/{guessed}/pdf"), 404),
+            (&t.alice, format!("/internal/invoices/{id}"), 401),
+            (&t.alice, "/api/admin/invoices".to_owned(), 403),
+            (&t.alice, "/api/admin/billing/revenue".to_owned(), 403),
+        ];
+        for (who, path, want) in table {
+            let (status, answer) = as_user(Method::GET, &bill, &path, &who.access, None).await;
+            assert_eq!(status.as_u16(), want, "{} GET {path}: {answer}", who.email);
+            if want == 404 {
+                assert!(!answer.to_string().contains("Acme"), "a 404 says nothing: {answer}");
+            }
+        }
+        let count = |who: &Person| {
+            let (bill, access) = (bill.clone(), who.access.clone());
+            async move {
+                let (_, list) = as_user(Method::GET, &bill, "/api/billing/invoices", &access, None).await;
+                list["invoices"].as_array().unwrap().len()
+            }
+        };
+        assert_eq!((count(&t.alice).await, count(&t.carol).await), (1, 1));
+        assert_eq!((count(&alice_personal).await, count(&dave_beta).await, count(&t.erin).await), (0, 0, 0));
+
+        let (status, _, bytes) = crate::billing::get_pdf(&bill, &pdf, &t.alice.access).await;
+        assert_eq!(status, StatusCode::OK);
+        let text = crate::billing::pdf_text(&t.world, &bytes);
+        for want in ["PT Acme Indonesia", "NPWP 0012345678901000", "Jl. Sudirman 1, Jakarta", "alice@acme.test"] {
+            assert!(text.contains(want), "{want} missing:\n{text}");
+        }
+        billing.stop().await;
+        t.users.stop().await;
+    }
+}
