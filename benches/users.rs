@@ -25,71 +25,18 @@
 
 mod support;
 
-use std::fs;
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use support::fixed::{self, FixedResult};
+use support::services::{self, env_num, free_addr, free_port, get_request, row, TempDir};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const PASSWORD: &str = "correct horse 9";
 const EMAIL: &str = "bench@example.com";
-
-fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-    match std::env::var(name) {
-        Ok(v) => v.parse().map_err(|_| anyhow!("{name}={v} is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A child process killed when dropped.
-struct Proc(Child, &'static str);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Proc {
-    fn alive(&mut self) -> Result<()> {
-        match self.0.try_wait()? {
-            Some(status) => bail!("{} exited: {status}", self.1),
-            None => Ok(()),
-        }
-    }
-}
-
-/// Removes the directory when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn wait_listening(addr: SocketAddr, proc: &mut Proc) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-        proc.alive()?;
-        if Instant::now() > deadline {
-            bail!("{} did not listen on {addr}", proc.1);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
 
 const GATEWAY_YAML: &str = r#"server:
   listen: ["127.0.0.1:{port}"]
@@ -114,11 +61,6 @@ routes:
   - { name: users, match: { path: { prefix: /api/users } }, upstream: users, auth: required }
 "#;
 
-fn redis_running() -> bool {
-    let addr = SocketAddr::from(([127, 0, 0, 1], 6379));
-    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-}
-
 fn post_request(addr: SocketAddr, path: &str, body: &str) -> Vec<u8> {
     format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tiergate-users-bench\r\n\
@@ -126,47 +68,6 @@ fn post_request(addr: SocketAddr, path: &str, body: &str) -> Vec<u8> {
         body.len()
     )
     .into_bytes()
-}
-
-fn me_request(addr: SocketAddr, token: &str) -> Vec<u8> {
-    format!(
-        "GET /api/users/me HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tiergate-users-bench\r\n\
-         Authorization: Bearer {token}\r\n\r\n"
-    )
-    .into_bytes()
-}
-
-/// The verification token from the service's development log line.
-fn link_token(log: &Path) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = fs::read_to_string(log).unwrap_or_default();
-        if let Some(rest) = text.split("verify-email?token=").nth(1) {
-            let token: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-                .collect();
-            return Ok(token);
-        }
-        if Instant::now() > deadline {
-            bail!("no verification link in {}", log.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-async fn call(
-    client: &reqwest::Client,
-    url: String,
-    body: serde_json::Value,
-) -> Result<serde_json::Value> {
-    let r = client.post(&url).json(&body).send().await?;
-    let status = r.status();
-    let text = r.text().await?;
-    if !status.is_success() {
-        bail!("{url}: {status}: {text}");
-    }
-    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
 }
 
 /// Closed-loop logins: successes and their latencies.
@@ -216,20 +117,6 @@ async fn logins(addr: SocketAddr, clients: usize, dur: Duration) -> Result<Fixed
     Ok(total)
 }
 
-fn row(name: &str, r: &FixedResult, per_s: f64) {
-    println!(
-        "| {name} | {per_s:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
-        r.pct_ms(0.5),
-        r.pct_ms(0.99),
-        r.pct_ms(0.999),
-        r.non_200,
-        r.errors
-    );
-    if let Some(e) = &r.first_error {
-        println!("|   first failure: {e} | | | | | | |");
-    }
-}
-
 fn main() -> Result<()> {
     let rate: u32 = env_num("ME_RATE", 500)?;
     let conns: usize = env_num("ME_CONNECTIONS", 16)?;
@@ -237,67 +124,24 @@ fn main() -> Result<()> {
     let login_clients: usize = env_num("LOGIN_CONCURRENCY", 4)?;
     let login_secs: u64 = env_num("LOGIN_DURATION", 10)?;
     let threads: usize = env_num("GATEWAY_THREADS", 1)?;
-    let bin = Path::new(env!("CARGO_BIN_EXE_tiergate"));
-    let dir = TempDir(std::env::temp_dir().join(format!("tg-users-bench-{}", std::process::id())));
-    fs::create_dir_all(&dir.0)?;
-    let users_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let gw_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let dir = TempDir::new("tg-users-bench")?;
+    let users_addr = free_addr()?;
+    let gw_addr = free_addr()?;
     let admin_port = free_port()?;
     let users_log = dir.0.join("users.log");
 
     eprintln!("starting the users service on {users_addr}");
-    let mut users = Proc(
-        Command::new(bin)
-            .args(["serve", "users"])
-            .env("TIERGATE_DATA_DIR", &dir.0)
-            .env("TIERGATE_ENV", "development")
-            .env("TIERGATE_USERS_LISTEN", users_addr.to_string())
-            .env("RUST_LOG", "info")
-            .env_remove("TIERGATE_USERS_DATABASE_URL")
-            .env_remove("TIERGATE_USERS_SIGNING_KEY")
-            .current_dir(&dir.0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&users_log)?)
-            .spawn()
-            .context("tiergate serve users")?,
-        "users service",
-    );
-    wait_listening(users_addr, &mut users)?;
-
-    let redis = redis_running();
+    let mut users = services::serve(&dir.0, "users", users_addr, &[])?;
+    let redis = services::redis_running();
     let yaml = GATEWAY_YAML
         .replace("{port}", &gw_addr.port().to_string())
         .replace("{threads}", &threads.to_string())
         .replace("{admin}", &admin_port.to_string())
         .replace("{dir}", &dir.0.display().to_string())
         .replace("{users}", &users_addr.to_string())
-        .replace(
-            "{redis}",
-            if redis {
-                "  redis: { url: \"redis://127.0.0.1:6379\" }"
-            } else {
-                ""
-            },
-        );
-    let yaml_path = dir.0.join("gateway.yaml");
-    fs::write(&yaml_path, yaml)?;
+        .replace("{redis}", services::redis_yaml());
     eprintln!("starting the gateway on {gw_addr} (Redis-shared limits: {redis})");
-    let mut gateway = Proc(
-        Command::new(bin)
-            .arg("gateway")
-            .arg("-c")
-            .arg(&yaml_path)
-            .env("RUST_LOG", "warn")
-            .current_dir(&dir.0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.0.join("gateway.log"))?)
-            .spawn()
-            .context("tiergate gateway")?,
-        "gateway",
-    );
-    wait_listening(gw_addr, &mut gateway)?;
+    let mut gateway = services::gateway(&dir.0, &yaml, gw_addr)?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -305,31 +149,10 @@ fn main() -> Result<()> {
         .build()?;
     let client = reqwest::Client::builder().no_proxy().build()?;
     let base = format!("http://{gw_addr}");
-    let token = rt.block_on(async {
-        call(
-            &client,
-            format!("{base}/api/auth/register"),
-            serde_json::json!({"email": EMAIL, "password": PASSWORD, "name": "Bench"}),
-        )
-        .await?;
-        let link = link_token(&users_log)?;
-        call(
-            &client,
-            format!("{base}/api/auth/verify-email"),
-            serde_json::json!({ "token": link }),
-        )
-        .await?;
-        let pair = call(
-            &client,
-            format!("{base}/api/auth/login"),
-            serde_json::json!({"email": EMAIL, "password": PASSWORD}),
-        )
-        .await?;
-        pair["access_token"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| anyhow!("no access token in {pair}"))
-    })?;
+    let token = rt.block_on(services::signed_up(
+        &client, &base, &users_log, EMAIL, PASSWORD,
+    ))?;
+    let me_request = |addr: SocketAddr, token: &str| get_request(addr, "/api/users/me", token);
 
     let me_dur = Duration::from_secs(me_secs);
     eprintln!("warm-up: 1 s of GET /api/users/me through the gateway");

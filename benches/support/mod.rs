@@ -1,9 +1,12 @@
-//! Shared by the load benchmarks (`load`, `users`): minimal HTTP/1.1
-//! framing and an open-loop fixed-rate client.
+//! Shared by the load benchmarks (`load`, `users`, `billing`): minimal
+//! HTTP/1.1 framing, an open-loop fixed-rate client, and real service
+//! processes ([`services`]).
 // Each bench uses a different subset.
 #![allow(dead_code)]
 
 use std::time::Duration;
+
+pub mod services;
 
 /// How long one request may take before it counts as an error.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);

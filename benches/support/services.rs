@@ -1,0 +1,250 @@
+//! Shared by the service benchmarks (`users`, `billing`): real
+//! `tiergate` processes on loopback in a temporary data directory, an
+//! account registered and logged in through the gateway, result rows.
+
+use std::fs;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::fixed::FixedResult;
+
+/// `name` from the environment as a number, else `default`.
+pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v.parse().map_err(|_| anyhow!("{name}={v} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// A free port on loopback.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `127.0.0.1:<a free port>`.
+pub fn free_addr() -> Result<SocketAddr> {
+    Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
+}
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child, pub &'static str);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// An error when it has exited.
+    pub fn alive(&mut self) -> Result<()> {
+        match self.0.try_wait()? {
+            Some(status) => bail!("{} exited: {status}", self.1),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits (20 s at most) until something listens on `addr`.
+    pub fn wait_listening(&mut self, addr: SocketAddr) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            self.alive()?;
+            if Instant::now() > deadline {
+                bail!("{} did not listen on {addr}", self.1);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// `<tmp>/<prefix>-<pid>`, created.
+    pub fn new(prefix: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The `tiergate` binary under test.
+pub fn tiergate_bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_tiergate"))
+}
+
+/// `tiergate serve <service>` in development mode in `dir`, listening on
+/// `addr`, with `env`; its log goes to `<dir>/<service>.log`.
+pub fn serve(
+    dir: &Path,
+    service: &'static str,
+    addr: SocketAddr,
+    env: &[(&str, &str)],
+) -> Result<Proc> {
+    let upper = service.to_ascii_uppercase();
+    let mut cmd = Command::new(tiergate_bin());
+    cmd.args(["serve", service])
+        .env("TIERGATE_DATA_DIR", dir)
+        .env("TIERGATE_ENV", "development")
+        .env(format!("TIERGATE_{upper}_LISTEN"), addr.to_string())
+        .env("RUST_LOG", "info")
+        .env_remove(format!("TIERGATE_{upper}_DATABASE_URL"))
+        .env_remove("TIERGATE_USERS_SIGNING_KEY")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.join(format!("{service}.log")))?);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut p = Proc(
+        cmd.spawn()
+            .with_context(|| format!("tiergate serve {service}"))?,
+        service,
+    );
+    p.wait_listening(addr)?;
+    Ok(p)
+}
+
+/// `tiergate gateway -c <dir>/gateway.yaml` with `yaml`, listening on
+/// `addr`.
+pub fn gateway(dir: &Path, yaml: &str, addr: SocketAddr) -> Result<Proc> {
+    let path = dir.join("gateway.yaml");
+    fs::write(&path, yaml)?;
+    let mut p = Proc(
+        Command::new(tiergate_bin())
+            .arg("gateway")
+            .arg("-c")
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.join("gateway.log"))?)
+            .spawn()
+            .context("tiergate gateway")?,
+        "gateway",
+    );
+    p.wait_listening(addr)?;
+    Ok(p)
+}
+
+/// Whether Redis answers on 127.0.0.1:6379.
+pub fn redis_running() -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], 6379));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
+}
+
+/// The gateway's `redis:` line when Redis answers, else nothing.
+pub fn redis_yaml() -> &'static str {
+    if redis_running() {
+        "  redis: { url: \"redis://127.0.0.1:6379\" }"
+    } else {
+        ""
+    }
+}
+
+/// The verification token from the users service's development log.
+pub fn link_token(log: &Path) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        if let Some(rest) = text.split("verify-email?token=").nth(1) {
+            let token: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .collect();
+            return Ok(token);
+        }
+        if Instant::now() > deadline {
+            bail!("no verification link in {}", log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `POST url` with a JSON body; the JSON answer, an error unless 2xx.
+pub async fn call(
+    client: &reqwest::Client,
+    url: String,
+    body: serde_json::Value,
+) -> Result<serde_json::Value> {
+    let r = client.post(&url).json(&body).send().await?;
+    let status = r.status();
+    let text = r.text().await?;
+    if !status.is_success() {
+        bail!("{url}: {status}: {text}");
+    }
+    Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::Null))
+}
+
+/// Registers `email` through the gateway at `base`, verifies it with the
+/// link in `users_log`, logs in; the access token.
+pub async fn signed_up(
+    client: &reqwest::Client,
+    base: &str,
+    users_log: &Path,
+    email: &str,
+    password: &str,
+) -> Result<String> {
+    call(
+        client,
+        format!("{base}/api/auth/register"),
+        serde_json::json!({"email": email, "password": password, "name": "Bench"}),
+    )
+    .await?;
+    let link = link_token(users_log)?;
+    call(
+        client,
+        format!("{base}/api/auth/verify-email"),
+        serde_json::json!({ "token": link }),
+    )
+    .await?;
+    let pair = call(
+        client,
+        format!("{base}/api/auth/login"),
+        serde_json::json!({"email": email, "password": password}),
+    )
+    .await?;
+    pair["access_token"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no access token in {pair}"))
+}
+
+/// `GET <path>` with a bearer token, as raw HTTP/1.1 bytes.
+pub fn get_request(addr: SocketAddr, path: &str, token: &str) -> Vec<u8> {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tiergate-bench\r\n\
+         Authorization: Bearer {token}\r\n\r\n"
+    )
+    .into_bytes()
+}
+
+/// One Markdown row: name, rate, p50/p99/p99.9 ms, non-2xx, errors.
+pub fn row(name: &str, r: &FixedResult, per_s: f64) {
+    println!(
+        "| {name} | {per_s:.0} | {:.2} | {:.2} | {:.2} | {} | {} |",
+        r.pct_ms(0.5),
+        r.pct_ms(0.99),
+        r.pct_ms(0.999),
+        r.non_200,
+        r.errors
+    );
+    if let Some(e) = &r.first_error {
+        println!("|   first failure: {e} | | | | | | |");
+    }
+}
