@@ -299,6 +299,22 @@ both_databases! {
             assert!(text.contains(want), "{want} missing from the paid PDF:\n{text}");
         }
 
+        // The Faktur Pajak serial from Coretax: validated, printed, set once
+        // (a replacement says so).
+        let nsfp = format!("/api/admin/invoices/{id}/nsfp");
+        let (status, body) = as_user(Method::POST, base, &nsfp, &root_token, Some(json!({"nsfp": "123"}))).await;
+        assert_eq!((status, body["error"]["fields"][0]["field"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("nsfp")));
+        let (status, body) = as_user(Method::POST, base, &nsfp, &root_token, Some(json!({"nsfp": "040.025-00000000123"}))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let (status, _) = as_user(Method::POST, base, &nsfp, &root_token, Some(json!({"nsfp": "04002500000000123"}))).await;
+        assert_eq!(status, StatusCode::OK, "the same serial again");
+        let (status, body) = as_user(Method::POST, base, &nsfp, &root_token, Some(json!({"nsfp": "04012500000000124"}))).await;
+        assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("nsfp_set")));
+        let (_, _, pdf) = get_pdf(base, &format!("/api/billing/invoices/{id}/pdf"), &ann_token).await;
+        let text = pdf_text(&b.world, &pdf);
+        assert!(text.contains("Nomor Seri Faktur Pajak: 04002500000000123"), "{text}");
+        assert!(!text.contains("Bea meterai"), "Rp 202.686 owes no stamp duty");
+
         // A paid invoice is credited, not voided.
         let (status, body) = as_user(Method::POST, base, &format!("/api/admin/invoices/{id}/void"), &root_token, Some(json!({"reason": "x"}))).await;
         assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("cannot_void")));
@@ -336,6 +352,11 @@ both_databases! {
         let info = String::from_utf8(Command::new("pdfinfo").arg(&path).output().unwrap().stdout).unwrap();
         let pages: u32 = info.lines().find_map(|l| l.strip_prefix("Pages:")).unwrap().trim().parse().unwrap();
         assert!(pages >= 2, "{info}");
+        // Paid, its receipt is over Rp 5.000.000: stamp duty is noted.
+        b.payment("payment.settled", "pay-long", long["id"].as_str().unwrap(), 9_990_000).await;
+        let (_, _, pdf) = get_pdf(base, &format!("/api/admin/invoices/{}/pdf", long["id"].as_str().unwrap()), &root_token).await;
+        let text = pdf_text(&b.world, &pdf);
+        assert!(text.contains("LUNAS") && text.contains("Bea meterai Rp 10.000"), "{text}");
         let (status, _) = as_user(Method::GET, base, "/api/admin/invoices", &ann_token, None).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "admins only");
         b.stop().await;

@@ -727,6 +727,50 @@ impl Billing {
         self.view(row).await
     }
 
+    /// Records the Faktur Pajak serial DJP's Coretax gave the invoice
+    /// (admins). The same serial again is a no-op; another replaces it
+    /// only with `replace` (a replacement Faktur Pajak).
+    pub async fn set_nsfp(&self, id: &str, nsfp: &str, replace: bool) -> Result<Invoice, ApiError> {
+        let nsfp = parse_nsfp(nsfp).ok_or_else(|| {
+            field(
+                "nsfp",
+                "must be the 17 digits of a Faktur Pajak serial: transaction code 01-10, status, serial",
+            )
+        })?;
+        if !self.config.seller.pkp {
+            return Err(ApiError::conflict(
+                "not_pkp",
+                "the seller is not a PKP (services.billing.seller.pkp): its invoices have no Faktur Pajak",
+            ));
+        }
+        let now = self.clock.now_ms();
+        let mut tx = self.db.begin_write().await?;
+        if !storage::lock_invoice(&mut tx, id).await? {
+            return Err(not_found());
+        }
+        let row = storage::invoice(&mut tx, id).await?.ok_or_else(not_found)?;
+        match row.nsfp.as_deref() {
+            Some(same) if same == nsfp => {
+                drop(tx);
+                return self.view(row).await;
+            }
+            Some(_) if !replace => return Err(ApiError::conflict(
+                "nsfp_set",
+                "the invoice has another NSFP; send `replace: true` for a replacement Faktur Pajak",
+            )),
+            _ => {}
+        }
+        if !storage::set_nsfp(&mut tx, id, &nsfp, now).await? {
+            return Err(ApiError::conflict(
+                "not_issued",
+                "only an open or paid invoice takes a Faktur Pajak serial",
+            ));
+        }
+        tx.commit().await?;
+        self.render_wake.notify_one();
+        self.get(id).await
+    }
+
     /// Records a settled payment of `amount` against `invoice_id`, once per
     /// `payment_id`, inside the consumer's transaction.
     #[allow(clippy::too_many_arguments)]
@@ -1248,6 +1292,13 @@ impl Billing {
         if let Some(n) = &row.nsfp {
             notes.push(format!("Nomor Seri Faktur Pajak: {n}"));
         }
+        if row.status == "paid" && row.total > METERAI_ABOVE {
+            notes.push(
+                "Bea meterai Rp 10.000 terutang atas tanda terima di atas Rp 5.000.000 \
+                 (UU 10/2020); e-Meterai dibubuhkan terpisah."
+                    .to_owned(),
+            );
+        }
         if row.status == "void" {
             notes.push(format!(
                 "Faktur ini dibatalkan: {}",
@@ -1350,7 +1401,7 @@ impl Billing {
             &mut *self.conn().await?,
             id,
             "invoice",
-            &row.status,
+            &document_state(&row),
             &pdf,
             self.clock.now_ms(),
         )
@@ -1380,7 +1431,7 @@ impl Billing {
         }
         let number = row.number.clone().unwrap_or_default();
         if let Some((state, bytes)) = storage::document(&mut conn, id).await? {
-            if state == row.status {
+            if state == document_state(&row) {
                 return Ok((file_name(&number), bytes));
             }
         }
@@ -1445,6 +1496,32 @@ impl Billing {
 }
 
 /// `INV/2026/11/000123` → `INV-2026-11-000123.pdf`.
+/// What a stored invoice PDF shows: its status, and whether the NSFP is
+/// printed (`paid+nsfp`); a stored PDF of another state is re-rendered.
+fn document_state(row: &InvoiceRow) -> String {
+    if row.nsfp.is_some() {
+        format!("{}+nsfp", row.status)
+    } else {
+        row.status.clone()
+    }
+}
+
+/// Stamp duty (bea meterai, UU 10/2020) is owed on a receipt of more
+/// than this.
+const METERAI_ABOVE: i64 = 5_000_000;
+
+/// A 17-digit NSFP (2 transaction code, 2 status, 13 serial), separators
+/// `.`, `-` and spaces allowed and dropped.
+fn parse_nsfp(s: &str) -> Option<String> {
+    let digits: String = s
+        .chars()
+        .filter(|c| !matches!(c, '.' | '-' | ' '))
+        .collect();
+    let code = digits.get(..2)?.parse::<u8>().ok()?;
+    (digits.len() == 17 && digits.bytes().all(|b| b.is_ascii_digit()) && (1..=10).contains(&code))
+        .then_some(digits)
+}
+
 fn file_name(number: &str) -> String {
     format!("{}.pdf", number.replace('/', "-"))
 }
@@ -1516,6 +1593,26 @@ mod tests {
             canonical(&a),
             r#"{"a":1,"b":{"x":2,"y":1},"kind":"renewal"}"#
         );
+    }
+
+    #[test]
+    fn test_nsfp_serials() {
+        for (input, want) in [
+            ("04002500000000123", Some("04002500000000123")),
+            ("040.025-00000000123", Some("04002500000000123")),
+            ("04 00 2500000000123", Some("04002500000000123")),
+            ("01002500000000123", Some("01002500000000123")),
+            ("10002500000000123", Some("10002500000000123")),
+            ("00002500000000123", None),
+            ("11002500000000123", None),
+            ("0400250000000012", None),
+            ("040025000000001234", None),
+            ("04002500000000x23", None),
+            ("٠٤002500000000123", None),
+            ("", None),
+        ] {
+            assert_eq!(parse_nsfp(input).as_deref(), want, "{input:?}");
+        }
     }
 
     #[test]

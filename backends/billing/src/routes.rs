@@ -324,6 +324,34 @@ async fn admin_void(
     Ok(HttpResponse::Ok().json(billing.void(&id, &body.0.reason).await?))
 }
 
+/// `POST /api/admin/invoices/{id}/nsfp`.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NsfpRequest {
+    /// The Faktur Pajak serial from DJP Coretax: 17 digits (2 transaction
+    /// code, 2 status, 13 serial); `.`, `-` and spaces are dropped.
+    pub nsfp: String,
+    /// Replace another serial already recorded (a replacement Faktur
+    /// Pajak).
+    #[serde(default)]
+    pub replace: bool,
+}
+
+#[utoipa::path(post, path = "/api/admin/invoices/{id}/nsfp", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "invoice id")), request_body = NsfpRequest,
+    responses((status = 200, description = "recorded; the PDF is rendered again with it", body = Invoice),
+        (status = 404, description = "no such invoice", body = ErrorEnvelope),
+        (status = 409, description = "a draft or void invoice, another serial recorded, or the seller is no PKP", body = ErrorEnvelope)))]
+async fn admin_nsfp(
+    billing: web::Data<Billing>,
+    _admin: Admin,
+    id: web::Path<String>,
+    body: Json<NsfpRequest>,
+) -> Api<HttpResponse> {
+    let b = body.0;
+    Ok(HttpResponse::Ok().json(billing.set_nsfp(&id, &b.nsfp, b.replace).await?))
+}
+
 /// `POST /api/admin/invoices/{id}/credit-notes`.
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -590,6 +618,7 @@ async fn internal_void(
         admin_pdf,
         admin_issue,
         admin_void,
+        admin_nsfp,
         admin_credit,
         admin_credit_note_pdf,
         admin_overpayments,
@@ -614,6 +643,7 @@ async fn internal_void(
         NewLine,
         ManualInvoice,
         VoidRequest,
+        NsfpRequest,
         CreditRequest,
         ResolveRequest,
         crate::core::Buyer,
@@ -646,6 +676,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::post().to(admin_issue),
         )
         .route("/api/admin/invoices/{id}/void", web::post().to(admin_void))
+        .route("/api/admin/invoices/{id}/nsfp", web::post().to(admin_nsfp))
         .route(
             "/api/admin/invoices/{id}/credit-notes",
             web::post().to(admin_credit),

@@ -438,6 +438,25 @@ pub async fn set_void(
     Ok(r.rows_affected() == 1)
 }
 
+/// Records the invoice's Faktur Pajak serial (NSFP) on an open or paid
+/// invoice; false when it is in neither state.
+pub async fn set_nsfp(
+    c: &mut AnyConnection,
+    id: &str,
+    nsfp: &str,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE invoices SET nsfp = $1, updated_at = $2 WHERE id = $3 AND status IN ('open', 'paid')",
+    )
+    .bind(nsfp)
+    .bind(now)
+    .bind(id)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
 /// A payment as billing recorded it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct PaymentRow {
@@ -663,7 +682,8 @@ pub async fn stale_documents(
 ) -> Result<Vec<String>, sqlx::Error> {
     sqlx::query_scalar(
         "SELECT i.id FROM invoices i LEFT JOIN documents d ON d.owner_id = i.id \
-         WHERE i.status <> 'draft' AND (d.owner_id IS NULL OR d.state <> i.status) \
+         WHERE i.status <> 'draft' AND (d.owner_id IS NULL OR d.state <> i.status || \
+         CASE WHEN i.nsfp IS NULL THEN '' ELSE '+nsfp' END) \
          ORDER BY i.updated_at LIMIT $1",
     )
     .bind(limit)
