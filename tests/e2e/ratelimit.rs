@@ -620,7 +620,10 @@ async fn test_calls_timing_out_after_redis_ran_them_lose_no_grant_and_charge_no_
     let admitted = Arc::new(AtomicU64::new(0));
     let rejected = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
+    // At least 4 s, and on until the limit is reached (a loaded machine
+    // sends fewer requests a second), 30 s at most.
     let run_for = Duration::from_secs(4);
+    let at_most = Duration::from_secs(30);
     let mut tasks = Vec::new();
     for gw in &gws {
         for _ in 0..4 {
@@ -628,7 +631,9 @@ async fn test_calls_timing_out_after_redis_ran_them_lose_no_grant_and_charge_no_
             let (tok, a, r) = (tok.clone(), admitted.clone(), rejected.clone());
             tasks.push(tokio::spawn(async move {
                 let c = client();
-                while started.elapsed() < run_for {
+                while started.elapsed() < run_for
+                    || (r.load(Ordering::Relaxed) == 0 && started.elapsed() < at_most)
+                {
                     let resp = c
                         .get(&url)
                         .header("authorization", format!("Bearer {tok}"))
