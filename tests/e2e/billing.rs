@@ -36,11 +36,9 @@ async fn start(db: Database, failpoints: &str) -> Billing {
     let users = world.start::<users::UsersService>(
         users_settings(&world, inbox.subscribers("notifications")).await,
     );
-    let mut s = world.settings::<billing::BillingService>(&[]).await;
-    s.shared.events = inbox.subscribers("notifications");
-    s.shared.peers.insert("users".into(), users.base.clone());
-    s.service.failpoints = Failpoints::parse(failpoints).unwrap();
-    let billing = world.start::<billing::BillingService>(s);
+    let billing = world.start::<billing::BillingService>(
+        billing_settings(&world, &inbox, &users, failpoints).await,
+    );
     Billing {
         subscriptions: world.keys_of("subscriptions"),
         payments: world.keys_of("payments"),
@@ -51,7 +49,43 @@ async fn start(db: Database, failpoints: &str) -> Billing {
     }
 }
 
+async fn billing_settings(
+    world: &World,
+    inbox: &Inbox,
+    users: &Running,
+    failpoints: &str,
+) -> backend_common::config::Settings<billing::BillingConfig> {
+    let mut s = world.settings::<billing::BillingService>(&[]).await;
+    s.shared.events = inbox.subscribers("notifications");
+    s.shared.peers.insert("users".into(), users.base.clone());
+    s.service.failpoints = Failpoints::parse(failpoints).unwrap();
+    s
+}
+
 impl Billing {
+    /// Stops billing and starts it again on the same database.
+    async fn restart(self) -> Self {
+        let Billing {
+            world,
+            inbox,
+            users,
+            billing,
+            subscriptions,
+            payments,
+        } = self;
+        billing.stop().await;
+        let settings = billing_settings(&world, &inbox, &users, "").await;
+        let billing = world.start::<billing::BillingService>(settings);
+        Billing {
+            world,
+            inbox,
+            users,
+            billing,
+            subscriptions,
+            payments,
+        }
+    }
+
     async fn create(&self, body: Value) -> (StatusCode, Value) {
         as_service(
             &self.subscriptions,
@@ -560,6 +594,12 @@ both_databases! {
             }).await;
             assert_eq!(value, n, "{kind}");
         }
+        // Restarted, the gauge shows the last closed day again.
+        let b = b.restart().await;
+        let base = &b.billing.base;
+        crate::platform::eventually("the gauge after a restart", || async {
+            crate::platform::metric(base, "billing_reconciliation_mismatches{kind=\"paid_twice\"").await.filter(|v| *v == 1.0)
+        }).await;
         b.stop().await;
     }
 }

@@ -113,16 +113,23 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(300);
 /// The daily reconciliation: closes each finished business day once and
 /// sets the mismatch gauge to the last closed day's counts.
 async fn reconciler(billing: Arc<core::Billing>, gauge: IntGaugeVec) {
+    let set = |counts: &std::collections::BTreeMap<String, usize>| {
+        for (kind, n) in counts {
+            gauge
+                .with_label_values(&[kind.as_str()])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+    };
+    // After a restart the gauge shows the last day closed before it.
+    match billing.last_closed_counts().await {
+        Ok(Some(counts)) => set(&counts),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the last reconciliation"),
+    }
     let mut ticker = billing.clock.ticker();
     loop {
         match billing.close_days().await {
-            Ok(Some(report)) => {
-                for (kind, n) in &report.summary.by_kind {
-                    gauge
-                        .with_label_values(&[kind.as_str()])
-                        .set(i64::try_from(*n).unwrap_or(i64::MAX));
-                }
-            }
+            Ok(Some(report)) => set(&report.summary.by_kind),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "reconciliation failed; retried shortly"),
         }

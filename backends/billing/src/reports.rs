@@ -574,6 +574,18 @@ impl Billing {
         })
     }
 
+    /// The mismatches per kind of the latest stored day, if any (what the
+    /// gauge shows after a restart until the next day closes).
+    pub async fn last_closed_counts(&self) -> Result<Option<BTreeMap<String, usize>>, ApiError> {
+        let mut conn = self.db.pool().acquire().await?;
+        let Some(text) = storage::last_reconciliation(&mut conn).await? else {
+            return Ok(None);
+        };
+        let report: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ApiError::internal(&e))?;
+        Ok(serde_json::from_value(report["summary"]["by_kind"].clone()).ok())
+    }
+
     /// Closes every business day of the last week that is over by
     /// `reconcile_delay` and has no stored report; returns the last
     /// closed day's report, if this call closed one.

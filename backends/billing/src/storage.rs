@@ -826,6 +826,13 @@ pub async fn reconciliation(
         .await
 }
 
+/// The latest stored reconciliation's report.
+pub async fn last_reconciliation(c: &mut AnyConnection) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT report FROM reconciliations ORDER BY day DESC LIMIT 1")
+        .fetch_optional(c)
+        .await
+}
+
 /// The days at or after `since` that have a stored reconciliation.
 pub async fn reconciled_days(
     c: &mut AnyConnection,
