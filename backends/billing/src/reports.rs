@@ -194,13 +194,16 @@ impl RevenueRow {
     pub const CSV_HEADER: &'static str = "group,invoices,invoiced,ppn_invoiced,voided,collected,\
         refunded,ppn_collected,credit_notes,credited,ppn_credited,net,mrr,paying_subjects";
 
-    /// One CSV line (the group quoted when it needs to be).
+    /// One CSV line: the group quoted when it needs to be, and a leading
+    /// `=`, `+`, `-`, `@` (a formula to a spreadsheet) neutralised with `'`.
     pub fn csv(&self) -> String {
-        let group = if self.group.contains([',', '"', '\n', '\r']) {
-            format!("\"{}\"", self.group.replace('"', "\"\""))
-        } else {
-            self.group.clone()
-        };
+        let mut group = self.group.clone();
+        if group.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+            group.insert(0, '\'');
+        }
+        if group.contains([',', '"', '\n', '\r']) {
+            group = format!("\"{}\"", group.replace('"', "\"\""));
+        }
         format!(
             "{group},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             self.invoices,
@@ -785,5 +788,60 @@ impl Billing {
                 })
                 .collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn test_csv_cells_are_quoted_and_never_formulas() {
+        let row = |g: &str| RevenueRow {
+            group: g.to_owned(),
+            invoices: 1,
+            ..RevenueRow::default()
+        };
+        assert_eq!(row("BASIC").csv(), "BASIC,1,0,0,0,0,0,0,0,0,0,0,0,0");
+        assert!(row("=HYPERLINK(1)").csv().starts_with("'=HYPERLINK(1),1,"));
+        assert!(row("a,b").csv().starts_with("\"a,b\",1,"));
+        assert!(row("say \"hi\"").csv().starts_with("\"say \"\"hi\"\"\",1,"));
+        assert!(row("-1,x").csv().starts_with("\"'-1,x\",1,"));
+        assert_eq!(
+            RevenueRow::CSV_HEADER.split(',').count(),
+            row("x").csv().split(',').count()
+        );
+    }
+
+    #[test]
+    fn test_mrr_takes_each_subjects_latest_cover_and_a_twelfth_of_yearly() {
+        let cover =
+            |subject: &str, plan: &str, cycle: &str, price: i64, start: i64, end: i64| Coverage {
+                subject_kind: "user".to_owned(),
+                subject_id: subject.to_owned(),
+                plan: plan.to_owned(),
+                cycle: Some(cycle.to_owned()),
+                recurring_price: Some(price),
+                period_start: start,
+                period_end: end,
+                issued_at: Some(start),
+                id: format!("{subject}-{start}"),
+            };
+        let rows = vec![
+            // a: BASIC, then upgraded to PREMIUM mid-period: PREMIUM counts.
+            cover("a", "BASIC", "monthly", 99_000, 0, 100),
+            cover("a", "PREMIUM", "monthly", 249_000, 50, 100),
+            // b, c: yearly PREMIUM, 12 × 207.500 and a price with a remainder.
+            cover("b", "PREMIUM", "yearly", 2_490_000, 0, 1_000),
+            cover("c", "PREMIUM", "yearly", 1_000_001, 0, 1_000),
+            // d: ended before the instant.
+            cover("d", "BASIC", "monthly", 99_000, 0, 60),
+        ];
+        let m = mrr_at(&rows, 75);
+        // PREMIUM: 249.000 + round((2.490.000 + 1.000.001) / 12) = 249.000 + 290.833.
+        assert_eq!(m.get("PREMIUM"), Some(&(249_000 + 290_833, 3)));
+        assert_eq!(m.get("BASIC"), None);
+        let m = mrr_at(&rows, 10);
+        assert_eq!(m.get("BASIC"), Some(&(99_000 + 99_000, 2)));
     }
 }
