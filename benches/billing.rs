@@ -27,10 +27,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, Result};
 use backend_common::service_auth::{KeySource, ServiceKeys};
 use support::fixed::{self, FixedResult};
-use support::services::{self, env_num, free_addr, free_port, get_request, row, TempDir};
+use support::services::{self, env_num, free_addr, get_request, row, TempDir};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -126,16 +126,7 @@ async fn issue_loop(
             Ok::<_, anyhow::Error>(res)
         });
     }
-    let mut total = FixedResult::default();
-    while let Some(r) = set.join_next().await {
-        let r = r.context("issue task panicked")??;
-        total.latencies_ns.extend(r.latencies_ns);
-        total.non_200 += r.non_200;
-        total.errors += r.errors;
-        total.first_error = total.first_error.or(r.first_error);
-    }
-    total.latencies_ns.sort_unstable();
-    Ok(total)
+    services::collect(set, "issue").await
 }
 
 /// A fresh PostgreSQL database for billing, if the server answers.
@@ -316,25 +307,18 @@ fn main() -> Result<()> {
     let list_secs: u64 = env_num("LIST_DURATION", 10)?;
     let dir = TempDir::new("tg-billing-bench")?;
     let (users_addr, billing_addr, gw_addr) = (free_addr()?, free_addr()?, free_addr()?);
-    let admin_port = free_port()?;
     eprintln!("starting the users service on {users_addr}");
     let mut users = services::serve(&dir.0, "users", users_addr, &[])?;
-    let yaml = GATEWAY_YAML
-        .replace("{port}", &gw_addr.port().to_string())
-        .replace("{threads}", &threads.to_string())
-        .replace("{admin}", &admin_port.to_string())
-        .replace("{dir}", &dir.0.display().to_string())
-        .replace("{users}", &users_addr.to_string())
-        .replace("{billing}", &billing_addr.to_string())
-        .replace("{redis}", services::redis_yaml());
     eprintln!("starting the gateway on {gw_addr}");
-    let mut gateway = services::gateway(&dir.0, &yaml, gw_addr)?;
+    let mut gateway = services::gateway_from(
+        &dir.0,
+        GATEWAY_YAML,
+        gw_addr,
+        threads,
+        &[("users", users_addr), ("billing", billing_addr)],
+    )?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let client = reqwest::Client::builder().no_proxy().build()?;
+    let (rt, client) = services::client_runtime()?;
     let base = format!("http://{gw_addr}");
     let token = rt.block_on(services::signed_up(
         &client,

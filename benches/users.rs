@@ -28,9 +28,9 @@ mod support;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use support::fixed::{self, FixedResult};
-use support::services::{self, env_num, free_addr, free_port, get_request, row, TempDir};
+use support::services::{self, env_num, free_addr, get_request, row, TempDir};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -105,16 +105,7 @@ async fn logins(addr: SocketAddr, clients: usize, dur: Duration) -> Result<Fixed
             Ok::<_, anyhow::Error>(res)
         });
     }
-    let mut total = FixedResult::default();
-    while let Some(r) = set.join_next().await {
-        let r = r.context("login task panicked")??;
-        total.latencies_ns.extend(r.latencies_ns);
-        total.non_200 += r.non_200;
-        total.errors += r.errors;
-        total.first_error = total.first_error.or(r.first_error);
-    }
-    total.latencies_ns.sort_unstable();
-    Ok(total)
+    services::collect(set, "login").await
 }
 
 fn main() -> Result<()> {
@@ -127,27 +118,21 @@ fn main() -> Result<()> {
     let dir = TempDir::new("tg-users-bench")?;
     let users_addr = free_addr()?;
     let gw_addr = free_addr()?;
-    let admin_port = free_port()?;
     let users_log = dir.0.join("users.log");
 
     eprintln!("starting the users service on {users_addr}");
     let mut users = services::serve(&dir.0, "users", users_addr, &[])?;
     let redis = services::redis_running();
-    let yaml = GATEWAY_YAML
-        .replace("{port}", &gw_addr.port().to_string())
-        .replace("{threads}", &threads.to_string())
-        .replace("{admin}", &admin_port.to_string())
-        .replace("{dir}", &dir.0.display().to_string())
-        .replace("{users}", &users_addr.to_string())
-        .replace("{redis}", services::redis_yaml());
     eprintln!("starting the gateway on {gw_addr} (Redis-shared limits: {redis})");
-    let mut gateway = services::gateway(&dir.0, &yaml, gw_addr)?;
+    let mut gateway = services::gateway_from(
+        &dir.0,
+        GATEWAY_YAML,
+        gw_addr,
+        threads,
+        &[("users", users_addr)],
+    )?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let client = reqwest::Client::builder().no_proxy().build()?;
+    let (rt, client) = services::client_runtime()?;
     let base = format!("http://{gw_addr}");
     let token = rt.block_on(services::signed_up(
         &client, &base, &users_log, EMAIL, PASSWORD,

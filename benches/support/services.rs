@@ -119,6 +119,55 @@ pub fn serve(
     Ok(p)
 }
 
+/// `template` with `{port}` (of `addr`), `{threads}`, `{admin}` (a free
+/// port), `{dir}`, `{redis}` ([`redis_yaml`]) and `{<name>}` for each of
+/// `upstreams` filled in, run as the gateway listening on `addr`.
+pub fn gateway_from(
+    dir: &Path,
+    template: &str,
+    addr: SocketAddr,
+    threads: usize,
+    upstreams: &[(&str, SocketAddr)],
+) -> Result<Proc> {
+    let mut yaml = template
+        .replace("{port}", &addr.port().to_string())
+        .replace("{threads}", &threads.to_string())
+        .replace("{admin}", &free_port()?.to_string())
+        .replace("{dir}", &dir.display().to_string())
+        .replace("{redis}", redis_yaml());
+    for (name, upstream) in upstreams {
+        yaml = yaml.replace(&format!("{{{name}}}"), &upstream.to_string());
+    }
+    gateway(dir, &yaml, addr)
+}
+
+/// A one-worker runtime for the load clients and an HTTP client that
+/// ignores proxies.
+pub fn client_runtime() -> Result<(tokio::runtime::Runtime, reqwest::Client)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    Ok((rt, reqwest::Client::builder().no_proxy().build()?))
+}
+
+/// The closed-loop tasks' results added up, latencies sorted.
+pub async fn collect(
+    mut set: tokio::task::JoinSet<Result<FixedResult>>,
+    what: &str,
+) -> Result<FixedResult> {
+    let mut total = FixedResult::default();
+    while let Some(r) = set.join_next().await {
+        let r = r.with_context(|| format!("a {what} task panicked"))??;
+        total.latencies_ns.extend(r.latencies_ns);
+        total.non_200 += r.non_200;
+        total.errors += r.errors;
+        total.first_error = total.first_error.or(r.first_error);
+    }
+    total.latencies_ns.sort_unstable();
+    Ok(total)
+}
+
 /// `tiergate gateway -c <dir>/gateway.yaml` with `yaml`, listening on
 /// `addr`.
 pub fn gateway(dir: &Path, yaml: &str, addr: SocketAddr) -> Result<Proc> {

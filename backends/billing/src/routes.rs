@@ -73,25 +73,10 @@ fn page(invoices: Vec<Invoice>, next_cursor: Option<String>) -> HttpResponse {
     })
 }
 
-/// An overpayment to refund or credit.
-#[derive(Serialize, ToSchema)]
-pub struct Overpayment {
-    pub id: String,
-    pub invoice_id: String,
-    pub payment_id: String,
-    /// What came beyond the invoice's total (whole rupiah).
-    pub amount: i64,
-    /// `open`, `refunded` or `credited`.
-    pub status: String,
-    pub note: Option<String>,
-    pub created_at: i64,
-    pub resolved_at: Option<i64>,
-}
-
 /// `GET /api/admin/billing/overpayments`.
 #[derive(Serialize, ToSchema)]
 pub struct OverpaymentList {
-    pub overpayments: Vec<Overpayment>,
+    pub overpayments: Vec<crate::storage::OverpaymentRow>,
 }
 
 #[utoipa::path(get, path = "/api/billing/invoices", tag = "billing", security(("bearer" = [])),
@@ -393,21 +378,7 @@ async fn admin_credit_note_pdf(
 #[utoipa::path(get, path = "/api/admin/billing/overpayments", tag = "admin", security(("bearer" = [])),
     responses((status = 200, description = "open overpayments first", body = OverpaymentList)))]
 async fn admin_overpayments(billing: web::Data<Billing>, _admin: Admin) -> Api<HttpResponse> {
-    let list: Vec<_> = billing
-        .overpayments()
-        .await?
-        .into_iter()
-        .map(|o| Overpayment {
-            id: o.id,
-            invoice_id: o.invoice_id,
-            payment_id: o.payment_id,
-            amount: o.amount,
-            status: o.status,
-            note: o.note,
-            created_at: o.created_at,
-            resolved_at: o.resolved_at,
-        })
-        .collect();
+    let list = billing.overpayments().await?;
     Ok(HttpResponse::Ok().json(OverpaymentList { overpayments: list }))
 }
 
@@ -633,7 +604,7 @@ async fn internal_void(
     ),
     components(schemas(
         InvoicePage,
-        Overpayment,
+        crate::storage::OverpaymentRow,
         OverpaymentList,
         reports::Reconciliation,
         reports::Revenue,

@@ -505,13 +505,16 @@ pub async fn payments_of(
     .await
 }
 
-/// An overpayment to resolve.
-#[derive(Debug, Clone, sqlx::FromRow)]
+/// An overpayment to resolve (a row, and as the admin API shows it).
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Overpayment)]
 pub struct OverpaymentRow {
     pub id: String,
     pub invoice_id: String,
     pub payment_id: String,
+    /// What came beyond the invoice's total (whole rupiah).
     pub amount: i64,
+    /// `open`, `refunded` or `credited`.
     pub status: String,
     pub note: Option<String>,
     pub created_at: i64,
