@@ -38,31 +38,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const PASSWORD: &str = "correct horse 9";
 const EMAIL: &str = "bench@example.com";
 
-const GATEWAY_YAML: &str = r#"server:
-  listen: ["127.0.0.1:{port}"]
-  threads: {threads}
-admin:
-  listen: ["127.0.0.1:{admin}"]
-access_log:
-  path: "{dir}/access.log"
-upstreams:
-  users: { backends: [{ address: "{users}" }] }
-  billing: { backends: [{ address: "{billing}" }] }
-auth:
-  jwks: { url: "http://{users}/.well-known/jwks.json" }
-  issuer: tiergate-users
-  audience: tiergate
-rate_limit:
-  tiers:
-    - { name: FREE, per_minute: 1000000000, per_hour: 10000000000, per_day: 100000000000 }
-  anonymous: { per_minute: 1000000000, per_hour: 10000000000, per_day: 100000000000 }
-{redis}
-routes:
-  - { name: auth, match: { path: { prefix: /api/auth } }, upstream: users }
-  - { name: users, match: { path: { prefix: /api/users } }, upstream: users, auth: required }
-  - { name: billing, match: { path: { prefix: /api/billing } }, upstream: billing, auth: required }
-"#;
-
 /// A renewal invoice of `user` with a unique reference.
 fn invoice_body(user: &str, n: u64) -> serde_json::Value {
     serde_json::json!({
@@ -310,9 +285,8 @@ fn main() -> Result<()> {
     eprintln!("starting the users service on {users_addr}");
     let mut users = services::serve(&dir.0, "users", users_addr, &[])?;
     eprintln!("starting the gateway on {gw_addr}");
-    let mut gateway = services::gateway_from(
+    let mut gateway = services::bench_gateway(
         &dir.0,
-        GATEWAY_YAML,
         gw_addr,
         threads,
         &[("users", users_addr), ("billing", billing_addr)],

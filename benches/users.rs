@@ -38,29 +38,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const PASSWORD: &str = "correct horse 9";
 const EMAIL: &str = "bench@example.com";
 
-const GATEWAY_YAML: &str = r#"server:
-  listen: ["127.0.0.1:{port}"]
-  threads: {threads}
-admin:
-  listen: ["127.0.0.1:{admin}"]
-access_log:
-  path: "{dir}/access.log"
-upstreams:
-  users: { backends: [{ address: "{users}" }] }
-auth:
-  jwks: { url: "http://{users}/.well-known/jwks.json" }
-  issuer: tiergate-users
-  audience: tiergate
-rate_limit:
-  tiers:
-    - { name: FREE, per_minute: 1000000000, per_hour: 10000000000, per_day: 100000000000 }
-  anonymous: { per_minute: 1000000000, per_hour: 10000000000, per_day: 100000000000 }
-{redis}
-routes:
-  - { name: auth, match: { path: { prefix: /api/auth } }, upstream: users }
-  - { name: users, match: { path: { prefix: /api/users } }, upstream: users, auth: required }
-"#;
-
 fn post_request(addr: SocketAddr, path: &str, body: &str) -> Vec<u8> {
     format!(
         "POST {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: tiergate-users-bench\r\n\
@@ -124,13 +101,7 @@ fn main() -> Result<()> {
     let mut users = services::serve(&dir.0, "users", users_addr, &[])?;
     let redis = services::redis_running();
     eprintln!("starting the gateway on {gw_addr} (Redis-shared limits: {redis})");
-    let mut gateway = services::gateway_from(
-        &dir.0,
-        GATEWAY_YAML,
-        gw_addr,
-        threads,
-        &[("users", users_addr)],
-    )?;
+    let mut gateway = services::bench_gateway(&dir.0, gw_addr, threads, &[("users", users_addr)])?;
 
     let (rt, client) = services::client_runtime()?;
     let base = format!("http://{gw_addr}");

@@ -119,25 +119,63 @@ pub fn serve(
     Ok(p)
 }
 
-/// `template` with `{port}` (of `addr`), `{threads}`, `{admin}` (a free
-/// port), `{dir}`, `{redis}` ([`redis_yaml`]) and `{<name>}` for each of
-/// `upstreams` filled in, run as the gateway listening on `addr`.
-pub fn gateway_from(
+/// The benchmarks' gateway: `/api/auth` anonymous to users, then
+/// `/api/<name>` with a bearer token (verified against the users JWKS)
+/// to each of `services` (users first), limits far above the load, a
+/// JSON access-log line per request, the admin listener on; limits shared
+/// through Redis when it answers.
+const GATEWAY_YAML: &str = r#"server:
+  listen: ["127.0.0.1:{port}"]
+  threads: {threads}
+admin:
+  listen: ["127.0.0.1:{admin}"]
+access_log:
+  path: "{dir}/access.log"
+upstreams:
+{upstreams}auth:
+  jwks: { url: "http://{users}/.well-known/jwks.json" }
+  issuer: tiergate-users
+  audience: tiergate
+rate_limit:
+  tiers:
+    - { name: FREE, per_minute: 1000000000, per_hour: 10000000000, per_day: 100000000000 }
+  anonymous: { per_minute: 1000000000, per_hour: 10000000000, per_day: 100000000000 }
+{redis}
+routes:
+  - { name: auth, match: { path: { prefix: /api/auth } }, upstream: users }
+{routes}"#;
+
+/// [`GATEWAY_YAML`] for `services` (`users` among them), run listening
+/// on `addr` with `threads` threads.
+pub fn bench_gateway(
     dir: &Path,
-    template: &str,
     addr: SocketAddr,
     threads: usize,
-    upstreams: &[(&str, SocketAddr)],
+    services: &[(&str, SocketAddr)],
 ) -> Result<Proc> {
-    let mut yaml = template
+    let users = services
+        .iter()
+        .find(|(name, _)| *name == "users")
+        .map(|(_, a)| *a)
+        .ok_or_else(|| anyhow!("the gateway needs the users service for its JWKS"))?;
+    let (mut upstreams, mut routes) = (String::new(), String::new());
+    for (name, upstream) in services {
+        upstreams.push_str(&format!(
+            "  {name}: {{ backends: [{{ address: \"{upstream}\" }}] }}\n"
+        ));
+        routes.push_str(&format!(
+            "  - {{ name: {name}, match: {{ path: {{ prefix: /api/{name} }} }}, upstream: {name}, auth: required }}\n"
+        ));
+    }
+    let yaml = GATEWAY_YAML
         .replace("{port}", &addr.port().to_string())
         .replace("{threads}", &threads.to_string())
         .replace("{admin}", &free_port()?.to_string())
         .replace("{dir}", &dir.display().to_string())
+        .replace("{upstreams}", &upstreams)
+        .replace("{routes}", &routes)
+        .replace("{users}", &users.to_string())
         .replace("{redis}", redis_yaml());
-    for (name, upstream) in upstreams {
-        yaml = yaml.replace(&format!("{{{name}}}"), &upstream.to_string());
-    }
     gateway(dir, &yaml, addr)
 }
 

@@ -748,7 +748,7 @@ impl Billing {
         if !storage::lock_invoice(&mut tx, id).await? {
             return Err(not_found());
         }
-        let row = storage::invoice(&mut tx, id).await?.ok_or_else(not_found)?;
+        let mut row = storage::invoice(&mut tx, id).await?.ok_or_else(not_found)?;
         match row.nsfp.as_deref() {
             Some(same) if same == nsfp => {
                 drop(tx);
@@ -768,7 +768,9 @@ impl Billing {
         }
         tx.commit().await?;
         self.render_wake.notify_one();
-        self.get(id).await
+        row.nsfp = Some(nsfp);
+        row.updated_at = now;
+        self.view(row).await
     }
 
     /// Records a settled payment of `amount` against `invoice_id`, once per
@@ -1495,7 +1497,6 @@ impl Billing {
     }
 }
 
-/// `INV/2026/11/000123` → `INV-2026-11-000123.pdf`.
 /// What a stored invoice PDF shows: its status, and whether the NSFP is
 /// printed (`paid+nsfp`); a stored PDF of another state is re-rendered.
 fn document_state(row: &InvoiceRow) -> String {
@@ -1522,6 +1523,7 @@ fn parse_nsfp(s: &str) -> Option<String> {
         .then_some(digits)
 }
 
+/// `INV/2026/11/000123` → `INV-2026-11-000123.pdf`.
 fn file_name(number: &str) -> String {
     format!("{}.pdf", number.replace('/', "-"))
 }

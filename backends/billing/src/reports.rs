@@ -425,19 +425,13 @@ impl Billing {
         // Each invoice paid into that day: its settled history in order.
         let mut paid_by_end: HashMap<&str, i64> = HashMap::new();
         let mut flagged: HashSet<&str> = HashSet::new();
-        let mut i = 0;
-        while i < history.len() {
-            let id = history[i].invoice_id.as_str();
-            let mut j = i;
-            while j < history.len() && history[j].invoice_id == id {
-                j += 1;
-            }
+        for payments_of in history.chunk_by(|a, b| a.invoice_id == b.invoice_id) {
+            let id = payments_of[0].invoice_id.as_str();
             let Some(inv) = by_id.get(id).copied() else {
-                i = j;
                 continue;
             };
             let mut sum: i64 = 0;
-            for p in &history[i..j] {
+            for p in payments_of {
                 let in_day = p.occurred_at >= from;
                 if in_day && inv.voided_at.is_some_and(|v| v <= p.recorded_at) {
                     let mut m = mismatch("payment_to_void_invoice", Some(inv), Some(&p.payment_id));
@@ -468,7 +462,6 @@ impl Billing {
                 };
                 mismatches.push(m);
             }
-            i = j;
         }
 
         // Open past due at the day's end.
@@ -671,7 +664,7 @@ impl Billing {
             storage::between::<storage::Coverage>(&mut conn, storage::COVERAGE_BETWEEN, start, end)
                 .await?;
         drop(conn);
-        let in_range = |t: Option<i64>| t.is_some_and(|t| t >= start && t < end);
+        let in_range = |t: &i64| (start..end).contains(t);
         let key_of = |at: i64, plan: Option<&str>| match group {
             Group::Month => month_key(cal, at),
             Group::Plan => plan_key(plan),
@@ -694,7 +687,7 @@ impl Billing {
             }
         }
         for inv in &invoices {
-            if let Some(at) = inv.issued_at.filter(|_| in_range(inv.issued_at)) {
+            if let Some(at) = inv.issued_at.filter(in_range) {
                 let r = row_of(&mut rows, key_of(at, inv.plan.as_deref()));
                 if inv.status == "void" {
                     r.voided += 1;
@@ -705,7 +698,7 @@ impl Billing {
                     r.net += inv.subtotal;
                 }
             }
-            if let Some(at) = inv.paid_at.filter(|_| in_range(inv.paid_at)) {
+            if let Some(at) = inv.paid_at.filter(in_range) {
                 row_of(&mut rows, key_of(at, inv.plan.as_deref())).ppn_collected += inv.ppn;
             }
         }
