@@ -20,6 +20,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `service-key` find them here. Adding a service is one line.
 static SERVICES: &[&dyn Registered] = &[
     &Entry::<users::UsersService>::NEW,
+    &Entry::<payments::PaymentsService>::NEW,
     &Entry::<billing::BillingService>::NEW,
 ];
 
@@ -74,6 +75,24 @@ enum Command {
         /// Services config; defaults to conf/services.yaml when present.
         #[arg(short, long)]
         services: Option<PathBuf>,
+        /// Also start the local Midtrans sandbox (127.0.0.1:8029) and point
+        /// payments at it with the sandbox's key: pay offline with
+        /// `tiergate sandbox pay <order_id>`.
+        #[arg(long)]
+        sandbox: bool,
+    },
+    /// The local Midtrans sandbox: run it, or act in it as the customer
+    /// or the bank would (never in production).
+    Sandbox {
+        /// Where it listens (running it) or where it runs (the actions).
+        #[arg(long, default_value = "127.0.0.1:8029")]
+        listen: String,
+        /// Where it sends notifications; default the gateway's
+        /// `<TIERGATE_PUBLIC_URL or http://127.0.0.1:8000>/api/payments/webhooks/midtrans`.
+        #[arg(long)]
+        notify: Option<String>,
+        #[command(subcommand)]
+        action: Option<SandboxAction>,
     },
     /// Run only the gateway.
     Gateway {
@@ -167,6 +186,36 @@ enum EventsCommand {
         #[arg(short, long)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum SandboxAction {
+    /// The customer pays a pending payment (a card passes 3-D Secure).
+    Pay(SandboxOrder),
+    /// A captured card payment settles.
+    Settle(SandboxOrder),
+    /// The payment expires unpaid.
+    Expire(SandboxOrder),
+    /// The bank denies it (also a settled Permata VA or Mandiri bill: the
+    /// reversal).
+    Deny(SandboxOrder),
+    /// Midtrans cancels it.
+    Cancel(SandboxOrder),
+}
+
+#[derive(Debug, clap::Args)]
+struct SandboxOrder {
+    /// The order (`INV-2026-11-000123-1`).
+    order_id: String,
+    /// Deliver the notification twice.
+    #[arg(long)]
+    twice: bool,
+    /// Then deliver the previous status's notification: out of order.
+    #[arg(long)]
+    out_of_order: bool,
+    /// For a Snap order: the method the customer picks (default bca_va).
+    #[arg(long)]
+    method: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -312,7 +361,36 @@ fn main() -> ExitCode {
             command: UsersCommand::RotateSigningKey { config },
         }
         | Command::RotateSigningKey { config } => rotate_signing_key(services_file(config)),
-        Command::Up { config, services } => {
+        Command::Sandbox {
+            listen,
+            notify,
+            action,
+        } => sandbox(&listen, notify, action),
+        Command::Up {
+            config,
+            services,
+            sandbox,
+        } => {
+            let _sandbox = match sandbox.then(|| start_sandbox("127.0.0.1:8029", None)) {
+                Some(Ok(s)) => {
+                    // Payments talks to it with its key (read when payments
+                    // starts, just below).
+                    std::env::set_var(
+                        "TIERGATE_MIDTRANS_SERVER_KEY",
+                        payments::sandbox::SANDBOX_SERVER_KEY,
+                    );
+                    std::env::set_var(
+                        "TIERGATE_MIDTRANS_CLIENT_KEY",
+                        payments::sandbox::SANDBOX_CLIENT_KEY,
+                    );
+                    std::env::set_var("TIERGATE_MIDTRANS_ENVIRONMENT", "sandbox");
+                    std::env::set_var("TIERGATE_MIDTRANS_API_URL", s.base());
+                    std::env::set_var("TIERGATE_MIDTRANS_SNAP_URL", s.base());
+                    Some(s)
+                }
+                Some(Err(code)) => return code,
+                None => None,
+            };
             let _services = match start_services(services_file(services).as_deref()) {
                 Ok(s) => s,
                 Err(code) => return code,
@@ -420,6 +498,98 @@ fn events(command: EventsCommand) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// The sandbox's notification target unless told: the gateway's public
+/// webhook route, as Midtrans would call it.
+fn default_notify_url() -> String {
+    let public = std::env::var("TIERGATE_PUBLIC_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "http://127.0.0.1:8000".to_owned());
+    format!(
+        "{}/api/payments/webhooks/midtrans",
+        public.trim_end_matches('/')
+    )
+}
+
+fn start_sandbox(
+    listen: &str,
+    notify: Option<String>,
+) -> Result<payments::sandbox::RunningSandbox, ExitCode> {
+    if std::env::var("TIERGATE_ENV").as_deref() == Ok("production") {
+        eprintln!("error: the Midtrans sandbox never runs in production (TIERGATE_ENV=production)");
+        return Err(ExitCode::from(EXIT_BAD_CONFIG));
+    }
+    let Ok(addr) = listen.parse() else {
+        eprintln!("error: --listen: `{listen}` is not an address (127.0.0.1:8029)");
+        return Err(ExitCode::from(EXIT_BAD_CONFIG));
+    };
+    let config = payments::sandbox::SandboxConfig {
+        listen: addr,
+        notify_url: Some(notify.unwrap_or_else(default_notify_url)),
+        ..Default::default()
+    };
+    let notify_url = config.notify_url.clone().unwrap_or_default();
+    match payments::sandbox::start(config) {
+        Ok(s) => {
+            tracing::warn!(sandbox = true, addr = %s.addr, notify = %notify_url,
+                "Midtrans SANDBOX running: no real money moves; pay with `tiergate sandbox pay <order_id>`");
+            Ok(s)
+        }
+        Err(e) => {
+            eprintln!("error: the Midtrans sandbox cannot listen on {listen}: {e}");
+            Err(ExitCode::from(EXIT_START_FAILED))
+        }
+    }
+}
+
+/// `tiergate sandbox [action]`.
+fn sandbox(listen: &str, notify: Option<String>, action: Option<SandboxAction>) -> ExitCode {
+    let Some(action) = action else {
+        return match start_sandbox(listen, notify) {
+            Ok(s) => {
+                s.wait();
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        };
+    };
+    let (name, order) = match &action {
+        SandboxAction::Pay(o) => ("pay", o),
+        SandboxAction::Settle(o) => ("settle", o),
+        SandboxAction::Expire(o) => ("expire", o),
+        SandboxAction::Deny(o) => ("deny", o),
+        SandboxAction::Cancel(o) => ("cancel", o),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_START_FAILED);
+        }
+    };
+    let outcome = runtime.block_on(payments::sandbox::act(
+        &format!("http://{listen}"),
+        &order.order_id,
+        name,
+        order.twice,
+        order.out_of_order,
+        order.method.as_deref(),
+    ));
+    match outcome {
+        Ok(answer) => {
+            println!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_START_FAILED)
+        }
+    }
 }
 
 fn rotate_signing_key(file: Option<PathBuf>) -> ExitCode {

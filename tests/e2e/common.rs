@@ -1,7 +1,7 @@
 //! Shared test fixtures: echo upstreams, gateway start-up, HTTP client.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,22 +44,36 @@ pub fn redis_addr() -> SocketAddr {
         .unwrap_or_else(|_| panic!("TIERGATE_TEST_REDIS `{url}` is not redis://IP:PORT"))
 }
 
-/// A free TCP port on 127.0.0.1 (bound, then released), never one this
-/// process was given before: the kernel may hand a just-released port out
-/// again at once, and two listeners of one gateway would then collide.
+/// A free TCP port on 127.0.0.1, reserved for the rest of this process,
+/// for a listener whose port must be known before it starts (written in a
+/// config, given to a peer), or for an address where nothing listens.
+///
+/// A port that is bound and then released can be handed to another test
+/// process (nextest runs many at once) before our listener binds it:
+/// "Address already in use", or worse, our client talking to another
+/// test's server. So the port stays bound, without listening, by a socket
+/// with `SO_REUSEADDR` that is never closed: the kernel hands it to no
+/// other `bind(…:0)` or outgoing connection, while a listener that also
+/// sets `SO_REUSEADDR` (Pingora, std, tokio, actix, Redis all do) can
+/// still bind and listen on it. Nothing listens on the reservation
+/// itself: connecting to a port no listener took is refused.
 pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    loop {
-        let port = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("no free port");
-        if !given.contains(&port) {
-            given.push(port);
-            return port;
-        }
-    }
+    static RESERVED: std::sync::Mutex<Vec<tokio::net::TcpSocket>> =
+        std::sync::Mutex::new(Vec::new());
+    let socket = tokio::net::TcpSocket::new_v4().expect("no socket");
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("no free port");
+    let port = socket
+        .local_addr()
+        .expect("a bound socket's address")
+        .port();
+    RESERVED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(socket);
+    port
 }
 
 /// Waits until something accepts on `addr`.

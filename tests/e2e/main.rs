@@ -19,6 +19,7 @@ mod hardening;
 mod health_checks;
 mod observability;
 mod orgs;
+mod payments;
 mod platform;
 mod plugins;
 mod process;

@@ -904,13 +904,16 @@ impl Billing {
         &self,
         tx: &mut AnyConnection,
         payment_id: &str,
+        refund_id: Option<&str>,
         invoice_id: &str,
         amount: i64,
         occurred_at: i64,
     ) -> Result<bool, ApiError> {
         let now = self.clock.now_ms();
         let payment = PaymentRow {
-            payment_id: payment_id.to_owned(),
+            // Each refund once: by its own id when the payment is refunded
+            // in parts.
+            payment_id: refund_id.unwrap_or(payment_id).to_owned(),
             kind: "refunded".to_owned(),
             invoice_id: invoice_id.to_owned(),
             amount,

@@ -1,6 +1,7 @@
 //! The payment events billing consumes: `payment.settled` records money
 //! against an invoice (paid, partial, overpaid), `payment.refunded` a
-//! refund. Both are idempotent by payment id (a redelivered or re-sent
+//! refund. Both are idempotent by payment id, a refund by its `refund_id`
+//! when it has one (a payment refunded in parts: a redelivered or re-sent
 //! event changes nothing) and tolerate any order (a refund that arrives
 //! before its settlement is recorded; an invoice never moves back).
 
@@ -21,6 +22,8 @@ struct PaymentData<'a> {
     invoice_id: &'a str,
     amount: i64,
     method: Option<&'a str>,
+    /// A refund's own id (a payment may be refunded in parts).
+    refund_id: Option<&'a str>,
 }
 
 fn data_of(event: &Event) -> Result<PaymentData<'_>, Applied> {
@@ -46,6 +49,7 @@ fn data_of(event: &Event) -> Result<PaymentData<'_>, Applied> {
         invoice_id,
         amount,
         method: d["method"].as_str(),
+        refund_id: d["refund_id"].as_str().filter(|r| !r.is_empty()),
     })
 }
 
@@ -89,7 +93,14 @@ impl Handler for Refunded {
         };
         let fresh = self
             .0
-            .record_refund(tx, p.payment_id, p.invoice_id, p.amount, event.occurred_at)
+            .record_refund(
+                tx,
+                p.payment_id,
+                p.refund_id,
+                p.invoice_id,
+                p.amount,
+                event.occurred_at,
+            )
             .await?;
         Ok(if fresh {
             Applied::Applied

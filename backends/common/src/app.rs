@@ -56,6 +56,8 @@ pub struct ServiceDef {
     pub routes: Routes,
     /// Tasks that run as long as the service (the outbox dispatcher).
     pub background: Vec<LocalBoxFuture<'static, ()>>,
+    /// What `/health` reports besides the database.
+    pub health: Vec<(&'static str, String)>,
 }
 
 /// Why a service did not start.
@@ -224,6 +226,7 @@ fn serve(
     let clock = web::Data::new(def.clock);
     let client = web::Data::new(def.client);
     let user_tokens: web::Data<dyn UserTokens> = web::Data::from(def.user_tokens);
+    let details = web::Data::new(HealthDetails(def.health));
     let routes = def.routes;
     let limit = BodyLimit(server.body_limit);
     let name = def.name;
@@ -239,6 +242,7 @@ fn serve(
             .app_data(user_tokens.clone())
             .app_data(limit)
             .app_data(web::Data::new(ServiceName(name)))
+            .app_data(details.clone())
             .app_data(
                 web::PathConfig::default().error_handler(|e, _| {
                     ApiError::not_found(format!("no such resource: {e}")).into()
@@ -280,6 +284,9 @@ fn serve(
 
 #[derive(Clone, Copy)]
 struct ServiceName(&'static str);
+
+/// What `/health` adds.
+struct HealthDetails(Vec<(&'static str, String)>);
 
 /// Actix answers some errors itself with an empty body (a method a
 /// resource does not allow, for one); give them the envelope too.
@@ -326,17 +333,26 @@ pub struct Health {
     pub service: &'static str,
     /// `up` or `down`.
     pub database: &'static str,
+    /// What else the service reports (payments: `midtrans: disabled`).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    #[schema(value_type = Object)]
+    pub details: std::collections::BTreeMap<&'static str, String>,
 }
 
 /// The service and its database are up (503 when the database is not).
 #[utoipa::path(get, path = "/health", tag = "operations",
     responses((status = 200, body = Health), (status = 503, body = Health)))]
-async fn health(db: web::Data<Db>, name: web::Data<ServiceName>) -> HttpResponse {
+async fn health(
+    db: web::Data<Db>,
+    name: web::Data<ServiceName>,
+    details: web::Data<HealthDetails>,
+) -> HttpResponse {
     let up = db.ping().await;
     let body = Health {
         status: if up { "ok" } else { "degraded" },
         service: name.0,
         database: if up { "up" } else { "down" },
+        details: details.0.iter().cloned().collect(),
     };
     if up {
         HttpResponse::Ok().json(body)

@@ -13,7 +13,7 @@
 //! services:
 //!   users:
 //!     server: { listen: 127.0.0.1:8021, workers: 2 }
-//!     database: { url: sqlite://data/users.db, max_connections: 8 }
+//!     database: { url: sqlite://data/users.db, max_connections: 8, acquire_timeout: 5s }
 //! ```
 //!
 //! Every problem is reported, each with its key, not only the first
@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -180,7 +181,16 @@ pub struct DatabaseSection {
     pub url: Option<Secret<String>>,
     /// Pool size (default 8).
     pub max_connections: Option<u32>,
+    /// Longest wait for the database (default `5s`): for a connection of
+    /// the pool, and on SQLite for its write lock.
+    pub acquire_timeout: Option<String>,
 }
+
+/// `database.acquire_timeout` when unset.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest `database.acquire_timeout`.
+const MAX_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// What a service runs with, after file and environment.
 #[derive(Debug, Clone)]
@@ -195,6 +205,9 @@ pub struct Settings<S> {
     pub database_url: Secret<String>,
     /// Pool size.
     pub max_connections: u32,
+    /// Longest wait for a pooled connection, and on SQLite for the write
+    /// lock; past it a request gets 503 `unavailable`.
+    pub acquire_timeout: Duration,
     /// `TIERGATE_<NAME>_SERVICE_KEY[_FILE]`.
     pub service_key: Option<Secret<String>>,
     /// `TIERGATE_<NAME>_SERVICE_KEY_PREVIOUS[_FILE]`: the key it replaced,
@@ -424,6 +437,18 @@ pub fn load<S: ServiceConfig>(
             "services.{service}.database.max_connections: must be at least 1"
         ));
     }
+    let acquire_timeout = match database.acquire_timeout.as_deref() {
+        None => DEFAULT_ACQUIRE_TIMEOUT,
+        Some(text) => match parse_duration(text) {
+            Some(d) if !d.is_zero() && d <= MAX_ACQUIRE_TIMEOUT => d,
+            _ => {
+                errors.push(format!(
+                    "services.{service}.database.acquire_timeout: `{text}` is not a duration from 1ms to 10m (`5s`, `500ms`, `1m`)"
+                ));
+                DEFAULT_ACQUIRE_TIMEOUT
+            }
+        },
+    };
     if let Err(e) = own.read_env(env) {
         errors.extend(e.0);
     }
@@ -446,10 +471,18 @@ pub fn load<S: ServiceConfig>(
         server,
         database_url,
         max_connections,
+        acquire_timeout,
         service_key,
         previous_service_key,
         service: own,
     })
+}
+
+/// A duration as the file writes it: `5s`, `500ms`, `1m 30s` (or ISO
+/// 8601, `PT5S`); `None` when it is not one, or negative.
+fn parse_duration(text: &str) -> Option<Duration> {
+    let d: jiff::SignedDuration = text.trim().parse().ok()?;
+    Duration::try_from(d).ok()
 }
 
 /// Every service's base URL: `peers` from the file over the standard
@@ -663,6 +696,45 @@ mod tests {
             "http://b.internal:9/internal/events"
         );
         assert!(!format!("{s:?}").contains("u:p@"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn test_database_acquire_timeout_is_a_duration_with_a_default() {
+        let (dir, file) = temp_config();
+        let with = |database: &str| {
+            std::fs::write(
+                &file,
+                format!(
+                    "data_dir: {}\nservices:\n  users:\n    database: {database}\n",
+                    dir.display()
+                ),
+            )
+            .unwrap();
+            load_dev(&file)
+        };
+        assert_eq!(with("{}").unwrap().acquire_timeout, DEFAULT_ACQUIRE_TIMEOUT);
+        assert_eq!(
+            with("{ acquire_timeout: 30s }").unwrap().acquire_timeout,
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            with("{ acquire_timeout: 1m 30s }").unwrap().acquire_timeout,
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            with("{ acquire_timeout: 250ms }").unwrap().acquire_timeout,
+            Duration::from_millis(250)
+        );
+        for bad in ["0s", "-5s", "11m", "soon"] {
+            let e = with(&format!("{{ acquire_timeout: \"{bad}\" }}")).unwrap_err();
+            assert!(
+                e.0.iter().any(|m| m.starts_with(&format!(
+                    "services.users.database.acquire_timeout: `{bad}` is not a duration"
+                ))),
+                "{e}"
+            );
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -70,8 +70,21 @@ static COMMON_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/common");
 impl Db {
     /// Opens a pool. An SQLite file and its directory are created when
     /// missing, and the file is switched to WAL so readers never block the
-    /// writer.
+    /// writer. Waits for the database up to the default
+    /// `database.acquire_timeout` ([`Db::connect_with`]).
     pub async fn connect(url: &Secret<String>, max_connections: u32) -> Result<Self, DbError> {
+        Self::connect_with(url, max_connections, crate::config::DEFAULT_ACQUIRE_TIMEOUT).await
+    }
+
+    /// [`Db::connect`], where a query waits up to `acquire_timeout` for a
+    /// connection of the pool and, on SQLite, as long again for the write
+    /// lock (its busy timeout). Either wait running out is answered 503
+    /// `unavailable` (see [`crate::error::ApiError`]'s `From<sqlx::Error>`).
+    pub async fn connect_with(
+        url: &Secret<String>,
+        max_connections: u32,
+        acquire_timeout: Duration,
+    ) -> Result<Self, DbError> {
         sqlx::any::install_default_drivers();
         let raw = url.expose().as_str();
         let shown = redact_url(raw);
@@ -104,9 +117,23 @@ impl Db {
         } else {
             return Err(DbError::UnsupportedUrl(shown));
         };
+        let busy_ms = i32::try_from(acquire_timeout.as_millis()).unwrap_or(i32::MAX);
         let pool = AnyPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(acquire_timeout)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    if kind == DbKind::Sqlite {
+                        // How long a write waits for the lock another
+                        // connection holds (sqlx's default is 5 s).
+                        conn.execute(sqlx::AssertSqlSafe(format!(
+                            "PRAGMA busy_timeout = {busy_ms}"
+                        )))
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await
             .map_err(|source| DbError::Connect {
@@ -220,6 +247,28 @@ pub fn is_unique_violation(e: &sqlx::Error) -> bool {
         .is_some_and(|d| d.is_unique_violation())
 }
 
+/// Whether a query failed because the database was busy, not because of
+/// the query: SQLite's write lock still held by another connection when the
+/// busy timeout ran out (`SQLITE_BUSY`, `database is locked`; or
+/// `SQLITE_LOCKED`), PostgreSQL's `lock_not_available` (a `lock_timeout`
+/// ran out). Worth retrying: a request answers it 503 `unavailable`.
+pub fn is_busy(e: &sqlx::Error) -> bool {
+    let Some(db) = e.as_database_error() else {
+        return false;
+    };
+    let code = db.code();
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // Primary result codes SQLITE_BUSY (5) and SQLITE_LOCKED (6), with
+        // their extended codes (`SQLITE_BUSY_SNAPSHOT` = 517, ...).
+        return code
+            .and_then(|c| c.parse::<i32>().ok())
+            .is_some_and(|c| matches!(c & 0xff, 5 | 6));
+    }
+    db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+        && code.as_deref() == Some("55P03")
+}
+
 /// Now, in Unix milliseconds: the time type of every table. Services read
 /// the time from their [`crate::clock::Clock`]; this is for tools.
 pub fn now_ms() -> i64 {
@@ -227,4 +276,32 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn test_a_write_lock_held_past_the_busy_timeout_is_busy_and_unavailable() {
+        let dir = std::env::temp_dir().join(format!("tg-db-{}", uuid::Uuid::now_v7()));
+        let url = Secret::new(format!("sqlite://{}", dir.join("t.db").display()));
+        let db = Db::connect_with(&url, 2, Duration::from_millis(200))
+            .await
+            .unwrap();
+        let held = db.begin_write().await.unwrap();
+        let e = db.begin_write().await.unwrap_err();
+        assert!(is_busy(&e), "{e}");
+        let api = crate::error::ApiError::from(e);
+        assert_eq!(
+            (api.status().as_u16(), api.code(), api.retry_after()),
+            (503, "unavailable", Some(1))
+        );
+        drop(held);
+        // Once the lock is free, a write goes through.
+        db.begin_write().await.unwrap().commit().await.unwrap();
+        assert!(!is_busy(&sqlx::Error::RowNotFound));
+        db.close().await;
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

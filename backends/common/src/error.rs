@@ -163,6 +163,12 @@ impl From<sqlx::Error> for ApiError {
                 tracing::warn!(request_id = %request_id::current(), error = %e, "database unavailable");
                 Self::unavailable("the database is unavailable", 1)
             }
+            // A lock another connection held for longer than the busy
+            // timeout: the database is busy, the request is not wrong.
+            ref busy if crate::db::is_busy(busy) => {
+                tracing::warn!(request_id = %request_id::current(), error = %e, "database busy");
+                Self::unavailable("the database is busy", 1)
+            }
             other => Self::internal(&other),
         }
     }

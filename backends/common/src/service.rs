@@ -71,6 +71,8 @@ pub struct Parts {
     pub background: Vec<LocalBoxFuture<'static, ()>>,
     /// Extra hourly housekeeping (purging expired rows).
     pub housekeeping: Option<Box<dyn Fn() -> LocalBoxFuture<'static, ()>>>,
+    /// What `/health` says besides the database (`payments: disabled`).
+    pub health: Vec<(&'static str, String)>,
 }
 
 impl Parts {
@@ -83,6 +85,7 @@ impl Parts {
             user_tokens: None,
             background: Vec::new(),
             housekeeping: None,
+            health: Vec::new(),
         }
     }
 }
@@ -144,9 +147,13 @@ pub fn start<S: Service>(
     let server = settings.server.clone();
     app::start(server, move || async move {
         let init = StartError::Init;
-        let db = Db::connect(&settings.database_url, settings.max_connections)
-            .await
-            .map_err(|e| init(e.to_string()))?;
+        let db = Db::connect_with(
+            &settings.database_url,
+            settings.max_connections,
+            settings.acquire_timeout,
+        )
+        .await
+        .map_err(|e| init(e.to_string()))?;
         db.migrate(S::migrator())
             .await
             .map_err(|e| init(e.to_string()))?;
@@ -211,6 +218,7 @@ pub fn start<S: Service>(
             user_tokens: parts.user_tokens.unwrap_or(default_tokens),
             routes,
             background,
+            health: parts.health,
         })
     })
 }

@@ -197,6 +197,9 @@ pub struct Jwks {
     keys: RwLock<Vec<(Option<String>, DecodingKey)>>,
     /// When the set was last fetched, and whether that worked.
     last_fetch: Mutex<Option<(Instant, bool)>>,
+    /// Held while fetching: a request that needs the keys while another
+    /// fetches them waits for that fetch instead of failing.
+    fetching: tokio::sync::Mutex<()>,
     refetch_every: Duration,
 }
 
@@ -239,6 +242,7 @@ impl Jwks {
             http,
             keys: RwLock::new(Vec::new()),
             last_fetch: Mutex::new(None),
+            fetching: tokio::sync::Mutex::new(()),
             refetch_every,
         }))
     }
@@ -261,6 +265,7 @@ impl Jwks {
     /// Fetches the set again unless that happened less than
     /// `refetch_every` ago (a second, when it failed). `true` when it did.
     async fn refetch(&self) -> bool {
+        let _one_at_a_time = self.fetching.lock().await;
         {
             let Ok(mut last) = self.last_fetch.lock() else {
                 return false;
@@ -275,7 +280,7 @@ impl Jwks {
             if last.is_some_and(|(t, ok)| t.elapsed() < wait(ok)) {
                 return false;
             }
-            // Marked as failed until it works, so concurrent callers wait.
+            // Marked as failed until it works.
             *last = Some((Instant::now(), false));
         }
         let fetched = async {
