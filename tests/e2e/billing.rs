@@ -637,40 +637,19 @@ async fn serve_billing(
     listen: &str,
     failpoints: &str,
 ) -> std::process::Child {
-    let config = world.dir.path().join("services.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "events:\n  invoice.issued: [\"{0}\"]\n  invoice.paid: [\"{0}\"]\n",
-            inbox.url()
-        ),
-    )
-    .unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
-        .args(["serve", "billing", "-c"])
-        .arg(&config)
-        .env("TIERGATE_ENV", "development")
-        .env("TIERGATE_DATA_DIR", world.dir.path())
-        .env(
+    let config = format!(
+        "events:\n  invoice.issued: [\"{0}\"]\n  invoice.paid: [\"{0}\"]\n",
+        inbox.url()
+    );
+    let env = [
+        (
             "TIERGATE_BILLING_DATABASE_URL",
             world.db.url_for("billing", world.dir.path()).await,
-        )
-        .env("TIERGATE_BILLING_LISTEN", listen)
-        .env("TIERGATE_USERS_URL", &users.base)
-        .env("TIERGATE_BILLING_FAILPOINTS", failpoints)
-        .env("RUST_LOG", "warn")
-        .current_dir(world.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let health = format!("http://{listen}/health");
-    crate::platform::eventually("billing up", || async {
-        let r = client().get(&health).send().await.ok()?;
-        (r.status() == StatusCode::OK).then_some(())
-    })
-    .await;
-    child
+        ),
+        ("TIERGATE_USERS_URL", users.base.clone()),
+        ("TIERGATE_BILLING_FAILPOINTS", failpoints.to_owned()),
+    ];
+    crate::platform::serve_process(world, "billing", &config, listen, &env).await
 }
 
 both_databases! {

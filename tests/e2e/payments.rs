@@ -8,8 +8,6 @@
 //! refunds once per key (and the manual refund of a virtual account), a
 //! process killed after the charge, and payments without a key.
 
-use std::process::Command;
-
 use backend_common::outbox::{Subscriber, Subscribers};
 use backend_common::service_auth::ServiceKeys;
 use payments::sandbox::{
@@ -742,45 +740,23 @@ both_databases! {
 
 /// `tiergate serve payments` in its own process.
 async fn serve_payments(s: &Shop, listen: &str, failpoints: &str) -> std::process::Child {
-    let config = s.world.dir.path().join("services.yaml");
     // A short Midtrans timeout: a retry takes a dead request's key over
     // 3 s after it began.
-    std::fs::write(
-        &config,
-        format!(
-            "events:\n  \"*\": [\"{}\"]\nservices:\n  payments:\n    midtrans: {{ timeout: 1s }}\n",
-            s.inbox.url()
-        ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tiergate"));
-    cmd.args(["serve", "payments", "-c"])
-        .arg(&config)
-        .env("TIERGATE_ENV", "development")
-        .env("TIERGATE_DATA_DIR", s.world.dir.path())
-        .env(
+    let config = format!(
+        "events:\n  \"*\": [\"{}\"]\nservices:\n  payments:\n    midtrans: {{ timeout: 1s }}\n",
+        s.inbox.url()
+    );
+    let mut env = vec![
+        (
             "TIERGATE_PAYMENTS_DATABASE_URL",
             s.world.db.url_for("payments2", s.world.dir.path()).await,
-        )
-        .env("TIERGATE_PAYMENTS_LISTEN", listen)
-        .env("TIERGATE_BILLING_URL", &s.billing.base)
-        .env("TIERGATE_USERS_URL", &s.users.base)
-        .env("TIERGATE_PAYMENTS_FAILPOINTS", failpoints)
-        .env("RUST_LOG", "warn")
-        .current_dir(s.world.dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-    for (k, v) in midtrans_env(&s.sandbox) {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().unwrap();
-    let health = format!("http://{listen}/health");
-    eventually("payments up", || async {
-        let r = client().get(&health).send().await.ok()?;
-        (r.status() == StatusCode::OK).then_some(())
-    })
-    .await;
-    child
+        ),
+        ("TIERGATE_BILLING_URL", s.billing.base.clone()),
+        ("TIERGATE_USERS_URL", s.users.base.clone()),
+        ("TIERGATE_PAYMENTS_FAILPOINTS", failpoints.to_owned()),
+    ];
+    env.extend(midtrans_env(&s.sandbox));
+    crate::platform::serve_process(&s.world, "payments", &config, listen, &env).await
 }
 
 both_databases! {

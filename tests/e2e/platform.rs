@@ -512,3 +512,39 @@ pub async fn metric(base: &str, line_start: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// `tiergate serve <service> -c <data dir>/services.yaml` (the file holding
+/// `config`) in its own process, in development mode, on `listen`, with
+/// this world's data directory and `env`; returns once `/health` answers.
+pub async fn serve_process(
+    world: &World,
+    service: &str,
+    config: &str,
+    listen: &str,
+    env: &[(&str, String)],
+) -> std::process::Child {
+    let file = world.dir.path().join("services.yaml");
+    std::fs::write(&file, config).unwrap();
+    let upper = service.to_ascii_uppercase();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"));
+    cmd.args(["serve", service, "-c"])
+        .arg(&file)
+        .env("TIERGATE_ENV", "development")
+        .env("TIERGATE_DATA_DIR", world.dir.path())
+        .env(format!("TIERGATE_{upper}_LISTEN"), listen)
+        .env("RUST_LOG", "warn")
+        .current_dir(world.dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd.spawn().unwrap();
+    let health = format!("http://{listen}/health");
+    eventually(&format!("{service} up"), || async {
+        let r = client().get(&health).send().await.ok()?;
+        (r.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    child
+}

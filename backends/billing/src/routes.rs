@@ -215,22 +215,6 @@ pub struct ManualInvoice {
     pub draft: bool,
 }
 
-fn idempotency_key(req: &HttpRequest) -> Api<String> {
-    let key = req
-        .headers()
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .unwrap_or_default();
-    if key.is_empty() || key.len() > 200 {
-        return Err(ApiError::bad_request(
-            "idempotency_key_required",
-            "send an Idempotency-Key header (1 to 200 characters) so a retry cannot bill twice",
-        ));
-    }
-    Ok(key.to_owned())
-}
-
 fn created(invoice: Invoice, fresh: bool) -> HttpResponse {
     if fresh {
         HttpResponse::Created().json(invoice)
@@ -255,7 +239,7 @@ async fn admin_create(
     req: HttpRequest,
     body: Json<ManualInvoice>,
 ) -> Api<HttpResponse> {
-    let key = idempotency_key(&req)?;
+    let key = backend_common::idempotency_key(&req, "bill twice")?;
     let m = body.0;
     let new = NewInvoice {
         reference: json!({"kind": "manual", "key": key}),

@@ -56,6 +56,27 @@ pub fn random_token(bytes: usize) -> Result<String, getrandom::Error> {
     Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buf))
 }
 
+/// The request's `Idempotency-Key` header (trimmed, 1 to 200
+/// characters), or 400 `idempotency_key_required` saying what a retry
+/// without one could do twice (`"bill twice"`, `"charge twice"`).
+pub fn idempotency_key(req: &actix_web::HttpRequest, twice: &str) -> Result<String, ApiError> {
+    let key = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .unwrap_or_default();
+    if key.is_empty() || key.len() > 200 {
+        return Err(ApiError::bad_request(
+            "idempotency_key_required",
+            format!(
+                "send an Idempotency-Key header (1 to 200 characters) so a retry cannot {twice}"
+            ),
+        ));
+    }
+    Ok(key.to_owned())
+}
+
 /// The SHA-256 of a token, hex: how tokens are stored (a database leak
 /// does not reveal usable tokens).
 pub fn token_hash(token: &str) -> String {

@@ -82,6 +82,17 @@ impl Method {
         }
     }
 
+    /// Whether `token_id` fits the method: a card needs one (1 to 200
+    /// characters, not blank), every other method takes none.
+    pub fn check_token(self, token_id: Option<&str>) -> Result<(), ChargeError> {
+        match (self, token_id.map(str::trim)) {
+            (Self::CreditCard, None | Some("")) => Err(ChargeError::TokenRequired),
+            (Self::CreditCard, Some(t)) if t.len() > 200 => Err(ChargeError::TokenTooLong),
+            (Self::CreditCard, Some(_)) | (_, None) => Ok(()),
+            (_, Some(_)) => Err(ChargeError::TokenUnexpected),
+        }
+    }
+
     /// An e-wallet or QR: paid within minutes (`wallet_expiry`).
     pub fn is_wallet(self) -> bool {
         matches!(self, Self::Gopay | Self::Shopeepay | Self::Qris)
@@ -140,6 +151,9 @@ pub enum ChargeError {
     /// Only cards take a token.
     #[error("token_id is for credit_card only")]
     TokenUnexpected,
+    /// Longer than any token Midtrans issues.
+    #[error("token_id has at most 200 characters")]
+    TokenTooLong,
 }
 
 impl Charge<'_> {
@@ -173,12 +187,7 @@ impl Charge<'_> {
 
     /// The Core API request (`POST /v2/charge`); not for Snap.
     pub fn core_body(&self) -> Result<Value, ChargeError> {
-        match (self.method, self.token_id) {
-            (Method::CreditCard, None) => return Err(ChargeError::TokenRequired),
-            (Method::CreditCard, Some(_)) => {}
-            (_, Some(_)) => return Err(ChargeError::TokenUnexpected),
-            _ => {}
-        }
+        self.method.check_token(self.token_id)?;
         let mut body = json!({
             "transaction_details": {"order_id": self.order_id, "gross_amount": self.gross_amount},
             "item_details": self.item(),

@@ -270,7 +270,27 @@ struct Ev {
     kind: &'static str,
     amount: i64,
     refund_id: Option<String>,
-    reason: Option<&'static str>,
+    reason: Option<String>,
+}
+
+impl Ev {
+    /// The event's data: what its consumers act on without calling back.
+    fn data(&self, p: &PaymentRow) -> Value {
+        let mut data = json!({
+            "payment_id": p.id, "invoice_id": p.invoice_id, "invoice_number": p.invoice_number,
+            "order_id": p.order_id, "amount": self.amount,
+            "method": p.channel.clone().unwrap_or_else(|| p.method.clone()),
+            "status": p.status, "user_id": p.user_id,
+            "subject": {"kind": p.subject_kind, "id": p.subject_id},
+        });
+        if let Some(r) = &self.refund_id {
+            data["refund_id"] = json!(r);
+        }
+        if let Some(r) = &self.reason {
+            data["reason"] = json!(r);
+        }
+        data
+    }
 }
 
 /// What a confirmed status did (stored on the notification).
@@ -372,7 +392,7 @@ fn events_for(from: State, to: State, p: &PaymentRow) -> Vec<Ev> {
                     kind: "payment.refunded",
                     amount: left,
                     refund_id: Some(format!("{}:{}", p.id, to.as_str())),
-                    reason: Some(to.as_str()),
+                    reason: Some(to.as_str().to_owned()),
                 });
             }
         }
@@ -471,27 +491,9 @@ impl Payments {
                  mandiri_bill, gopay, shopeepay, qris",
             )]));
         };
-        match (method, req.token_id.as_deref().map(str::trim)) {
-            (Method::CreditCard, None | Some("")) => {
-                return Err(ApiError::validation(vec![FieldError::new(
-                    "token_id",
-                    "credit_card needs the token_id the frontend got from Midtrans",
-                )]))
-            }
-            (Method::CreditCard, Some(t)) if t.len() > 200 => {
-                return Err(ApiError::validation(vec![FieldError::new(
-                    "token_id",
-                    "at most 200 characters",
-                )]))
-            }
-            (m, Some(_)) if m != Method::CreditCard => {
-                return Err(ApiError::validation(vec![FieldError::new(
-                    "token_id",
-                    "is for credit_card only",
-                )]))
-            }
-            _ => {}
-        }
+        method
+            .check_token(req.token_id.as_deref())
+            .map_err(|e| ApiError::validation(vec![FieldError::new("token_id", e.to_string())]))?;
         if req.invoice_id.is_empty()
             || req.invoice_id.len() > 64
             || !req
@@ -892,21 +894,8 @@ impl Payments {
                 continue;
             }
             for e in &events {
-                let mut data = json!({
-                    "payment_id": p.id, "invoice_id": p.invoice_id, "invoice_number": p.invoice_number,
-                    "order_id": p.order_id, "amount": e.amount,
-                    "method": p.channel.clone().unwrap_or_else(|| p.method.clone()),
-                    "status": p.status, "user_id": p.user_id,
-                    "subject": {"kind": p.subject_kind, "id": p.subject_id},
-                });
-                if let Some(r) = &e.refund_id {
-                    data["refund_id"] = json!(r);
-                }
-                if let Some(r) = e.reason {
-                    data["reason"] = json!(r);
-                }
                 self.outbox
-                    .enqueue(&mut tx, e.kind, &data, now)
+                    .enqueue(&mut tx, e.kind, &e.data(&p), now)
                     .await
                     .map_err(db_err)?;
             }
@@ -1008,7 +997,7 @@ impl Payments {
                             kind: "payment.refunded",
                             amount: total - covered,
                             refund_id: Some(format!("{}:midtrans:{total}", p.id)),
-                            reason: Some("refunded at Midtrans"),
+                            reason: Some("refunded at Midtrans".to_owned()),
                         });
                         p.refunded += total - covered;
                     }
@@ -1099,10 +1088,7 @@ impl Payments {
             Err(e) => {
                 tracing::warn!(error = %e, %order_id, "cannot confirm a notification now; the janitor will");
                 let mut c = self.db.pool().acquire().await.map_err(db_err)?;
-                sqlx::query("UPDATE payments SET next_check_at = $1 WHERE id = $2 AND next_check_at IS NOT NULL")
-                    .bind(now)
-                    .bind(&p.id)
-                    .execute(&mut *c)
+                storage::check_now(&mut c, &p.id, now)
                     .await
                     .map_err(db_err)?;
                 "unconfirmed".to_owned()
@@ -1461,13 +1447,14 @@ impl Payments {
             {
                 continue;
             }
-            let data = json!({
-                "payment_id": p.id, "invoice_id": p.invoice_id, "invoice_number": p.invoice_number,
-                "order_id": p.order_id, "amount": amount, "refund_id": refund_id,
-                "method": p.channel.clone().unwrap_or_else(|| p.method.clone()),
-                "status": p.status, "manual": manual, "reason": r.reason,
-                "user_id": p.user_id, "subject": {"kind": p.subject_kind, "id": p.subject_id},
-            });
+            let mut data = Ev {
+                kind: "payment.refunded",
+                amount,
+                refund_id: Some(refund_id.clone()),
+                reason: Some(r.reason.clone()),
+            }
+            .data(&p);
+            data["manual"] = json!(manual);
             self.outbox
                 .enqueue(&mut tx, "payment.refunded", &data, now)
                 .await

@@ -14,20 +14,16 @@ use crate::core::{views, NewPayment, Payment, Payments, Refund, RefundRequest};
 
 type Api<T> = Result<T, ApiError>;
 
-fn idempotency_key(req: &HttpRequest) -> Api<String> {
-    let key = req
-        .headers()
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::trim)
-        .unwrap_or_default();
-    if key.is_empty() || key.len() > 200 {
-        return Err(ApiError::bad_request(
-            "idempotency_key_required",
-            "send an Idempotency-Key header (1 to 200 characters) so a retry cannot charge twice",
+/// A member reads an organization's payments; only its owner or admin
+/// (`tenant_admin`) `does` anything with them (MONEY.md's rule for plans).
+fn acts_for_subject(user: &AuthUser, does: &str) -> Api<()> {
+    if user.0.tenant.is_some() && !user.0.is_tenant_admin() {
+        return Err(ApiError::forbidden(
+            "tenant_admin_required",
+            format!("only an owner or admin of the organization {does}"),
         ));
     }
-    Ok(key.to_owned())
+    Ok(())
 }
 
 #[utoipa::path(post, path = "/api/payments", tag = "payments", security(("bearer" = [])),
@@ -47,13 +43,8 @@ async fn create(
     req: HttpRequest,
     body: Json<NewPayment>,
 ) -> Api<HttpResponse> {
-    let key = idempotency_key(&req)?;
-    if user.0.tenant.is_some() && !user.0.is_tenant_admin() {
-        return Err(ApiError::forbidden(
-            "tenant_admin_required",
-            "only an owner or admin of the organization pays its invoices",
-        ));
-    }
+    let key = backend_common::idempotency_key(&req, "charge twice")?;
+    acts_for_subject(&user, "pays its invoices")?;
     let answered = payments.create(&user.0, &key, &body.0).await?;
     let mut res = HttpResponse::build(
         actix_web::http::StatusCode::from_u16(answered.status)
@@ -121,12 +112,7 @@ async fn cancel(
     user: AuthUser,
     id: web::Path<String>,
 ) -> Api<HttpResponse> {
-    if user.0.tenant.is_some() && !user.0.is_tenant_admin() {
-        return Err(ApiError::forbidden(
-            "tenant_admin_required",
-            "only an owner or admin of the organization cancels its payments",
-        ));
-    }
+    acts_for_subject(&user, "cancels its payments")?;
     let p = payments.cancel(&user.subject(), &id).await?;
     Ok(HttpResponse::Ok().json(payments.view(&p)))
 }
@@ -252,7 +238,7 @@ async fn admin_refund(
     id: web::Path<String>,
     body: Json<RefundRequest>,
 ) -> Api<HttpResponse> {
-    let key = idempotency_key(&req)?;
+    let key = backend_common::idempotency_key(&req, "refund twice")?;
     let (fresh, refund) = payments
         .refund(&admin.0.user_id, &id, &key, &body.0)
         .await?;

@@ -125,11 +125,17 @@ fn code_of(status: T) -> &'static str {
     }
 }
 
-fn answer(code: &str, body: Value) -> HttpResponse {
-    let http = match code.parse::<u16>() {
+/// The HTTP status of an answer whose body says `code`: the code itself
+/// for 4xx/5xx, 200 for 200/201/202/407 (the contract).
+fn http_of(code: &str) -> u16 {
+    match code.parse::<u16>() {
         Ok(c) if c >= 400 && c != 407 => c,
         _ => 200,
-    };
+    }
+}
+
+fn answer(code: &str, body: Value) -> HttpResponse {
+    let http = http_of(code);
     HttpResponse::build(StatusCode::from_u16(http).unwrap_or(StatusCode::OK))
         .insert_header(("X-Tiergate-Sandbox", "true"))
         .json(body)
@@ -283,11 +289,7 @@ impl Sandbox {
     }
 
     fn respond(&self, key: Option<String>, code: &str, body: Value) -> HttpResponse {
-        let http = match code.parse::<u16>() {
-            Ok(c) if c >= 400 && c != 407 => c,
-            _ => 200,
-        };
-        self.remember(key, http, &body);
+        self.remember(key, http_of(code), &body);
         answer(code, body)
     }
 

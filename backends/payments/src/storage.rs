@@ -279,6 +279,19 @@ pub async fn claim_check(
     Ok(r.rows_affected() == 1)
 }
 
+/// Makes a payment the janitor still watches due a check now (a
+/// notification that could not be confirmed).
+pub async fn check_now(c: &mut AnyConnection, id: &str, now: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE payments SET next_check_at = $1 WHERE id = $2 AND next_check_at IS NOT NULL",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
 /// A row of `payment_requests`.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct RequestRow {
