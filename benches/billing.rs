@@ -104,28 +104,6 @@ async fn issue_loop(
     services::collect(set, "issue").await
 }
 
-/// A fresh PostgreSQL database for billing, if the server answers.
-async fn postgres_database() -> Option<String> {
-    sqlx::any::install_default_drivers();
-    let server = std::env::var("TIERGATE_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
-    let admin = sqlx::AnyPool::connect(&format!("{server}/postgres"))
-        .await
-        .ok()?;
-    let name = format!("tg_bench_billing_{}", std::process::id());
-    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name}"
-    )))
-    .execute(&admin)
-    .await;
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await
-        .ok()?;
-    admin.close().await;
-    Some(format!("{server}/{name}"))
-}
-
 /// p50/p99 in ms of `n` renders of `sheet`.
 fn render_times(sheet: &billing::pdf::Sheet, n: usize) -> Result<(f64, f64, usize)> {
     let mut ns = Vec::with_capacity(n);
@@ -290,6 +268,7 @@ fn main() -> Result<()> {
         gw_addr,
         threads,
         &[("users", users_addr), ("billing", billing_addr)],
+        &[],
     )?;
 
     let (rt, client) = services::client_runtime()?;
@@ -327,7 +306,7 @@ fn main() -> Result<()> {
         &token,
         &keys,
     )?];
-    let pg = rt.block_on(postgres_database());
+    let pg = rt.block_on(services::postgres_database("tg_bench_billing"));
     match &pg {
         Some(url) => runs.push(run_on(
             &rt,
@@ -391,17 +370,7 @@ fn main() -> Result<()> {
         large.2
     );
     if let Some(url) = pg {
-        rt.block_on(async {
-            let server = url.rsplit_once('/').map_or(url.as_str(), |(s, _)| s);
-            if let Ok(admin) = sqlx::AnyPool::connect(&format!("{server}/postgres")).await {
-                let name = format!("tg_bench_billing_{}", std::process::id());
-                let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                )))
-                .execute(&admin)
-                .await;
-            }
-        });
+        rt.block_on(services::drop_database(&url));
     }
     Ok(())
 }

@@ -101,7 +101,8 @@ fn main() -> Result<()> {
     let mut users = services::serve(&dir.0, "users", users_addr, &[])?;
     let redis = services::redis_running();
     eprintln!("starting the gateway on {gw_addr} (Redis-shared limits: {redis})");
-    let mut gateway = services::bench_gateway(&dir.0, gw_addr, threads, &[("users", users_addr)])?;
+    let mut gateway =
+        services::bench_gateway(&dir.0, gw_addr, threads, &[("users", users_addr)], &[])?;
 
     let (rt, client) = services::client_runtime()?;
     let base = format!("http://{gw_addr}");

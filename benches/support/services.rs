@@ -146,12 +146,14 @@ routes:
 {routes}"#;
 
 /// [`GATEWAY_YAML`] for `services` (`users` among them), run listening
-/// on `addr` with `threads` threads.
+/// on `addr` with `threads` threads; `public` routes (path prefix,
+/// service) come first, without a token or limits.
 pub fn bench_gateway(
     dir: &Path,
     addr: SocketAddr,
     threads: usize,
     services: &[(&str, SocketAddr)],
+    public: &[(&str, &str)],
 ) -> Result<Proc> {
     let users = services
         .iter()
@@ -159,6 +161,11 @@ pub fn bench_gateway(
         .map(|(_, a)| *a)
         .ok_or_else(|| anyhow!("the gateway needs the users service for its JWKS"))?;
     let (mut upstreams, mut routes) = (String::new(), String::new());
+    for (i, (prefix, service)) in public.iter().enumerate() {
+        routes.push_str(&format!(
+            "  - {{ name: public-{i}, match: {{ path: {{ prefix: {prefix} }} }}, upstream: {service}, rate_limit: false }}\n"
+        ));
+    }
     for (name, upstream) in services {
         upstreams.push_str(&format!(
             "  {name}: {{ backends: [{{ address: \"{upstream}\" }}] }}\n"
@@ -227,6 +234,44 @@ pub fn gateway(dir: &Path, yaml: &str, addr: SocketAddr) -> Result<Proc> {
     );
     p.wait_listening(addr)?;
     Ok(p)
+}
+
+/// A fresh PostgreSQL database `<name>_<pid>`, if the server at
+/// `TIERGATE_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432`)
+/// answers: its URL.
+pub async fn postgres_database(name: &str) -> Option<String> {
+    sqlx::any::install_default_drivers();
+    let server = std::env::var("TIERGATE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_owned());
+    let admin = sqlx::AnyPool::connect(&format!("{server}/postgres"))
+        .await
+        .ok()?;
+    let name = format!("{name}_{}", std::process::id());
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name}"
+    )))
+    .execute(&admin)
+    .await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await
+        .ok()?;
+    admin.close().await;
+    Some(format!("{server}/{name}"))
+}
+
+/// Drops the database [`postgres_database`] made at `url`.
+pub async fn drop_database(url: &str) {
+    let Some((server, name)) = url.rsplit_once('/') else {
+        return;
+    };
+    if let Ok(admin) = sqlx::AnyPool::connect(&format!("{server}/postgres")).await {
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+        )))
+        .execute(&admin)
+        .await;
+    }
 }
 
 /// Whether Redis answers on 127.0.0.1:6379.

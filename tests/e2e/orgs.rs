@@ -691,6 +691,65 @@ both_databases! {
         for want in ["PT Acme Indonesia", "NPWP 0012345678901000", "Jl. Sudirman 1, Jakarta", "alice@acme.test"] {
             assert!(text.contains(want), "{want} missing:\n{text}");
         }
+
+        // Paying it: a tenant admin of Acme pays; a member may look but
+        // not pay or cancel; no one outside Acme sees the payment.
+        let sandbox = payments::sandbox::start(payments::sandbox::SandboxConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        })
+        .unwrap();
+        let settings = crate::payments::payments_settings(&t.world, Some(&sandbox), &t.users, &billing, &t.inbox).await;
+        let payments = t.world.start::<payments::PaymentsService>(settings);
+        let pay_base = payments.base.clone();
+        switch(&base, &mut t.bob, Some(&t.acme)).await;
+        let pay = |who: &Person, key: &str| {
+            let req = client().post(format!("{pay_base}/api/payments")).bearer_auth(&who.access)
+                .header("idempotency-key", key).json(&json!({"invoice_id": id, "method": "bca_va"}));
+            crate::platform::send(req)
+        };
+        for (who, want) in [(&alice_personal, 404), (&dave_beta, 404), (&t.erin, 404), (&t.carol, 403)] {
+            let (status, answer) = pay(who, &format!("k-{}", who.email)).await;
+            assert_eq!(status.as_u16(), want, "{} pays Acme's invoice: {answer}", who.email);
+            assert!(!answer.to_string().contains("Acme"), "a refusal says nothing: {answer}");
+        }
+        let (status, paid) = pay(&t.bob, "k-bob").await;
+        assert_eq!(status, StatusCode::CREATED, "{paid}");
+        assert_eq!((paid["status"].as_str(), paid["amount"].as_i64()), (Some("pending"), inv["total"].as_i64()), "{paid}");
+        let pid = paid["id"].as_str().unwrap().to_owned();
+        let mine = format!("/api/payments/{pid}");
+        let listed = format!("/api/payments?invoice_id={id}");
+        let table: Vec<(&Person, Method, String, u16)> = vec![
+            (&t.alice, Method::GET, mine.clone(), 200),
+            (&t.carol, Method::GET, mine.clone(), 200),
+            (&alice_personal, Method::GET, mine.clone(), 404),
+            (&dave_beta, Method::GET, mine.clone(), 404),
+            (&t.erin, Method::GET, mine.clone(), 404),
+            (&t.alice, Method::GET, format!("/api/payments/{guessed}"), 404),
+            (&t.carol, Method::POST, format!("{mine}/cancel"), 403),
+            (&dave_beta, Method::POST, format!("{mine}/cancel"), 404),
+            (&t.alice, Method::GET, "/api/admin/payments".to_owned(), 403),
+            (&t.alice, Method::POST, format!("/api/admin/payments/{pid}/refund"), 403),
+        ];
+        for (who, method, path, want) in table {
+            let body = (method == Method::POST).then(|| json!({"amount": 1000, "reason": "x"}));
+            let (status, answer) = as_user(method.clone(), &pay_base, &path, &who.access, body).await;
+            assert_eq!(status.as_u16(), want, "{} {method} {path}: {answer}", who.email);
+            if want == 404 {
+                assert!(!answer.to_string().contains(&pid), "a 404 says nothing: {answer}");
+            }
+        }
+        let count = |who: &Person| {
+            let (base, access, listed) = (pay_base.clone(), who.access.clone(), listed.clone());
+            async move {
+                let (_, list) = as_user(Method::GET, &base, &listed, &access, None).await;
+                list["payments"].as_array().unwrap().len()
+            }
+        };
+        assert_eq!((count(&t.alice).await, count(&t.carol).await), (1, 1));
+        assert_eq!((count(&alice_personal).await, count(&dave_beta).await, count(&t.erin).await), (0, 0, 0));
+        payments.stop().await;
+        sandbox.stop().await;
         billing.stop().await;
         t.users.stop().await;
     }

@@ -197,16 +197,19 @@ pub fn start<S: Service>(
                 .boxed_local(),
         );
         background.push(housekeeping(db.clone(), clock.clone(), parts.housekeeping).boxed_local());
-        let routes = parts.routes;
+        let (routes, mut openapi) = (parts.routes, parts.openapi);
+        // `/internal/events` is served, and documented, only by a service
+        // that consumes events.
         let routes: Routes = match parts.consumer {
-            Some(consumer) => Arc::new(move |cfg| {
-                consumer.clone().configure(cfg);
-                routes(cfg);
-            }),
+            Some(consumer) => {
+                openapi.merge(<crate::consumer::ConsumerApi as utoipa::OpenApi>::openapi());
+                Arc::new(move |cfg| {
+                    consumer.clone().configure(cfg);
+                    routes(cfg);
+                })
+            }
             None => routes,
         };
-        let mut openapi = parts.openapi;
-        openapi.merge(<crate::consumer::ConsumerApi as utoipa::OpenApi>::openapi());
         Ok(ServiceDef {
             name: S::NAME,
             openapi,

@@ -7,8 +7,9 @@
 //! `Idempotency-Key`) are retried after a connection failure, a 5xx or a
 //! 202 (the first request with that key still running).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use prometheus::HistogramVec;
 use serde_json::Value;
 
 use backend_common::secret::Secret;
@@ -65,6 +66,8 @@ pub struct Midtrans {
     api: String,
     snap: String,
     authorization: Secret<String>,
+    /// Seconds per HTTP exchange, by operation and outcome.
+    latency: Option<HistogramVec>,
 }
 
 impl std::fmt::Debug for Midtrans {
@@ -121,7 +124,15 @@ impl Midtrans {
             api: config.api_base().to_owned(),
             snap: config.snap_base().to_owned(),
             authorization: Secret::new(authorization(server_key.expose())),
+            latency: None,
         })
+    }
+
+    /// Records each exchange's time in `latency` (labels `operation`,
+    /// `outcome`).
+    pub fn with_latency(mut self, latency: HistogramVec) -> Self {
+        self.latency = Some(latency);
+        self
     }
 
     /// `POST /v2/charge`.
@@ -224,7 +235,18 @@ impl Midtrans {
         let repeatable = method == reqwest::Method::GET || idempotency_key.is_some();
         let mut pauses = RETRY_PAUSES.iter();
         loop {
+            let started = Instant::now();
             let outcome = self.once(&method, &url, body, idempotency_key).await;
+            if let Some(h) = &self.latency {
+                let result = match &outcome {
+                    Ok(_) => "ok",
+                    Err(MidtransError::Refused { .. }) => "refused",
+                    Err(MidtransError::Unavailable(_)) => "unavailable",
+                    Err(MidtransError::Invalid(_)) => "invalid",
+                };
+                h.with_label_values(&[operation_of(&url), result])
+                    .observe(started.elapsed().as_secs_f64());
+            }
             let again = matches!(&outcome, Err(MidtransError::Unavailable(_))) && repeatable;
             match (again, pauses.next()) {
                 (true, Some(pause)) => tokio::time::sleep(*pause).await,
@@ -305,6 +327,19 @@ impl Midtrans {
     }
 }
 
+/// The operation a Midtrans URL names (a metric label: never the order).
+fn operation_of(url: &str) -> &'static str {
+    match url.rsplit('/').next() {
+        Some("charge") => "charge",
+        Some("transactions") => "snap",
+        Some("status") => "status",
+        Some("cancel") => "cancel",
+        Some("expire") => "expire",
+        Some("refund" | "direct") => "refund",
+        _ => "other",
+    }
+}
+
 /// The path of a URL, for logs (no host, no query).
 fn path_of(url: &str) -> &str {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -316,6 +351,26 @@ fn path_of(url: &str) -> &str {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn test_operations_of_urls_never_carry_the_order() {
+        let api = "https://api.sandbox.midtrans.com";
+        for (url, op) in [
+            (format!("{api}/v2/charge"), "charge"),
+            (format!("{api}/snap/v1/transactions"), "snap"),
+            (format!("{api}/v2/INV-2026-12-000001-1/status"), "status"),
+            (format!("{api}/v2/INV-2026-12-000001-1/cancel"), "cancel"),
+            (format!("{api}/v2/INV-2026-12-000001-1/expire"), "expire"),
+            (format!("{api}/v2/INV-2026-12-000001-1/refund"), "refund"),
+            (
+                format!("{api}/v2/INV-2026-12-000001-1/refund/online/direct"),
+                "refund",
+            ),
+            (format!("{api}/v2/INV-2026-12-000001-1"), "other"),
+        ] {
+            assert_eq!(operation_of(&url), op, "{url}");
+        }
+    }
 
     #[test]
     fn test_messages_of_answers() {

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use actix_web::http::StatusCode;
-use prometheus::{IntCounter, IntCounterVec, Opts};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -62,6 +62,8 @@ pub struct PaymentMetrics {
     pub mismatches: IntCounter,
     /// Moves by target state.
     pub transitions: IntCounterVec,
+    /// Midtrans round trips, by operation and outcome.
+    pub midtrans_latency: HistogramVec,
 }
 
 impl PaymentMetrics {
@@ -88,13 +90,28 @@ impl PaymentMetrics {
             &["state"],
         )
         .map_err(|e| e.to_string())?;
+        let midtrans_latency = HistogramVec::new(
+            HistogramOpts::new(
+                "payments_midtrans_request_seconds",
+                "Midtrans API round trips, by operation (charge, snap, status, cancel, expire, refund) and outcome",
+            )
+            .buckets(vec![
+                0.000_5, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["operation", "outcome"],
+        )
+        .map_err(|e| e.to_string())?;
         m.register(webhooks.clone()).map_err(|e| e.to_string())?;
+        m.register(midtrans_latency.clone())
+            .map_err(|e| e.to_string())?;
         m.register(mismatches.clone()).map_err(|e| e.to_string())?;
         m.register(transitions.clone()).map_err(|e| e.to_string())?;
         Ok(Self {
             webhooks,
             mismatches,
             transitions,
+            midtrans_latency,
         })
     }
 }
@@ -266,11 +283,14 @@ struct BuyerView {
 }
 
 /// An event to write with a change.
+#[derive(Default)]
 struct Ev {
     kind: &'static str,
     amount: i64,
     refund_id: Option<String>,
     reason: Option<String>,
+    /// A refund made by hand (a bank transfer), not at Midtrans.
+    manual: Option<bool>,
 }
 
 impl Ev {
@@ -289,8 +309,23 @@ impl Ev {
         if let Some(r) = &self.reason {
             data["reason"] = json!(r);
         }
+        if let Some(m) = self.manual {
+            data["manual"] = json!(m);
+        }
         data
     }
+}
+
+/// What is written in the transaction of a payment's change besides it.
+#[derive(Clone, Copy)]
+enum Alongside<'a> {
+    Nothing,
+    /// Refund `id` ends `done` (with Midtrans's message); when it ended
+    /// already, nothing changes.
+    RefundDone {
+        id: &'a str,
+        message: Option<&'a str>,
+    },
 }
 
 /// What a confirmed status did (stored on the notification).
@@ -368,8 +403,7 @@ fn events_for(from: State, to: State, p: &PaymentRow) -> Vec<Ev> {
     let ev = |kind, amount| Ev {
         kind,
         amount,
-        refund_id: None,
-        reason: None,
+        ..Ev::default()
     };
     let mut out = Vec::new();
     if from == State::Created && to == State::Pending {
@@ -393,6 +427,7 @@ fn events_for(from: State, to: State, p: &PaymentRow) -> Vec<Ev> {
                     amount: left,
                     refund_id: Some(format!("{}:{}", p.id, to.as_str())),
                     reason: Some(to.as_str().to_owned()),
+                    manual: None,
                 });
             }
         }
@@ -845,7 +880,7 @@ impl Payments {
         id: &str,
         mut f: impl FnMut(&mut PaymentRow, State) -> Api<Option<State>>,
     ) -> Api<PaymentRow> {
-        self.mutate_with(id, |row, from| {
+        self.mutate_with(id, Alongside::Nothing, |row, from| {
             let to = f(row, from)?;
             Ok((to, Vec::new()))
         })
@@ -853,9 +888,12 @@ impl Payments {
         .map(|(p, _)| p)
     }
 
+    /// [`Payments::mutate`] where `f` also names events, and `alongside`
+    /// is written in the same transaction.
     async fn mutate_with(
         &self,
         id: &str,
+        alongside: Alongside<'_>,
         mut f: impl FnMut(&mut PaymentRow, State) -> Api<(Option<State>, Vec<Ev>)>,
     ) -> Api<(PaymentRow, Option<State>)> {
         for _ in 0..5 {
@@ -865,6 +903,19 @@ impl Payments {
                 .await
                 .map_err(db_err)?
                 .ok_or_else(|| ApiError::not_found("no such payment"))?;
+            if let Alongside::RefundDone {
+                id: refund,
+                message,
+            } = alongside
+            {
+                if !storage::finish_refund(&mut tx, refund, "done", message, now)
+                    .await
+                    .map_err(db_err)?
+                {
+                    // Recorded by another request: the payment has it.
+                    return Ok((p, None));
+                }
+            }
             let seen = p.updated_at;
             let from = parse_state(&p.status)?;
             let (to, mut events) = f(&mut p, from)?;
@@ -940,7 +991,7 @@ impl Payments {
         let mut outcome = Outcome::Unknown;
         let mut newly_mismatched = false;
         let (row, _) = self
-            .mutate_with(id, |p, from| {
+            .mutate_with(id, Alongside::Nothing, |p, from| {
                 newly_mismatched = false;
                 let amount = answer["gross_amount"].as_str().and_then(parse_amount);
                 let currency_ok = answer["currency"].as_str().is_none_or(|c| c == p.currency);
@@ -998,6 +1049,7 @@ impl Payments {
                             amount: total - covered,
                             refund_id: Some(format!("{}:midtrans:{total}", p.id)),
                             reason: Some("refunded at Midtrans".to_owned()),
+                            manual: None,
                         });
                         p.refunded += total - covered;
                     }
@@ -1270,6 +1322,9 @@ impl Payments {
             return match r.status.as_str() {
                 "done" => Ok((false, r.into())),
                 "failed" => Err(refund_refused(r.status_message.as_deref())),
+                // Requested and not recorded (a crash, or a request still
+                // running): finish it.
+                _ if r.manual != 0 => self.record_refund(r, None).await.map(|r| (false, r)),
                 _ => self.refund_at_midtrans(&p, r).await.map(|r| (false, r)),
             };
         }
@@ -1321,17 +1376,14 @@ impl Payments {
             idem_key: key.to_owned(),
             amount: req.amount,
             reason: reason.to_owned(),
-            status: if req.manual { "done" } else { "requested" }.to_owned(),
+            status: "requested".to_owned(),
             manual: i32::from(req.manual),
             reference: req.reference.clone(),
             status_message: None,
             by_user: by.to_owned(),
             created_at: now,
-            completed_at: req.manual.then_some(now),
+            completed_at: None,
         };
-        if req.manual {
-            return self.record_refund(row, None).await.map(|r| (true, r));
-        }
         let mut c = self.db.pool().acquire().await.map_err(db_err)?;
         if !storage::insert_refund(&mut c, &row).await.map_err(db_err)? {
             return Err(ApiError::conflict(
@@ -1341,6 +1393,9 @@ impl Payments {
             .with_retry_after(1));
         }
         drop(c);
+        if req.manual {
+            return self.record_refund(row, None).await.map(|r| (true, r));
+        }
         self.refund_at_midtrans(&p, row).await.map(|r| (true, r))
     }
 
@@ -1378,101 +1433,43 @@ impl Payments {
         }
     }
 
-    /// Records a refund done (at Midtrans: `answer`; or by hand) with the
-    /// payment's new state and `payment.refunded`, in one transaction.
+    /// Records refund `r` (still `requested`) done — at Midtrans
+    /// (`answer`) or by hand — with the payment's new state and
+    /// `payment.refunded`, in one transaction; once, however many
+    /// requests record it at the same time.
     async fn record_refund(&self, r: RefundRow, answer: Option<&Value>) -> Api<Refund> {
         let status = answer
             .and_then(|a| a["transaction_status"].as_str())
             .and_then(TransactionStatus::parse);
-        let now = self.clock.now_ms();
-        let refund_id = r.id.clone();
-        let amount = r.amount;
-        let manual = r.manual != 0;
-        for _ in 0..5 {
-            let mut tx = self.db.begin_write().await.map_err(db_err)?;
-            let mut p = storage::payment(&mut tx, &r.payment_id)
-                .await
-                .map_err(db_err)?
-                .ok_or_else(|| ApiError::not_found("no such payment"))?;
-            let seen = p.updated_at;
-            let from = parse_state(&p.status)?;
-            if manual {
-                if !storage::insert_refund(&mut tx, &r).await.map_err(db_err)? {
-                    // The same key, recorded meanwhile.
-                    let mut c = self.db.pool().acquire().await.map_err(db_err)?;
-                    let done = storage::refund_by_key(&mut c, &r.payment_id, &r.idem_key)
-                        .await
-                        .map_err(db_err)?
-                        .ok_or_else(|| ApiError::internal(&"a refund vanished"))?;
-                    return Ok(done.into());
-                }
-            } else {
-                storage::finish_refund(
-                    &mut tx,
-                    &r.id,
-                    "done",
-                    answer.and_then(|a| a["status_message"].as_str()),
-                    now,
-                )
-                .await
-                .map_err(db_err)?;
-            }
-            p.refunded = (p.refunded + amount).min(p.amount);
-            let to = match status {
-                Some(TransactionStatus::Cancel) => State::Cancelled,
-                _ if p.refunded >= p.amount => State::Refunded,
-                _ => State::PartiallyRefunded,
+        let message = answer.and_then(|a| a["status_message"].as_str());
+        let alongside = Alongside::RefundDone { id: &r.id, message };
+        self.mutate_with(&r.payment_id, alongside, |p, from| {
+            p.refunded = (p.refunded + r.amount).min(p.amount);
+            let seen = match status {
+                Some(TransactionStatus::Cancel) => TransactionStatus::Cancel,
+                _ if p.refunded >= p.amount => TransactionStatus::Refund,
+                _ => TransactionStatus::PartialRefund,
             };
-            let moved = match state::step(
-                from,
-                match to {
-                    State::Cancelled => TransactionStatus::Cancel,
-                    State::Refunded => TransactionStatus::Refund,
-                    _ => TransactionStatus::PartialRefund,
-                },
-                None,
-            ) {
+            let to = match state::step(from, seen, None) {
                 Step::Move(t) => Some(t),
                 _ => None,
             };
-            if let Some(t) = moved {
-                p.status = t.as_str().to_owned();
-                p.open_invoice = None;
-            }
-            p.next_check_at = None;
-            p.updated_at = now.max(seen + 1);
-            if !storage::update_payment(&mut tx, &p, seen)
-                .await
-                .map_err(db_err)?
-            {
-                continue;
-            }
-            let mut data = Ev {
+            let event = Ev {
                 kind: "payment.refunded",
-                amount,
-                refund_id: Some(refund_id.clone()),
+                amount: r.amount,
+                refund_id: Some(r.id.clone()),
                 reason: Some(r.reason.clone()),
-            }
-            .data(&p);
-            data["manual"] = json!(manual);
-            self.outbox
-                .enqueue(&mut tx, "payment.refunded", &data, now)
-                .await
-                .map_err(db_err)?;
-            tx.commit().await.map_err(db_err)?;
-            self.outbox.notify();
-            let mut c = self.db.pool().acquire().await.map_err(db_err)?;
-            let done = storage::refund_by_key(&mut c, &r.payment_id, &r.idem_key)
-                .await
-                .map_err(db_err)?
-                .ok_or_else(|| ApiError::internal(&"a refund vanished"))?;
-            return Ok(done.into());
-        }
-        Err(ApiError::conflict(
-            "payment_busy",
-            "this payment is being changed; retry shortly",
-        )
-        .with_retry_after(1))
+                manual: Some(r.manual != 0),
+            };
+            Ok((to, vec![event]))
+        })
+        .await?;
+        let mut c = self.db.pool().acquire().await.map_err(db_err)?;
+        storage::refund_by_key(&mut c, &r.payment_id, &r.idem_key)
+            .await
+            .map_err(db_err)?
+            .map(Refund::from)
+            .ok_or_else(|| ApiError::internal(&"a refund vanished"))
     }
 
     // ---- the janitor ------------------------------------------------------

@@ -57,8 +57,12 @@ impl Service for PaymentsService {
 
     async fn build(p: &Platform<PaymentsConfig>) -> Result<Parts, String> {
         let cfg = p.settings.service.clone();
+        let metrics = core::PaymentMetrics::register(&p.metrics)?;
         let midtrans = match &cfg.midtrans.server_key {
-            Some(key) => Some(client::Midtrans::new(&cfg.midtrans, key)?),
+            Some(key) => Some(
+                client::Midtrans::new(&cfg.midtrans, key)?
+                    .with_latency(metrics.midtrans_latency.clone()),
+            ),
             None => {
                 tracing::warn!(
                     "payments are disabled: set TIERGATE_MIDTRANS_SERVER_KEY (or _FILE) to take payments"
@@ -76,7 +80,7 @@ impl Service for PaymentsService {
             clock: p.clock.clone(),
             client: p.client.clone(),
             midtrans,
-            metrics: core::PaymentMetrics::register(&p.metrics)?,
+            metrics,
             config: cfg,
         });
         let data = actix_web::web::Data::from(payments.clone());

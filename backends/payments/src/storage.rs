@@ -565,16 +565,18 @@ pub async fn refunds_of(
     .await
 }
 
-/// Records a refund's end.
+/// Records the end of a refund still `requested`; false when it ended
+/// already (another request recorded it meanwhile).
 pub async fn finish_refund(
     c: &mut AnyConnection,
     id: &str,
     status: &str,
     message: Option<&str>,
     now: i64,
-) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE refunds SET status = $1, status_message = $2, completed_at = $3 WHERE id = $4",
+) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE refunds SET status = $1, status_message = $2, completed_at = $3 \
+         WHERE id = $4 AND status = 'requested'",
     )
     .bind(status)
     .bind(message)
@@ -582,7 +584,7 @@ pub async fn finish_refund(
     .bind(id)
     .execute(c)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }
 
 /// The sum of a payment's refunds asked of Midtrans and not yet recorded
