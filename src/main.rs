@@ -20,6 +20,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// `service-key` find them here. Adding a service is one line.
 static SERVICES: &[&dyn Registered] = &[
     &Entry::<users::UsersService>::NEW,
+    &Entry::<subscriptions::SubscriptionsService>::NEW,
     &Entry::<payments::PaymentsService>::NEW,
     &Entry::<billing::BillingService>::NEW,
 ];

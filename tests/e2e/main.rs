@@ -30,6 +30,7 @@ mod routing;
 mod service_platform;
 mod status_page;
 mod streaming;
+mod subscriptions;
 mod tokens;
 mod upgrade;
 mod users;

@@ -313,6 +313,28 @@ pub async fn as_user(
     send(req).await
 }
 
+/// `POST url` with `body`, a bearer `token` and an `Idempotency-Key`:
+/// the status, the JSON answer, and whether it was replayed
+/// (`Idempotent-Replayed`).
+pub async fn post_keyed(
+    url: &str,
+    token: &str,
+    key: &str,
+    body: &Value,
+) -> (StatusCode, Value, bool) {
+    let r = client()
+        .post(url)
+        .bearer_auth(token)
+        .header("idempotency-key", key)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let replayed = r.headers().get("idempotent-replayed").is_some();
+    (status, r.json().await.unwrap_or(Value::Null), replayed)
+}
+
 /// `method` on `service`'s `path` signed as the service `keys` belongs to.
 pub async fn as_service(
     keys: &ServiceKeys,

@@ -16,7 +16,7 @@ pub mod pdf;
 pub mod reports;
 pub mod routes;
 pub mod storage;
-pub mod tax;
+pub use backend_common::tax;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -18,8 +18,9 @@
 //! - [`config`], [`secret`]: settings from file and env, secrets that never
 //!   print;
 //! - [`clock`]: the injectable clock every service reads time from;
-//! - [`money`], [`calendar`]: integer rupiah, the business time zone and
-//!   period arithmetic.
+//! - [`money`], [`calendar`], [`tax`]: integer rupiah, the business time
+//!   zone and period arithmetic, PPN (invoiced by billing, shown for
+//!   display by subscriptions).
 #![deny(missing_docs)]
 
 pub mod app;
@@ -40,6 +41,7 @@ pub mod request_id;
 pub mod secret;
 pub mod service;
 pub mod service_auth;
+pub mod tax;
 #[cfg(test)]
 mod test_http;
 pub mod user_auth;

@@ -67,6 +67,20 @@ impl UserClaims {
     pub fn is_tenant_admin(&self) -> bool {
         self.tenant.is_some() && self.has_role("tenant_admin")
     }
+
+    /// Members read what an organization owns; only its owner or admin
+    /// (`tenant_admin`) acts on it (MONEY.md): 403
+    /// `tenant_admin_required`, saying the organization's admin `does` it,
+    /// for a member. A personal token acts for its user.
+    pub fn acts_for_subject(&self, does: &str) -> Result<(), ApiError> {
+        if self.tenant.is_some() && !self.is_tenant_admin() {
+            return Err(ApiError::forbidden(
+                "tenant_admin_required",
+                format!("only an owner or admin of the organization {does}"),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Who owns a resource: a user (a personal account) or an organization.
@@ -267,7 +281,7 @@ impl Jwks {
     async fn refetch(&self) -> bool {
         let _one_at_a_time = self.fetching.lock().await;
         {
-            let Ok(mut last) = self.last_fetch.lock() else {
+            let Ok(last) = self.last_fetch.lock() else {
                 return false;
             };
             let wait = |ok: bool| {
@@ -280,9 +294,11 @@ impl Jwks {
             if last.is_some_and(|(t, ok)| t.elapsed() < wait(ok)) {
                 return false;
             }
-            // Marked as failed until it works.
-            *last = Some((Instant::now(), false));
         }
+        // Recorded once it ends: a fetch abandoned midway (its request
+        // dropped by a client that went away) counts as neither, so the
+        // next request fetches again instead of being told the keys
+        // cannot be fetched.
         let fetched = async {
             let set: JwkSet = self
                 .http
@@ -319,6 +335,9 @@ impl Jwks {
             }
             None => {
                 tracing::warn!(url = %self.url, "cannot fetch the users service's JWKS");
+                if let Ok(mut last) = self.last_fetch.lock() {
+                    *last = Some((Instant::now(), false));
+                }
                 false
             }
         }

@@ -14,18 +14,6 @@ use crate::core::{views, NewPayment, Payment, Payments, Refund, RefundRequest};
 
 type Api<T> = Result<T, ApiError>;
 
-/// A member reads an organization's payments; only its owner or admin
-/// (`tenant_admin`) `does` anything with them (MONEY.md's rule for plans).
-fn acts_for_subject(user: &AuthUser, does: &str) -> Api<()> {
-    if user.0.tenant.is_some() && !user.0.is_tenant_admin() {
-        return Err(ApiError::forbidden(
-            "tenant_admin_required",
-            format!("only an owner or admin of the organization {does}"),
-        ));
-    }
-    Ok(())
-}
-
 #[utoipa::path(post, path = "/api/payments", tag = "payments", security(("bearer" = [])),
     params(("Idempotency-Key" = String, Header, description = "1-200 characters; a retry with it never charges twice (answers are kept 48h)")),
     request_body = NewPayment,
@@ -44,7 +32,7 @@ async fn create(
     body: Json<NewPayment>,
 ) -> Api<HttpResponse> {
     let key = backend_common::idempotency_key(&req, "charge twice")?;
-    acts_for_subject(&user, "pays its invoices")?;
+    user.0.acts_for_subject("pays its invoices")?;
     let answered = payments.create(&user.0, &key, &body.0).await?;
     let mut res = HttpResponse::build(
         actix_web::http::StatusCode::from_u16(answered.status)
@@ -112,7 +100,7 @@ async fn cancel(
     user: AuthUser,
     id: web::Path<String>,
 ) -> Api<HttpResponse> {
-    acts_for_subject(&user, "cancels its payments")?;
+    user.0.acts_for_subject("cancels its payments")?;
     let p = payments.cancel(&user.subject(), &id).await?;
     Ok(HttpResponse::Ok().json(payments.view(&p)))
 }

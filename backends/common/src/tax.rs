@@ -47,7 +47,7 @@ pub enum TotalsError {
 }
 
 /// `round(n / d)` half up, for `n >= 0`, `d > 0`.
-pub(crate) fn div_round(n: i128, d: i128) -> i128 {
+pub fn div_round(n: i128, d: i128) -> i128 {
     (n + d / 2) / d
 }
 

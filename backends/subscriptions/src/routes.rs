@@ -1,0 +1,131 @@
+//! HTTP handlers of subscriptions: the plan catalogue (public), the
+//! caller's subscription, checkouts.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use utoipa::OpenApi;
+
+use backend_common::error::ErrorEnvelope;
+use backend_common::json::Json;
+use backend_common::user_auth::AuthUser;
+use backend_common::ApiError;
+
+use crate::core::{
+    Change, CheckoutRequest, DowngradeRequest, InvoiceRef, Line, PlanList, PlanView, Price,
+    Renewal, Scheduled, SubjectView, SubscriptionView, Subscriptions,
+};
+
+type Api<T> = Result<T, ApiError>;
+
+#[utoipa::path(get, path = "/api/subscriptions/plans", tag = "plans",
+    responses((status = 200, description = "the plans, lowest first, with prices before and after PPN", body = PlanList)))]
+async fn plans(subs: web::Data<Subscriptions>) -> HttpResponse {
+    HttpResponse::Ok().json(subs.plans())
+}
+
+#[utoipa::path(get, path = "/api/subscriptions/me", tag = "subscriptions", security(("bearer" = [])),
+    responses((status = 200, description = "the subscription of the token's subject (the user, or the active organization); FREE when none", body = SubscriptionView),
+        (status = 401, description = "no valid token", body = ErrorEnvelope)))]
+async fn me(subs: web::Data<Subscriptions>, user: AuthUser) -> Api<HttpResponse> {
+    Ok(HttpResponse::Ok().json(subs.me(&user.0.subject()).await?))
+}
+
+#[utoipa::path(post, path = "/api/subscriptions/checkout", tag = "subscriptions", security(("bearer" = [])),
+    params(("Idempotency-Key" = String, Header, description = "1-200 characters; the same key and request answers the same, never bills twice")),
+    request_body = CheckoutRequest,
+    responses((status = 201, description = "the change and its invoice (pay it with POST /api/payments); the credit's arithmetic when a paid plan is replaced", body = Change),
+        (status = 200, description = "this key's answer replayed (`Idempotent-Replayed: true`)", body = Change),
+        (status = 400, description = "no Idempotency-Key, or a malformed body", body = ErrorEnvelope),
+        (status = 401, description = "no valid token", body = ErrorEnvelope),
+        (status = 403, description = "an organization's member who is not its owner or admin", body = ErrorEnvelope),
+        (status = 409, description = "not above the plan in force", body = ErrorEnvelope),
+        (status = 422, description = "an unknown plan or cycle; this key with another request", body = ErrorEnvelope),
+        (status = 502, description = "billing failed", body = ErrorEnvelope),
+        (status = 503, description = "billing is unavailable: send the same request again", body = ErrorEnvelope)))]
+async fn checkout(
+    subs: web::Data<Subscriptions>,
+    user: AuthUser,
+    req: HttpRequest,
+    body: Json<CheckoutRequest>,
+) -> Api<HttpResponse> {
+    let key = backend_common::idempotency_key(&req, "bill twice")?;
+    user.0.acts_for_subject("changes its plan")?;
+    let answered = subs.checkout(&user.0, &key, &body.0).await?;
+    let mut res = HttpResponse::build(answered.status);
+    if answered.replayed {
+        res.insert_header(("Idempotent-Replayed", "true"));
+    }
+    Ok(res.content_type("application/json").body(answered.body))
+}
+
+#[utoipa::path(post, path = "/api/subscriptions/downgrade", tag = "subscriptions", security(("bearer" = [])),
+    request_body = DowngradeRequest,
+    responses((status = 200, description = "the subscription, the lower plan scheduled for the period's end (it replaces a cancellation)", body = SubscriptionView),
+        (status = 400, description = "a malformed body", body = ErrorEnvelope),
+        (status = 401, description = "no valid token", body = ErrorEnvelope),
+        (status = 403, description = "an organization's member who is not its owner or admin", body = ErrorEnvelope),
+        (status = 409, description = "no paid plan in force, or not below it", body = ErrorEnvelope),
+        (status = 422, description = "an unknown plan, or FREE (cancel instead)", body = ErrorEnvelope)))]
+async fn downgrade(
+    subs: web::Data<Subscriptions>,
+    user: AuthUser,
+    body: Json<DowngradeRequest>,
+) -> Api<HttpResponse> {
+    user.0.acts_for_subject("changes its plan")?;
+    Ok(HttpResponse::Ok().json(subs.downgrade(&user.0.subject(), &body.0).await?))
+}
+
+#[utoipa::path(post, path = "/api/subscriptions/cancel", tag = "subscriptions", security(("bearer" = [])),
+    responses((status = 200, description = "the subscription, ending at the period's end (`cancel_at_period_end`); the plan stays until then", body = SubscriptionView),
+        (status = 401, description = "no valid token", body = ErrorEnvelope),
+        (status = 403, description = "an organization's member who is not its owner or admin", body = ErrorEnvelope),
+        (status = 409, description = "no paid plan in force", body = ErrorEnvelope)))]
+async fn cancel(subs: web::Data<Subscriptions>, user: AuthUser) -> Api<HttpResponse> {
+    user.0.acts_for_subject("cancels its plan")?;
+    Ok(HttpResponse::Ok().json(subs.cancel(&user.0.subject()).await?))
+}
+
+#[utoipa::path(post, path = "/api/subscriptions/resume", tag = "subscriptions", security(("bearer" = [])),
+    responses((status = 200, description = "the subscription, renewing as before (the cancellation or scheduled downgrade undone)", body = SubscriptionView),
+        (status = 401, description = "no valid token", body = ErrorEnvelope),
+        (status = 403, description = "an organization's member who is not its owner or admin", body = ErrorEnvelope),
+        (status = 409, description = "no paid plan in force, or nothing to undo", body = ErrorEnvelope)))]
+async fn resume(subs: web::Data<Subscriptions>, user: AuthUser) -> Api<HttpResponse> {
+    user.0.acts_for_subject("changes its plan")?;
+    Ok(HttpResponse::Ok().json(subs.resume(&user.0.subject()).await?))
+}
+
+/// The OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tiergate subscriptions",
+        description = "Plans in rupiah, each subject's subscription, checkouts billed through the billing service."
+    ),
+    paths(plans, me, checkout, downgrade, cancel, resume),
+    components(schemas(
+        PlanList,
+        PlanView,
+        Price,
+        SubscriptionView,
+        SubjectView,
+        Renewal,
+        Change,
+        Line,
+        InvoiceRef,
+        CheckoutRequest,
+        DowngradeRequest,
+        Scheduled,
+        crate::config::Cycle
+    ))
+)]
+pub struct SubscriptionsApi;
+
+/// Registers the routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/api/subscriptions/plans", web::get().to(plans))
+        .route("/api/subscriptions/me", web::get().to(me))
+        .route("/api/subscriptions/checkout", web::post().to(checkout))
+        .route("/api/subscriptions/downgrade", web::post().to(downgrade))
+        .route("/api/subscriptions/cancel", web::post().to(cancel))
+        .route("/api/subscriptions/resume", web::post().to(resume));
+}

@@ -1,0 +1,303 @@
+//! SQL of subscriptions and changes. Every read a user's request drives
+//! names the subject in its `WHERE` clause: another subject's rows are
+//! never fetched.
+
+use sqlx::AnyConnection;
+
+/// A row of `subscriptions`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct SubscriptionRow {
+    pub id: String,
+    pub subject_kind: String,
+    pub subject_id: String,
+    pub user_id: String,
+    pub plan: String,
+    pub cycle: String,
+    pub state: String,
+    pub anchor_at: i64,
+    pub period_start: i64,
+    pub period_end: i64,
+    pub cancel_at_period_end: i32,
+    pub scheduled_plan: Option<String>,
+    pub scheduled_cycle: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A row of `changes`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ChangeRow {
+    pub id: String,
+    pub subject_kind: String,
+    pub subject_id: String,
+    pub user_id: String,
+    pub kind: String,
+    pub plan: String,
+    pub cycle: String,
+    pub from_plan: Option<String>,
+    pub credit: i64,
+    pub credit_detail: Option<String>,
+    pub lines: String,
+    pub status: String,
+    pub idem_key: Option<String>,
+    pub request_hash: Option<String>,
+    pub renewal_key: Option<String>,
+    pub invoice_id: Option<String>,
+    pub invoice_number: Option<String>,
+    pub invoice_total: Option<i64>,
+    pub answer: Option<String>,
+    pub applied_at: Option<i64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+macro_rules! subscription_columns {
+    () => {
+        "id, subject_kind, subject_id, user_id, plan, cycle, state, anchor_at, period_start, \
+         period_end, cancel_at_period_end, scheduled_plan, scheduled_cycle, created_at, updated_at"
+    };
+}
+
+macro_rules! change_columns {
+    () => {
+        "id, subject_kind, subject_id, user_id, kind, plan, cycle, from_plan, credit, \
+         credit_detail, lines, status, idem_key, request_hash, renewal_key, invoice_id, \
+         invoice_number, invoice_total, answer, applied_at, created_at, updated_at"
+    };
+}
+
+/// The subscription of a subject.
+pub async fn subscription_of(
+    c: &mut AnyConnection,
+    kind: &str,
+    id: &str,
+) -> Result<Option<SubscriptionRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        subscription_columns!(),
+        " FROM subscriptions WHERE subject_kind = $1 AND subject_id = $2"
+    ))
+    .bind(kind)
+    .bind(id)
+    .fetch_optional(c)
+    .await
+}
+
+/// Inserts `s`; false when the subject has one already.
+pub async fn insert_subscription(
+    c: &mut AnyConnection,
+    s: &SubscriptionRow,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(concat!(
+        "INSERT INTO subscriptions (",
+        subscription_columns!(),
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15) \
+         ON CONFLICT (subject_kind, subject_id) DO NOTHING"
+    ))
+    .bind(&s.id)
+    .bind(&s.subject_kind)
+    .bind(&s.subject_id)
+    .bind(&s.user_id)
+    .bind(&s.plan)
+    .bind(&s.cycle)
+    .bind(&s.state)
+    .bind(s.anchor_at)
+    .bind(s.period_start)
+    .bind(s.period_end)
+    .bind(s.cancel_at_period_end)
+    .bind(&s.scheduled_plan)
+    .bind(&s.scheduled_cycle)
+    .bind(s.created_at)
+    .bind(s.updated_at)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Writes every mutable column of `s` back if its `updated_at` is still
+/// `seen`; whether it did.
+pub async fn update_subscription(
+    c: &mut AnyConnection,
+    s: &SubscriptionRow,
+    seen: i64,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE subscriptions SET user_id = $1, plan = $2, cycle = $3, state = $4, \
+         anchor_at = $5, period_start = $6, period_end = $7, cancel_at_period_end = $8, \
+         scheduled_plan = $9, scheduled_cycle = $10, updated_at = $11 \
+         WHERE id = $12 AND updated_at = $13",
+    )
+    .bind(&s.user_id)
+    .bind(&s.plan)
+    .bind(&s.cycle)
+    .bind(&s.state)
+    .bind(s.anchor_at)
+    .bind(s.period_start)
+    .bind(s.period_end)
+    .bind(s.cancel_at_period_end)
+    .bind(&s.scheduled_plan)
+    .bind(&s.scheduled_cycle)
+    .bind(s.updated_at)
+    .bind(&s.id)
+    .bind(seen)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Inserts `ch`; false when the subject used its key already.
+pub async fn insert_change(c: &mut AnyConnection, ch: &ChangeRow) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(concat!(
+        "INSERT INTO changes (",
+        change_columns!(),
+        ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+         $18, $19, $20, $21, $22) ON CONFLICT DO NOTHING"
+    ))
+    .bind(&ch.id)
+    .bind(&ch.subject_kind)
+    .bind(&ch.subject_id)
+    .bind(&ch.user_id)
+    .bind(&ch.kind)
+    .bind(&ch.plan)
+    .bind(&ch.cycle)
+    .bind(&ch.from_plan)
+    .bind(ch.credit)
+    .bind(&ch.credit_detail)
+    .bind(&ch.lines)
+    .bind(&ch.status)
+    .bind(&ch.idem_key)
+    .bind(&ch.request_hash)
+    .bind(&ch.renewal_key)
+    .bind(&ch.invoice_id)
+    .bind(&ch.invoice_number)
+    .bind(ch.invoice_total)
+    .bind(&ch.answer)
+    .bind(ch.applied_at)
+    .bind(ch.created_at)
+    .bind(ch.updated_at)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// A subject's change made with `key`.
+pub async fn change_by_key(
+    c: &mut AnyConnection,
+    kind: &str,
+    id: &str,
+    key: &str,
+) -> Result<Option<ChangeRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        change_columns!(),
+        " FROM changes WHERE subject_kind = $1 AND subject_id = $2 AND idem_key = $3"
+    ))
+    .bind(kind)
+    .bind(id)
+    .bind(key)
+    .fetch_optional(c)
+    .await
+}
+
+/// The change whose invoice is `invoice_id`, or whose id is
+/// `reference_id` (an invoice's reference names its change).
+pub async fn change_of_invoice(
+    c: &mut AnyConnection,
+    invoice_id: &str,
+    reference_id: &str,
+) -> Result<Option<ChangeRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        change_columns!(),
+        " FROM changes WHERE id = $1 OR invoice_id = $2 ORDER BY id LIMIT 1"
+    ))
+    .bind(reference_id)
+    .bind(invoice_id)
+    .fetch_optional(c)
+    .await
+}
+
+/// The subject's newest change still waiting for its invoice to be paid.
+pub async fn pending_change(
+    c: &mut AnyConnection,
+    kind: &str,
+    id: &str,
+) -> Result<Option<ChangeRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        change_columns!(),
+        " FROM changes WHERE subject_kind = $1 AND subject_id = $2 AND kind = 'checkout' \
+         AND status = 'pending' ORDER BY created_at DESC, id DESC LIMIT 1"
+    ))
+    .bind(kind)
+    .bind(id)
+    .fetch_optional(c)
+    .await
+}
+
+/// Records change `ch`'s invoice and answer. When it was still
+/// `creating` it now waits for the payment and the subject's other
+/// waiting checkouts are superseded (true); when a newer checkout
+/// superseded it meanwhile, only the invoice is recorded, with the answer
+/// `superseded` (false).
+pub async fn set_invoiced(
+    c: &mut AnyConnection,
+    ch: &ChangeRow,
+    superseded: &str,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let fresh = sqlx::query(
+        "UPDATE changes SET status = 'pending', invoice_id = $1, invoice_number = $2, \
+         invoice_total = $3, answer = $4, updated_at = $5 WHERE id = $6 AND status = 'creating'",
+    )
+    .bind(&ch.invoice_id)
+    .bind(&ch.invoice_number)
+    .bind(ch.invoice_total)
+    .bind(&ch.answer)
+    .bind(now)
+    .bind(&ch.id)
+    .execute(&mut *c)
+    .await?
+    .rows_affected()
+        == 1;
+    if !fresh {
+        sqlx::query(
+            "UPDATE changes SET invoice_id = $1, invoice_number = $2, invoice_total = $3, \
+             answer = COALESCE(answer, $4), updated_at = $5 WHERE id = $6",
+        )
+        .bind(&ch.invoice_id)
+        .bind(&ch.invoice_number)
+        .bind(ch.invoice_total)
+        .bind(superseded)
+        .bind(now)
+        .bind(&ch.id)
+        .execute(c)
+        .await?;
+        return Ok(false);
+    }
+    sqlx::query(
+        "UPDATE changes SET status = 'superseded', updated_at = $1 WHERE subject_kind = $2 \
+         AND subject_id = $3 AND kind = 'checkout' AND status IN ('creating', 'pending') \
+         AND id <> $4",
+    )
+    .bind(now)
+    .bind(&ch.subject_kind)
+    .bind(&ch.subject_id)
+    .bind(&ch.id)
+    .execute(c)
+    .await?;
+    Ok(true)
+}
+
+/// Marks change `id` applied; false when it was applied already.
+pub async fn mark_applied(c: &mut AnyConnection, id: &str, now: i64) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE changes SET status = 'applied', applied_at = $1, updated_at = $1 \
+         WHERE id = $2 AND status <> 'applied'",
+    )
+    .bind(now)
+    .bind(id)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}

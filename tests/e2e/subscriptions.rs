@@ -1,0 +1,368 @@
+//! The subscriptions service between users, billing, payments (with the
+//! local Midtrans sandbox) and the gateway, on SQLite and PostgreSQL: the
+//! plan catalogue, a subject's subscription, a checkout billed once per
+//! key, paid by virtual account, the change applied from `invoice.paid`
+//! and the tier reaching the users service; an upgrade mid-period credits
+//! the unused part of the period.
+
+use backend_common::outbox::{Subscriber, Subscribers};
+use payments::sandbox::{self, RunningSandbox, SandboxConfig};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use crate::common::{client, free_port, gateway, TestGateway};
+use crate::platform::{as_user, both_databases, eventually, post, Database, Inbox, Running, World};
+use crate::users::{claims_of, settings as users_settings, signed_up};
+
+struct Shop {
+    world: World,
+    inbox: Inbox,
+    users: Running,
+    billing: Running,
+    payments: Running,
+    subscriptions: Running,
+    sandbox: RunningSandbox,
+    gw: TestGateway,
+    /// Ann's token pair.
+    ann: Value,
+}
+
+fn subscribers(list: &[(&str, Subscriber)], inbox: &Inbox) -> Subscribers {
+    let mut s = Subscribers::new();
+    for (kind, to) in list {
+        s.entry((*kind).to_owned()).or_default().push(to.clone());
+    }
+    s.entry("*".to_owned())
+        .or_default()
+        .push(Subscriber::url(&inbox.url(), "notifications"));
+    s
+}
+
+async fn shop(db: Database) -> Shop {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,pingora_core=off")
+        .with_test_writer()
+        .try_init();
+    let world = World::new(db);
+    let inbox = Inbox::start().await;
+    let subs_addr = format!("127.0.0.1:{}", free_port());
+    let subs_base = format!("http://{subs_addr}");
+    let us = users_settings(&world, inbox.subscribers("notifications")).await;
+    let users = world.start::<users::UsersService>(us);
+    let mut bs = world.settings::<billing::BillingService>(&[]).await;
+    bs.shared.peers.insert("users".into(), users.base.clone());
+    bs.shared.events = subscribers(
+        &[(
+            "invoice.paid",
+            Subscriber::service("subscriptions", &subs_base),
+        )],
+        &inbox,
+    );
+    let billing = world.start::<billing::BillingService>(bs);
+    let sandbox = sandbox::start(SandboxConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    let payments = world.start::<payments::PaymentsService>(
+        crate::payments::payments_settings(&world, Some(&sandbox), &users, &billing, &inbox).await,
+    );
+    let mut ss = world
+        .settings::<subscriptions::SubscriptionsService>(&[(
+            "TIERGATE_SUBSCRIPTIONS_LISTEN",
+            &subs_addr,
+        )])
+        .await;
+    ss.shared
+        .peers
+        .insert("billing".into(), billing.base.clone());
+    ss.shared.peers.insert("users".into(), users.base.clone());
+    ss.shared.events = subscribers(
+        &[
+            (
+                "subscription.activated",
+                Subscriber::service("users", &users.base),
+            ),
+            (
+                "subscription.ended",
+                Subscriber::service("users", &users.base),
+            ),
+        ],
+        &inbox,
+    );
+    let subscriptions = world.start::<subscriptions::SubscriptionsService>(ss);
+    let (u, b, p, s) = (
+        users.addr(),
+        billing.addr(),
+        payments.addr(),
+        subscriptions.addr(),
+    );
+    let gw = gateway(&format!(
+        r#"upstreams:
+  users: {{ backends: [{{ address: "{u}" }}] }}
+  billing: {{ backends: [{{ address: "{b}" }}] }}
+  payments: {{ backends: [{{ address: "{p}" }}] }}
+  subscriptions: {{ backends: [{{ address: "{s}" }}] }}
+auth:
+  jwks: {{ url: "http://{u}/.well-known/jwks.json" }}
+  issuer: tiergate-users
+  audience: tiergate
+rate_limit:
+  tiers:
+    - {{ name: FREE, per_minute: 100000 }}
+    - {{ name: PREMIUM, per_minute: 100000 }}
+    - {{ name: ENTERPRISE, per_minute: 100000 }}
+  anonymous: {{ per_minute: 100000 }}
+routes:
+  - {{ name: plans, match: {{ path: {{ exact: /api/subscriptions/plans }}, methods: [GET] }}, upstream: subscriptions, auth: none }}
+  - {{ name: subscriptions, match: {{ path: {{ prefix: /api/subscriptions }} }}, upstream: subscriptions, auth: required }}
+  - {{ name: payments-webhooks, match: {{ path: {{ prefix: /api/payments/webhooks }}, methods: [POST] }}, upstream: payments, rate_limit: false }}
+  - {{ name: payments, match: {{ path: {{ prefix: /api/payments }} }}, upstream: payments, auth: required }}
+  - {{ name: billing, match: {{ path: {{ prefix: /api/billing }} }}, upstream: billing, auth: required }}
+"#
+    ));
+    sandbox.set_notify_url(Some(gw.url("/api/payments/webhooks/midtrans")));
+    let ann = signed_up(&users.base, &inbox, "ann@example.com").await;
+    Shop {
+        world,
+        inbox,
+        users,
+        billing,
+        payments,
+        subscriptions,
+        sandbox,
+        gw,
+        ann,
+    }
+}
+
+impl Shop {
+    fn access(&self) -> String {
+        self.ann["access_token"].as_str().unwrap().to_owned()
+    }
+
+    async fn get(&self, path: &str) -> (StatusCode, Value) {
+        as_user(Method::GET, &self.gw.url(""), path, &self.access(), None).await
+    }
+
+    async fn post_keyed(&self, path: &str, key: &str, body: Value) -> (StatusCode, Value, bool) {
+        crate::platform::post_keyed(&self.gw.url(path), &self.access(), key, &body).await
+    }
+
+    /// Pays `invoice` by BCA VA and settles it at the sandbox.
+    async fn pay(&self, invoice: &Value, key: &str) {
+        let (status, p, _) = self
+            .post_keyed(
+                "/api/payments",
+                key,
+                json!({"invoice_id": invoice["id"], "method": "bca_va"}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{p}");
+        sandbox::act(
+            &self.sandbox.base(),
+            p["order_id"].as_str().unwrap(),
+            "pay",
+            false,
+            false,
+            None,
+        )
+        .await
+        .unwrap();
+    }
+
+    async fn wait_plan(&self, plan: &str) -> Value {
+        eventually(&format!("plan {plan} in force"), || async {
+            let (_, me) = self.get("/api/subscriptions/me").await;
+            (me["plan"] == plan && me["state"] == "active").then_some(me)
+        })
+        .await
+    }
+
+    async fn stop(self) {
+        self.subscriptions.stop().await;
+        self.payments.stop().await;
+        self.billing.stop().await;
+        self.users.stop().await;
+        self.sandbox.stop().await;
+    }
+}
+
+both_databases! {
+    /// Ann, on FREE, reads the plans without a token, checks out PREMIUM
+    /// (a retry replays, another body with the key is refused), pays the
+    /// invoice by virtual account; `invoice.paid` activates PREMIUM for a
+    /// month and the users service gives her the PREMIUM tier. Then she
+    /// upgrades to ENTERPRISE mid-period: the unused part of PREMIUM is
+    /// credited on the invoice, with its arithmetic.
+    async fn test_checkout_pay_and_the_tier_follows(db: Database) {
+        let s = shop(db).await;
+        let plans: Value = client().get(s.gw.url("/api/subscriptions/plans")).send().await.unwrap().json().await.unwrap();
+        let names: Vec<&str> = plans["plans"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+        assert_eq!(names, ["FREE", "BASIC", "PREMIUM", "ENTERPRISE"]);
+        let premium = &plans["plans"][2]["prices"][0];
+        assert_eq!((premium["cycle"].as_str(), premium["price"].as_i64(), premium["ppn"].as_i64(), premium["total"].as_i64()),
+            (Some("monthly"), Some(249_000), Some(27_390), Some(276_390)), "{plans}");
+
+        let (status, me) = s.get("/api/subscriptions/me").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!((me["plan"].as_str(), me["state"].as_str(), me["tier"].as_str()), (Some("FREE"), Some("free"), Some("FREE")), "{me}");
+        assert_eq!(me["time_zone"], "Asia/Jakarta");
+
+        let (status, e, _) = s.post_keyed("/api/subscriptions/checkout", "c-0", json!({"plan": "GOLD", "cycle": "monthly"})).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        let (status, e, _) = s.post_keyed("/api/subscriptions/checkout", "c-0", json!({"plan": "FREE", "cycle": "monthly"})).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{e}");
+        let r = client().post(s.gw.url("/api/subscriptions/checkout")).bearer_auth(s.access())
+            .json(&json!({"plan": "PREMIUM", "cycle": "monthly"})).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "no Idempotency-Key");
+
+        let body = json!({"plan": "PREMIUM", "cycle": "monthly"});
+        let (status, change, replayed) = s.post_keyed("/api/subscriptions/checkout", "c-1", body.clone()).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, false), "{change}");
+        assert_eq!((change["plan"].as_str(), change["status"].as_str(), change["invoice"]["total"].as_i64()),
+            (Some("PREMIUM"), Some("pending"), Some(276_390)), "{change}");
+        assert!(change["credit"].is_null(), "nothing to credit from FREE: {change}");
+        let (status, again, replayed) = s.post_keyed("/api/subscriptions/checkout", "c-1", body.clone()).await;
+        assert_eq!((status, replayed), (StatusCode::OK, true));
+        assert_eq!(again, change, "the same key: the same answer");
+        let (status, e, _) = s.post_keyed("/api/subscriptions/checkout", "c-1", json!({"plan": "BASIC", "cycle": "monthly"})).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "the key with another body: {e}");
+        let (_, me) = s.get("/api/subscriptions/me").await;
+        assert_eq!((me["plan"].as_str(), me["state"].as_str()), (Some("FREE"), Some("pending")), "{me}");
+        assert_eq!(me["pending_change"]["id"], change["id"], "{me}");
+        let (_, inv) = s.get(&format!("/api/billing/invoices/{}", change["invoice"]["id"].as_str().unwrap())).await;
+        assert_eq!((inv["reference"]["kind"].as_str(), inv["reference"]["id"].as_str()), (Some("plan_change"), change["id"].as_str()), "{inv}");
+
+        s.pay(&change["invoice"], "p-1").await;
+        let paid = s.inbox.wait_for("invoice.paid", "invoice_id", change["invoice"]["id"].as_str().unwrap()).await;
+        let me = s.wait_plan("PREMIUM").await;
+        // The same payment told again (a new event id: billing re-sent it)
+        // and a late copy with an older paid_at change nothing.
+        for (n, paid_at) in [(1, paid["data"]["paid_at"].clone()), (2, json!(me["period_start"].as_i64().unwrap() - 86_400_000))] {
+            let mut copy = paid.clone();
+            copy["id"] = json!(uuid::Uuid::now_v7().to_string());
+            copy["data"]["paid_at"] = paid_at;
+            let r = client().post(s.subscriptions.url("/internal/events"))
+                .bearer_auth(s.world.keys_of("billing").issue("subscriptions")).json(&copy).send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::OK, "copy {n}");
+            let answer: Value = r.json().await.unwrap();
+            assert_ne!(answer["status"], "applied", "copy {n}: {answer}");
+        }
+        let (_, again) = s.get("/api/subscriptions/me").await;
+        assert_eq!((&again["period_start"], &again["period_end"]), (&me["period_start"], &me["period_end"]), "{again}");
+        assert_eq!((me["tier"].as_str(), me["cycle"].as_str(), me["cancel_at_period_end"].as_bool()),
+            (Some("PREMIUM"), Some("monthly"), Some(false)), "{me}");
+        assert!(me["pending_change"].is_null(), "{me}");
+        let (start, end) = (me["period_start"].as_i64().unwrap(), me["period_end"].as_i64().unwrap());
+        let days = (end - start) / 86_400_000;
+        assert!((28..=31).contains(&days), "a month: {me}");
+        assert!(me["period_end_local"].as_str().unwrap().ends_with("+07:00"), "{me}");
+        assert_eq!((me["next_renewal"]["at"].as_i64(), me["next_renewal"]["total"].as_i64()), (Some(end), Some(276_390)), "{me}");
+        s.inbox.wait_for("subscription.activated", "subscription_id", me["id"].as_str().unwrap()).await;
+
+        // The users service gives her the PREMIUM tier: a refreshed token carries it.
+        eventually("PREMIUM at the users service", || async {
+            let (_, u) = as_user(Method::GET, &s.users.base, "/api/users/me", &s.access(), None).await;
+            (u["tier"] == "PREMIUM").then_some(())
+        }).await;
+        let (status, pair) = post(&s.users.base, "/api/auth/refresh", json!({"refresh_token": s.ann["refresh_token"]})).await;
+        assert_eq!(status, StatusCode::OK, "{pair}");
+        assert_eq!(claims_of(pair["access_token"].as_str().unwrap())["tier"], "PREMIUM");
+
+        // PREMIUM again is not an upgrade; ENTERPRISE is, with PREMIUM's
+        // unused part credited.
+        let (status, e, _) = s.post_keyed("/api/subscriptions/checkout", "c-2", body.clone()).await;
+        assert_eq!(status, StatusCode::CONFLICT, "{e}");
+        assert_eq!(e["error"]["code"], "not_an_upgrade");
+        let (status, up, _) = s.post_keyed("/api/subscriptions/checkout", "c-3", json!({"plan": "ENTERPRISE", "cycle": "monthly"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{up}");
+        let credit = &up["credit"];
+        assert_eq!((credit["plan"].as_str(), credit["price"].as_i64()), (Some("PREMIUM"), Some(249_000)), "{up}");
+        let (used, whole, amount) = (credit["unused_seconds"].as_i64().unwrap(), credit["period_seconds"].as_i64().unwrap(), credit["amount"].as_i64().unwrap());
+        assert_eq!(amount, (249_000_i128 * used as i128 / whole as i128) as i64, "{credit}");
+        assert!(amount > 240_000, "almost all of the month is left: {credit}");
+        assert_eq!(credit["formula"], format!("floor(249000 × {used} / {whole}) = {amount}"));
+        let lines = up["lines"].as_array().unwrap();
+        assert_eq!((lines[0]["unit_price"].as_i64(), lines[1]["unit_price"].as_i64()), (Some(1_999_000), Some(-amount)), "{up}");
+        let subtotal = 1_999_000 - amount;
+        let ppn = ((subtotal * 11 + 6) / 12 * 12 + 50) / 100;
+        assert_eq!(up["invoice"]["total"].as_i64(), Some(subtotal + ppn), "{up}");
+        let (_, me) = s.get("/api/subscriptions/me").await;
+        assert_eq!((me["plan"].as_str(), me["pending_change"]["plan"].as_str()), (Some("PREMIUM"), Some("ENTERPRISE")), "PREMIUM until paid: {me}");
+        s.pay(&up["invoice"], "p-2").await;
+        let me = s.wait_plan("ENTERPRISE").await;
+        assert_eq!(me["tier"], "ENTERPRISE");
+        s.inbox.wait_for("subscription.activated", "change_id", up["id"].as_str().unwrap()).await;
+        assert_eq!(s.inbox.count(|e| e["type"] == "subscription.activated"), 2, "once per paid change");
+        s.stop().await;
+    }
+}
+
+both_databases! {
+    /// With PREMIUM paid: cancel then resume, a downgrade scheduled for
+    /// the period's end (and shown as the next renewal's price), a
+    /// cancellation replacing it, and an upgrade in the same period
+    /// clearing what was scheduled. Without a paid plan there is nothing
+    /// to cancel.
+    async fn test_cancel_resume_downgrade_and_upgrade_in_one_period(db: Database) {
+        let s = shop(db).await;
+        let (status, e, _) = s.post_keyed("/api/subscriptions/cancel", "-", json!({})).await;
+        assert_eq!((status, e["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("no_paid_subscription")), "{e}");
+        let (_, change, _) = s.post_keyed("/api/subscriptions/checkout", "c-1", json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
+        s.pay(&change["invoice"], "p-1").await;
+        let me = s.wait_plan("PREMIUM").await;
+        let end = me["period_end"].as_i64().unwrap();
+
+        let (status, me, _) = s.post_keyed("/api/subscriptions/cancel", "-", json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{me}");
+        assert_eq!((me["plan"].as_str(), me["cancel_at_period_end"].as_bool(), me["next_renewal"].is_null()), (Some("PREMIUM"), Some(true), true), "{me}");
+        let (status, me, _) = s.post_keyed("/api/subscriptions/resume", "-", json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{me}");
+        assert_eq!((me["cancel_at_period_end"].as_bool(), me["next_renewal"]["price"].as_i64()), (Some(false), Some(249_000)), "{me}");
+        let (status, e, _) = s.post_keyed("/api/subscriptions/resume", "-", json!({})).await;
+        assert_eq!((status, e["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("nothing_to_resume")), "{e}");
+
+        for (body, want) in [
+            (json!({"plan": "ENTERPRISE"}), StatusCode::CONFLICT),
+            (json!({"plan": "PREMIUM"}), StatusCode::CONFLICT),
+            (json!({"plan": "FREE"}), StatusCode::UNPROCESSABLE_ENTITY),
+            (json!({"plan": "GOLD"}), StatusCode::UNPROCESSABLE_ENTITY),
+            (json!({"plan": "BASIC", "cycle": "weekly"}), StatusCode::UNPROCESSABLE_ENTITY),
+        ] {
+            let (status, e, _) = s.post_keyed("/api/subscriptions/downgrade", "-", body.clone()).await;
+            assert_eq!(status, want, "{body}: {e}");
+        }
+        let (status, me, _) = s.post_keyed("/api/subscriptions/downgrade", "-", json!({"plan": "BASIC"})).await;
+        assert_eq!(status, StatusCode::OK, "{me}");
+        assert_eq!((me["plan"].as_str(), me["scheduled_change"]["plan"].as_str(), me["scheduled_change"]["cycle"].as_str(), me["scheduled_change"]["at"].as_i64()),
+            (Some("PREMIUM"), Some("BASIC"), Some("monthly"), Some(end)), "{me}");
+        assert_eq!((me["next_renewal"]["price"].as_i64(), me["next_renewal"]["total"].as_i64()), (Some(99_000), Some(109_890)), "{me}");
+        let (_, me, _) = s.post_keyed("/api/subscriptions/cancel", "-", json!({})).await;
+        assert!(me["scheduled_change"].is_null() && me["cancel_at_period_end"] == true, "a cancellation replaces the downgrade: {me}");
+        let (_, me, _) = s.post_keyed("/api/subscriptions/downgrade", "-", json!({"plan": "BASIC", "cycle": "yearly"})).await;
+        assert_eq!((me["scheduled_change"]["cycle"].as_str(), me["cancel_at_period_end"].as_bool()), (Some("yearly"), Some(false)), "and back: {me}");
+
+        // An upgrade in the same period: what was scheduled is gone.
+        let (status, up, _) = s.post_keyed("/api/subscriptions/checkout", "c-2", json!({"plan": "ENTERPRISE", "cycle": "monthly"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{up}");
+        s.pay(&up["invoice"], "p-2").await;
+        let me = s.wait_plan("ENTERPRISE").await;
+        assert!(me["scheduled_change"].is_null() && me["cancel_at_period_end"] == false, "{me}");
+        assert_eq!(me["next_renewal"]["price"].as_i64(), Some(1_999_000), "{me}");
+        s.stop().await;
+    }
+}
+
+both_databases! {
+    /// schemathesis, generating requests from subscriptions'
+    /// `/openapi.json` with a user's token, finds no 5xx, no undocumented
+    /// status, no response that breaks its schema.
+    async fn test_openapi_contract_holds_under_schemathesis(db: Database) {
+        let s = shop(db).await;
+        let url = s.subscriptions.url("/openapi.json");
+        let out = crate::users::run_schemathesis(&url, &[&format!("Authorization: Bearer {}", s.access())]).await;
+        assert!(out.0, "schemathesis found failures:\n{}", out.1);
+        s.stop().await;
+    }
+}
