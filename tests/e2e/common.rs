@@ -387,13 +387,17 @@ impl Drop for BinaryGateway {
 pub fn binary_gateway(command: &str, threads: usize, upstream: SocketAddr) -> BinaryGateway {
     let port = free_port();
     let config = write_config(port, threads, upstream);
-    let child = Command::new(env!("CARGO_BIN_EXE_tiergate"))
-        .args([command, "-c"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tiergate"));
+    cmd.args([command, "-c"])
         .arg(&config)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    if let Some(dir) = config.parent() {
+        // `up` keeps its databases and keys under ./data: the config's
+        // own temporary directory, not the checkout.
+        cmd.current_dir(dir);
+    }
+    let child = cmd.spawn().unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_for_port(addr);
     BinaryGateway {

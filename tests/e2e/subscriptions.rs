@@ -21,6 +21,7 @@ struct Shop {
     billing: Running,
     payments: Running,
     subscriptions: Running,
+    twin: Running,
     sandbox: RunningSandbox,
     gw: TestGateway,
     /// Ann's token pair.
@@ -90,6 +91,16 @@ async fn shop(db: Database) -> Shop {
         ],
         &inbox,
     );
+    let twin = world.start::<subscriptions::SubscriptionsService>({
+        // A second instance on the same database: its scheduler races
+        // the first one's over the same due set.
+        let mut t = world
+            .settings::<subscriptions::SubscriptionsService>(&[])
+            .await;
+        t.shared.peers = ss.shared.peers.clone();
+        t.shared.events = ss.shared.events.clone();
+        t
+    });
     let subscriptions = world.start::<subscriptions::SubscriptionsService>(ss);
     let (u, b, p, s) = (
         users.addr(),
@@ -130,6 +141,7 @@ routes:
         billing,
         payments,
         subscriptions,
+        twin,
         sandbox,
         gw,
         ann,
@@ -172,14 +184,54 @@ impl Shop {
     }
 
     async fn wait_plan(&self, plan: &str) -> Value {
-        eventually(&format!("plan {plan} in force"), || async {
+        self.wait_state(plan, "active").await
+    }
+
+    async fn wait_state(&self, plan: &str, state: &str) -> Value {
+        eventually(&format!("plan {plan} {state}"), || async {
             let (_, me) = self.get("/api/subscriptions/me").await;
-            (me["plan"] == plan && me["state"] == "active").then_some(me)
+            (me["plan"] == plan && me["state"] == state).then_some(me)
         })
         .await
     }
 
+    /// The renewal invoices issued so far, oldest first.
+    fn renewals(&self) -> Vec<Value> {
+        self.inbox
+            .events()
+            .into_iter()
+            .filter(|e| {
+                e["type"] == "invoice.issued" && e["data"]["reference"]["kind"] == "renewal"
+            })
+            .map(|e| e["data"].clone())
+            .collect()
+    }
+
+    async fn wait_renewals(&self, n: usize) -> Value {
+        eventually(&format!("{n} renewal invoices"), || async {
+            let r = self.renewals();
+            (r.len() >= n).then(|| r[n - 1].clone())
+        })
+        .await
+    }
+
+    async fn tier_at_users(&self, tier: &str) {
+        // A fresh login each time: the clock may have moved past the
+        // first token's expiry.
+        eventually(&format!("{tier} at the users service"), || async {
+            let (_, pair) = post(
+                &self.users.base,
+                "/api/auth/login",
+                json!({"email": "ann@example.com", "password": crate::users::PASSWORD}),
+            )
+            .await;
+            (claims_of(pair["access_token"].as_str()?)["tier"] == tier).then_some(())
+        })
+        .await;
+    }
+
     async fn stop(self) {
+        self.twin.stop().await;
         self.subscriptions.stop().await;
         self.payments.stop().await;
         self.billing.stop().await;
@@ -355,6 +407,71 @@ both_databases! {
 }
 
 both_databases! {
+    /// Time moves on (the world's clock), with two instances' schedulers
+    /// racing over the same subscriptions: three days before the period
+    /// ends one renewal invoice is issued (due when the next period
+    /// begins); paid, the next period runs from where the last ended. The
+    /// next renewal goes unpaid: at the period's end `past_due` (PREMIUM
+    /// kept), three days later `expired` (FREE at the users service). Paid
+    /// late, it starts again for a full period from the payment. Canceled,
+    /// it ends at the period's end with no renewal issued.
+    async fn test_renewals_grace_expiry_and_cancellation(db: Database) {
+        let s = shop(db).await;
+        let day = 86_400_000_i64;
+        let (_, change, _) = s.post_keyed("/api/subscriptions/checkout", "c-1", json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
+        s.pay(&change["invoice"], "p-1").await;
+        let me = s.wait_plan("PREMIUM").await;
+        let (anchor, end) = (me["period_start"].as_i64().unwrap(), me["period_end"].as_i64().unwrap());
+
+        s.world.clock.set(end - 3 * day + 60_000);
+        let r1 = s.wait_renewals(1).await;
+        assert_eq!((r1["total"].as_i64(), r1["due_at"].as_i64(), r1["plan"].as_str()), (Some(276_390), Some(end), Some("PREMIUM")), "{r1}");
+        s.pay(&json!({"id": r1["invoice_id"]}), "p-2").await;
+        let me = eventually("the next period", || async {
+            let (_, me) = s.get("/api/subscriptions/me").await;
+            (me["period_start"] == end).then_some(me)
+        }).await;
+        let end2 = me["period_end"].as_i64().unwrap();
+        assert!((28..=31).contains(&((end2 - end) / day)), "{me}");
+        assert_eq!(me["state"], "active");
+        s.inbox.wait_for("subscription.renewed", "subscription_id", me["id"].as_str().unwrap()).await;
+        // The anchor's local time of day is kept.
+        assert_eq!((end2 - anchor) % day, 0, "{me}");
+
+        // Unpaid: past_due at the period's end (tier kept), expired when the grace ends.
+        s.world.clock.set(end2 - 3 * day + 60_000);
+        let r2 = s.wait_renewals(2).await;
+        s.world.clock.set(end2 + 1_000);
+        let me = s.wait_state("PREMIUM", "past_due").await;
+        assert_eq!(me["tier"], "PREMIUM", "{me}");
+        s.inbox.wait_for("subscription.past_due", "subscription_id", me["id"].as_str().unwrap()).await;
+        s.world.clock.set(end2 + 3 * day + 1_000);
+        let me = s.wait_state("FREE", "expired").await;
+        assert!(me["next_renewal"].is_null(), "{me}");
+        s.tier_at_users("FREE").await;
+        assert_eq!(s.renewals().len(), 2, "one renewal invoice per period, however many schedulers: {:?}", s.renewals());
+
+        // Paid late: a full period from the payment.
+        s.pay(&json!({"id": r2["invoice_id"]}), "p-3").await;
+        let me = s.wait_plan("PREMIUM").await;
+        let start3 = me["period_start"].as_i64().unwrap();
+        assert!(start3 > end2 + 3 * day, "from the payment, not the lapsed period: {me}");
+        s.tier_at_users("PREMIUM").await;
+
+        // Canceled: no renewal, canceled and FREE at the period's end.
+        let (status, me, _) = s.post_keyed("/api/subscriptions/cancel", "-", json!({})).await;
+        assert_eq!(status, StatusCode::OK, "{me}");
+        let end3 = me["period_end"].as_i64().unwrap();
+        s.world.clock.set(end3 + 1_000);
+        let me = s.wait_state("FREE", "canceled").await;
+        s.inbox.wait_for("subscription.canceled", "subscription_id", me["id"].as_str().unwrap()).await;
+        s.tier_at_users("FREE").await;
+        assert_eq!(s.renewals().len(), 2, "no renewal for a canceled subscription");
+        s.stop().await;
+    }
+}
+
+both_databases! {
     /// schemathesis, generating requests from subscriptions'
     /// `/openapi.json` with a user's token, finds no 5xx, no undocumented
     /// status, no response that breaks its schema.
@@ -364,5 +481,59 @@ both_databases! {
         let out = crate::users::run_schemathesis(&url, &[&format!("Authorization: Bearer {}", s.access())]).await;
         assert!(out.0, "schemathesis found failures:\n{}", out.1);
         s.stop().await;
+    }
+}
+
+both_databases! {
+    /// The subscriptions process dies after billing made a checkout's
+    /// invoice and before the change recorded it: the retry with the same
+    /// key gets that invoice (billing answers one per reference), never a
+    /// second one.
+    async fn test_killed_after_the_invoice_bills_once(db: Database) {
+        let world = World::new(db);
+        let inbox = Inbox::start().await;
+        let users = world.start::<users::UsersService>(
+            users_settings(&world, inbox.subscribers("notifications")).await,
+        );
+        let mut bs = world.settings::<billing::BillingService>(&[]).await;
+        bs.shared.peers.insert("users".into(), users.base.clone());
+        bs.shared.events = inbox.subscribers("notifications");
+        let billing = world.start::<billing::BillingService>(bs);
+        let ann = signed_up(&users.base, &inbox, "ann@example.com").await;
+        let access = ann["access_token"].as_str().unwrap().to_owned();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let serve = |failpoints: &'static str| {
+            let (world, users, billing, listen) = (&world, &users, &billing, &listen);
+            async move {
+                let env = [
+                    ("TIERGATE_SUBSCRIPTIONS_DATABASE_URL", world.db.url_for("subscriptions", world.dir.path()).await),
+                    ("TIERGATE_USERS_URL", users.base.clone()),
+                    ("TIERGATE_BILLING_URL", billing.base.clone()),
+                    ("TIERGATE_SUBSCRIPTIONS_FAILPOINTS", failpoints.to_owned()),
+                ];
+                crate::platform::serve_process(world, "subscriptions", "events: {}\n", listen, &env).await
+            }
+        };
+        let url = format!("http://{listen}/api/subscriptions/checkout");
+        let body = json!({"plan": "PREMIUM", "cycle": "monthly"});
+        let mut child = serve("checkout.after_invoice=abort").await;
+        let r = client().post(&url).bearer_auth(&access).header("idempotency-key", "k-1").json(&body).send().await;
+        assert!(r.is_err(), "the process died mid-request: {r:?}");
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+        assert!(!status.success(), "{status}");
+        let issued = inbox.wait_for("invoice.issued", "plan", "PREMIUM").await;
+
+        let mut child = serve("").await;
+        let (status, change, replayed) = crate::platform::post_keyed(&url, &access, "k-1", &body).await;
+        assert_eq!((status, replayed), (StatusCode::CREATED, false), "{change}");
+        assert_eq!(change["invoice"]["id"], issued["data"]["invoice_id"], "the invoice made before the crash: {change}");
+        let (status, again, replayed) = crate::platform::post_keyed(&url, &access, "k-1", &body).await;
+        assert_eq!((status, replayed, &again), (StatusCode::OK, true, &change));
+        let (_, list) = as_user(Method::GET, &billing.base, "/api/billing/invoices", &access, None).await;
+        assert_eq!(list["invoices"].as_array().unwrap().len(), 1, "one invoice: {list}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        billing.stop().await;
+        users.stop().await;
     }
 }

@@ -475,37 +475,11 @@ impl Subscriptions {
                 replayed: true,
             });
         }
-        // Billing makes one invoice per reference, so asking again after a
-        // crash or beside a concurrent retry gets the same invoice.
-        let invoice: Value = self
-            .client
-            .post(
-                "billing",
-                "/internal/invoices",
-                &json!({
-                    "reference": {"kind": "plan_change", "id": change.id},
-                    "subject": {"kind": change.subject_kind, "id": change.subject_id},
-                    "user_id": change.user_id,
-                    "plan": change.plan,
-                    "cycle": change.cycle,
-                    "lines": serde_json::from_str::<Value>(&change.lines).unwrap_or(Value::Null),
-                }),
-                None,
-            )
-            .await?;
-        let (Some(id), Some(number), Some(total)) = (
-            invoice["id"].as_str(),
-            invoice["number"].as_str(),
-            invoice["total"].as_i64(),
-        ) else {
-            return Err(ApiError::internal(
-                &"billing answered an invoice without id, number or total",
-            ));
-        };
+        let (id, number, total) = self.bill(&change).await?;
         self.config.failpoints.hit("checkout.after_invoice")?;
         let mut done = change.clone();
-        done.invoice_id = Some(id.to_owned());
-        done.invoice_number = Some(number.to_owned());
+        done.invoice_id = Some(id);
+        done.invoice_number = Some(number.clone());
         done.invoice_total = Some(total);
         done.status = "pending".to_owned();
         let answer = |ch: &ChangeRow| {
@@ -555,6 +529,277 @@ impl Subscriptions {
             status: StatusCode::CREATED,
             body,
             replayed: false,
+        })
+    }
+
+    /// Asks billing for the invoice of change `ch`: its id, number and
+    /// total. Billing makes one invoice per reference (the change), so
+    /// asking again after a crash, or beside a concurrent retry or another
+    /// instance, gets the same invoice.
+    async fn bill(&self, ch: &ChangeRow) -> Api<(String, String, i64)> {
+        let kind = if ch.kind == "renewal" {
+            "renewal"
+        } else {
+            "plan_change"
+        };
+        let mut body = json!({
+            "reference": {"kind": kind, "id": ch.id},
+            "subject": {"kind": ch.subject_kind, "id": ch.subject_id},
+            "user_id": ch.user_id,
+            "plan": ch.plan,
+            "cycle": ch.cycle,
+            "lines": serde_json::from_str::<Value>(&ch.lines).unwrap_or(Value::Null),
+        });
+        if let Some(start) = ch.period_start {
+            // A renewal is due when the period it pays begins.
+            body["due_at"] = json!(start);
+        }
+        let invoice: Value = self
+            .client
+            .post("billing", "/internal/invoices", &body, None)
+            .await?;
+        match (
+            invoice["id"].as_str(),
+            invoice["number"].as_str(),
+            invoice["total"].as_i64(),
+        ) {
+            (Some(id), Some(number), Some(total)) => Ok((id.to_owned(), number.to_owned(), total)),
+            _ => Err(ApiError::internal(
+                &"billing answered an invoice without id, number or total",
+            )),
+        }
+    }
+
+    // ---- the lifecycle scheduler ------------------------------------------
+
+    /// One pass: renewal invoices for periods ending within the renewal
+    /// lead (and any whose invoice was not made yet), then the periods
+    /// that ended (`past_due`, or `canceled`), then the grace periods that
+    /// ran out (`expired`). Bounded work per step; safe with several
+    /// instances (one renewal per period by a unique key, every move an
+    /// optimistic write). How many things it did.
+    pub async fn scheduler_pass(&self) -> Api<usize> {
+        const BATCH: i64 = 100;
+        let now = self.clock.now_ms();
+        let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+        let mut done = 0;
+        let mut c = self.db.pool().acquire().await.map_err(db_err)?;
+        let due = storage::due_renewals(
+            &mut c,
+            now.saturating_add(ms(self.config.renewal_lead)),
+            BATCH,
+        )
+        .await
+        .map_err(db_err)?;
+        drop(c);
+        for sub in due {
+            match self.open_renewal(&sub, now).await {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    tracing::warn!(subscription = %sub.id, error = %e, "renewal not invoiced yet; retried")
+                }
+            }
+        }
+        let mut c = self.db.pool().acquire().await.map_err(db_err)?;
+        // Older than a few seconds: not one a running pass is invoicing.
+        let stuck = storage::uninvoiced(&mut c, now - 5_000, BATCH)
+            .await
+            .map_err(db_err)?;
+        drop(c);
+        for ch in stuck {
+            match self.invoice_renewal(&ch).await {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    tracing::warn!(change = %ch.id, error = %e, "renewal not invoiced yet; retried")
+                }
+            }
+        }
+        let mut c = self.db.pool().acquire().await.map_err(db_err)?;
+        let ended = storage::ended(&mut c, State::Active.as_str(), now, BATCH)
+            .await
+            .map_err(db_err)?;
+        let grace_over = storage::ended(
+            &mut c,
+            State::PastDue.as_str(),
+            now.saturating_sub(ms(self.config.grace)),
+            BATCH,
+        )
+        .await
+        .map_err(db_err)?;
+        drop(c);
+        for sub in ended {
+            let input = if sub.cancel_at_period_end != 0 {
+                Input::PeriodEndedCanceling
+            } else {
+                Input::PeriodEndedUnpaid
+            };
+            if self.move_at_end(&sub, input).await? {
+                done += 1;
+            }
+        }
+        for sub in grace_over {
+            if self.move_at_end(&sub, Input::GraceOver).await? {
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Makes the renewal of `sub`'s next period (the scheduled plan, if a
+    /// downgrade waits) and its invoice.
+    async fn open_renewal(&self, sub: &SubscriptionRow, now: i64) -> Api<()> {
+        let (plan_name, cycle_name) = match (&sub.scheduled_plan, &sub.scheduled_cycle) {
+            (Some(p), Some(c)) => (p.as_str(), c.as_str()),
+            _ => (sub.plan.as_str(), sub.cycle.as_str()),
+        };
+        let (Some((_, plan)), Some(cycle)) =
+            (self.config.plan(plan_name), Cycle::parse(cycle_name))
+        else {
+            return Err(ApiError::internal(&format!(
+                "plan {plan_name} {cycle_name} is not configured"
+            )));
+        };
+        let next = self.next_period(sub, cycle)?;
+        let day = |ms: i64| {
+            self.calendar
+                .date(ms)
+                .map(BusinessCalendar::format_id)
+                .unwrap_or_default()
+        };
+        let lines = vec![Line {
+            description: format!(
+                "{}, {} ({} – {})",
+                plan.name,
+                cycle_word(cycle),
+                day(next.start),
+                day(next.end)
+            ),
+            quantity: 1,
+            unit_price: plan.price(cycle),
+        }];
+        let row = ChangeRow {
+            id: uuid::Uuid::now_v7().to_string(),
+            subject_kind: sub.subject_kind.clone(),
+            subject_id: sub.subject_id.clone(),
+            user_id: sub.user_id.clone(),
+            kind: "renewal".to_owned(),
+            plan: plan.name.clone(),
+            cycle: cycle.as_str().to_owned(),
+            from_plan: Some(sub.plan.clone()),
+            credit: 0,
+            credit_detail: None,
+            lines: serde_json::to_string(&lines).map_err(|e| ApiError::internal(&e))?,
+            status: "creating".to_owned(),
+            idem_key: None,
+            request_hash: None,
+            renewal_key: Some(format!("{}:{}", sub.id, sub.period_end)),
+            invoice_id: None,
+            invoice_number: None,
+            invoice_total: None,
+            answer: None,
+            applied_at: None,
+            created_at: now,
+            updated_at: now,
+            period_start: Some(sub.period_end),
+        };
+        let mut c = self.db.pool().acquire().await.map_err(db_err)?;
+        if !storage::insert_change(&mut c, &row).await.map_err(db_err)? {
+            // Another instance (or pass) made this period's renewal.
+            return Ok(());
+        }
+        drop(c);
+        self.config.failpoints.hit("renewal.after_change")?;
+        self.invoice_renewal(&row).await
+    }
+
+    /// Bills renewal `ch` and records its invoice.
+    async fn invoice_renewal(&self, ch: &ChangeRow) -> Api<()> {
+        let (id, number, total) = self.bill(ch).await?;
+        let done = ChangeRow {
+            invoice_id: Some(id),
+            invoice_number: Some(number.clone()),
+            invoice_total: Some(total),
+            ..ch.clone()
+        };
+        let mut c = self.db.pool().acquire().await.map_err(db_err)?;
+        storage::set_invoiced(&mut c, &done, "", self.clock.now_ms())
+            .await
+            .map_err(db_err)?;
+        tracing::info!(change = %ch.id, invoice = %number, "renewal invoiced");
+        Ok(())
+    }
+
+    /// The period after `sub`'s current one, on `cycle`: the
+    /// same anchor when the cycle stays, else anchored where it begins.
+    fn next_period(&self, sub: &SubscriptionRow, cycle: Cycle) -> Api<Period> {
+        let calendar_err = |e: backend_common::calendar::CalendarError| ApiError::internal(&e);
+        if sub.cycle == cycle.as_str() {
+            let (_, p) = periods::containing(&self.calendar, sub.anchor_at, cycle, sub.period_end)
+                .map_err(calendar_err)?;
+            Ok(p)
+        } else {
+            periods::nth(&self.calendar, sub.period_end, cycle, 0).map_err(calendar_err)
+        }
+    }
+
+    /// Moves `sub` (as read) by `input` at a period's end, with its
+    /// events; false when someone moved it meanwhile or it does not apply.
+    async fn move_at_end(&self, sub: &SubscriptionRow, input: Input) -> Api<bool> {
+        let Some(from) = State::parse(&sub.state) else {
+            return Ok(false);
+        };
+        let Some(to) = state::step(from, input) else {
+            return Ok(false);
+        };
+        let now = self.clock.now_ms();
+        let mut row = sub.clone();
+        row.state = to.as_str().to_owned();
+        row.updated_at = now.max(sub.updated_at + 1);
+        let mut tx = self.db.begin_write().await.map_err(db_err)?;
+        if !storage::update_subscription(&mut tx, &row, sub.updated_at)
+            .await
+            .map_err(db_err)?
+        {
+            return Ok(false);
+        }
+        let events: &[&str] = match to {
+            State::PastDue => &["subscription.past_due"],
+            State::Canceled => &["subscription.canceled", "subscription.ended"],
+            State::Expired => &["subscription.ended"],
+            _ => &[],
+        };
+        for kind in events {
+            self.outbox
+                .enqueue(&mut tx, kind, &self.event_data(&row, to), now)
+                .await
+                .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)?;
+        self.outbox.notify();
+        tracing::info!(subscription = %row.id, from = from.as_str(), to = to.as_str(), "subscription moved");
+        Ok(true)
+    }
+
+    /// The data of a subscription event.
+    fn event_data(&self, row: &SubscriptionRow, state: State) -> Value {
+        let tier = if state.grants_tier() {
+            self.config
+                .plan(&row.plan)
+                .map_or("FREE", |(_, p)| p.tier())
+                .to_owned()
+        } else {
+            self.config.free().tier().to_owned()
+        };
+        json!({
+            "subscription_id": row.id,
+            "user_id": row.user_id,
+            "subject": {"kind": row.subject_kind, "id": row.subject_id},
+            "tier": tier,
+            "plan": row.plan,
+            "cycle": row.cycle,
+            "state": state.as_str(),
+            "period_start": row.period_start,
+            "period_end": row.period_end,
         })
     }
 
@@ -646,6 +891,7 @@ impl Subscriptions {
             applied_at: None,
             created_at: now,
             updated_at: now,
+            period_start: None,
         })
     }
 
@@ -768,7 +1014,7 @@ impl Subscriptions {
     ) -> Result<Applied, ApiError> {
         let d = &event.data;
         let reference = &d["reference"];
-        if reference["kind"] != "plan_change" {
+        if reference["kind"] != "plan_change" && reference["kind"] != "renewal" {
             // Another invoice (a manual one): not ours to act on.
             return Ok(Applied::Stale);
         }
@@ -791,7 +1037,7 @@ impl Subscriptions {
         }
         let now = self.clock.now_ms();
         let paid_at = d["paid_at"].as_i64().unwrap_or(event.occurred_at).min(now);
-        let Some(((rank, plan), cycle)) = self.config.plan(&ch.plan).zip(Cycle::parse(&ch.cycle))
+        let Some(((rank, _), cycle)) = self.config.plan(&ch.plan).zip(Cycle::parse(&ch.cycle))
         else {
             return Ok(Applied::rejected(
                 "unknown_plan",
@@ -799,7 +1045,7 @@ impl Subscriptions {
             ));
         };
         let sub = storage::subscription_of(tx, &ch.subject_kind, &ch.subject_id).await?;
-        if rank < self.granted_rank(sub.as_ref()) {
+        if ch.kind == "checkout" && rank < self.granted_rank(sub.as_ref()) {
             // An older checkout paid after a higher plan took effect: the
             // subject keeps the higher plan; this payment is left for a
             // refund (logged, and `unapplied` on the change).
@@ -812,8 +1058,39 @@ impl Subscriptions {
                 "a checkout was paid after a higher plan took effect: refund it");
             return Ok(Applied::Applied);
         }
-        let period =
+        let from_payment =
             periods::nth(&self.calendar, paid_at, cycle, 0).map_err(|e| ApiError::internal(&e))?;
+        // A renewal paid in time (before the period it pays, or in the
+        // grace after it began) extends the subscription from where it
+        // ends; a checkout, or a renewal paid once the subscription ended
+        // (canceled or expired), starts a full period at the payment.
+        let renewal_in_time = ch.kind == "renewal"
+            && sub.as_ref().is_some_and(|s| {
+                State::parse(&s.state).is_some_and(State::grants_tier)
+                    && Some(s.period_end) == ch.period_start
+            });
+        if ch.kind == "renewal"
+            && sub.as_ref().is_some_and(|s| {
+                ch.period_start.is_some_and(|p| s.period_end > p)
+                    && State::parse(&s.state).is_some_and(State::grants_tier)
+            })
+        {
+            // The period it pays is under way already: nothing to do.
+            storage::mark_applied(tx, &ch.id, now).await?;
+            return Ok(Applied::Stale);
+        }
+        let (period, anchor) = match (&sub, renewal_in_time) {
+            (Some(s), true) => {
+                let p = self.next_period(s, cycle)?;
+                let anchor = if s.cycle == ch.cycle {
+                    s.anchor_at
+                } else {
+                    p.start
+                };
+                (p, anchor)
+            }
+            _ => (from_payment, paid_at),
+        };
         let (mut row, seen) = match sub {
             Some(s) => {
                 let seen = s.updated_at;
@@ -828,7 +1105,7 @@ impl Subscriptions {
                     plan: ch.plan.clone(),
                     cycle: ch.cycle.clone(),
                     state: State::Pending.as_str().to_owned(),
-                    anchor_at: paid_at,
+                    anchor_at: anchor,
                     period_start: period.start,
                     period_end: period.end,
                     cancel_at_period_end: 0,
@@ -846,7 +1123,7 @@ impl Subscriptions {
         row.plan = ch.plan.clone();
         row.cycle = ch.cycle.clone();
         row.state = to.as_str().to_owned();
-        row.anchor_at = paid_at;
+        row.anchor_at = anchor;
         row.period_start = period.start;
         row.period_end = period.end;
         // A paid change replaces whatever was scheduled for the old period.
@@ -867,27 +1144,19 @@ impl Subscriptions {
                 "the subscription changed meanwhile; retried",
             ));
         }
-        self.outbox
-            .enqueue(
-                tx,
-                "subscription.activated",
-                &json!({
-                    "subscription_id": row.id,
-                    "user_id": row.user_id,
-                    "subject": {"kind": row.subject_kind, "id": row.subject_id},
-                    "tier": plan.tier(),
-                    "plan": plan.name,
-                    "cycle": row.cycle,
-                    "period_start": row.period_start,
-                    "period_end": row.period_end,
-                    "change_id": ch.id,
-                    "invoice_id": invoice_id,
-                }),
-                now,
-            )
-            .await?;
-        tracing::info!(subscription = %row.id, plan = %row.plan, from = from.as_str(),
-            "subscription activated");
+        // A renewal in time is `renewed` (its tier may change with a
+        // scheduled downgrade); anything else starts the plan anew.
+        let kind = if renewal_in_time {
+            "subscription.renewed"
+        } else {
+            "subscription.activated"
+        };
+        let mut data = self.event_data(&row, to);
+        data["change_id"] = json!(ch.id);
+        data["invoice_id"] = json!(invoice_id);
+        self.outbox.enqueue(tx, kind, &data, now).await?;
+        tracing::info!(subscription = %row.id, plan = %row.plan, from = from.as_str(), event = kind,
+            "subscription paid");
         Ok(Applied::Applied)
     }
 }

@@ -19,8 +19,10 @@ pub mod state;
 pub mod storage;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
+use futures_util::FutureExt;
 use sqlx::migrate::Migrator;
 use sqlx::AnyConnection;
 use utoipa::OpenApi;
@@ -75,7 +77,7 @@ impl Service for SubscriptionsService {
             &["billing"],
             InvoicePaid(subs.clone()),
         );
-        let data = actix_web::web::Data::from(subs);
+        let data = actix_web::web::Data::from(subs.clone());
         let mut parts = Parts::new(
             routes::SubscriptionsApi::openapi(),
             Arc::new(move |cfg| {
@@ -84,6 +86,24 @@ impl Service for SubscriptionsService {
             }),
         );
         parts.consumer = Some(consumer);
+        parts.background = vec![scheduler(subs).boxed_local()];
         Ok(parts)
+    }
+}
+
+/// How often the lifecycle scheduler looks for renewals and ended
+/// periods.
+const SCHEDULE_EVERY: Duration = Duration::from_secs(30);
+
+/// Renewals, past-due and expiry, on the service's clock.
+async fn scheduler(subs: Arc<core::Subscriptions>) {
+    let mut ticker = subs.clock.ticker();
+    loop {
+        ticker.tick(SCHEDULE_EVERY).await;
+        match subs.scheduler_pass().await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(done = n, "scheduler pass"),
+            Err(e) => tracing::warn!(error = %e, "scheduler pass failed; retried shortly"),
+        }
     }
 }

@@ -49,6 +49,8 @@ pub struct ChangeRow {
     pub applied_at: Option<i64>,
     pub created_at: i64,
     pub updated_at: i64,
+    /// A renewal's period start.
+    pub period_start: Option<i64>,
 }
 
 macro_rules! subscription_columns {
@@ -62,7 +64,7 @@ macro_rules! change_columns {
     () => {
         "id, subject_kind, subject_id, user_id, kind, plan, cycle, from_plan, credit, \
          credit_detail, lines, status, idem_key, request_hash, renewal_key, invoice_id, \
-         invoice_number, invoice_total, answer, applied_at, created_at, updated_at"
+         invoice_number, invoice_total, answer, applied_at, created_at, updated_at, period_start"
     };
 }
 
@@ -151,7 +153,7 @@ pub async fn insert_change(c: &mut AnyConnection, ch: &ChangeRow) -> Result<bool
         "INSERT INTO changes (",
         change_columns!(),
         ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-         $18, $19, $20, $21, $22) ON CONFLICT DO NOTHING"
+         $18, $19, $20, $21, $22, $23) ON CONFLICT DO NOTHING"
     ))
     .bind(&ch.id)
     .bind(&ch.subject_kind)
@@ -175,6 +177,7 @@ pub async fn insert_change(c: &mut AnyConnection, ch: &ChangeRow) -> Result<bool
     .bind(ch.applied_at)
     .bind(ch.created_at)
     .bind(ch.updated_at)
+    .bind(ch.period_start)
     .execute(c)
     .await?;
     Ok(r.rows_affected() == 1)
@@ -275,6 +278,9 @@ pub async fn set_invoiced(
         .await?;
         return Ok(false);
     }
+    if ch.kind != "checkout" {
+        return Ok(true);
+    }
     sqlx::query(
         "UPDATE changes SET status = 'superseded', updated_at = $1 WHERE subject_kind = $2 \
          AND subject_id = $3 AND kind = 'checkout' AND status IN ('creating', 'pending') \
@@ -300,4 +306,64 @@ pub async fn mark_applied(c: &mut AnyConnection, id: &str, now: i64) -> Result<b
     .execute(c)
     .await?;
     Ok(r.rows_affected() == 1)
+}
+
+/// Active subscriptions, renewing, whose period ends by `until` and whose
+/// next period has no renewal yet (at most `limit`).
+pub async fn due_renewals(
+    c: &mut AnyConnection,
+    until: i64,
+    limit: i64,
+) -> Result<Vec<SubscriptionRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        subscription_columns!(),
+        " FROM subscriptions s WHERE state = 'active' AND cancel_at_period_end = 0 \
+         AND period_end <= $1 AND NOT EXISTS (SELECT 1 FROM changes c \
+         WHERE c.renewal_key = s.id || ':' || CAST(s.period_end AS TEXT)) \
+         ORDER BY period_end LIMIT $2"
+    ))
+    .bind(until)
+    .bind(limit)
+    .fetch_all(c)
+    .await
+}
+
+/// Renewals whose invoice was not made (billing down, or a crash), made
+/// before `before` (at most `limit`).
+pub async fn uninvoiced(
+    c: &mut AnyConnection,
+    before: i64,
+    limit: i64,
+) -> Result<Vec<ChangeRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        change_columns!(),
+        " FROM changes WHERE kind = 'renewal' AND status = 'creating' AND created_at <= $1 \
+         ORDER BY created_at LIMIT $2"
+    ))
+    .bind(before)
+    .bind(limit)
+    .fetch_all(c)
+    .await
+}
+
+/// Subscriptions in `state` whose period ended by `until` (at most
+/// `limit`).
+pub async fn ended(
+    c: &mut AnyConnection,
+    state: &str,
+    until: i64,
+    limit: i64,
+) -> Result<Vec<SubscriptionRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        subscription_columns!(),
+        " FROM subscriptions WHERE state = $1 AND period_end <= $2 ORDER BY period_end LIMIT $3"
+    ))
+    .bind(state)
+    .bind(until)
+    .bind(limit)
+    .fetch_all(c)
+    .await
 }

@@ -95,6 +95,14 @@ impl Service for UsersService {
                 },
             )
             .on(
+                "subscription.renewed",
+                &["subscriptions"],
+                core::TierEvents {
+                    ended: false,
+                    clock: p.clock.clone(),
+                },
+            )
+            .on(
                 "subscription.ended",
                 &["subscriptions"],
                 core::TierEvents {
