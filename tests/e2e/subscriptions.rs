@@ -127,6 +127,7 @@ rate_limit:
 routes:
   - {{ name: plans, match: {{ path: {{ exact: /api/subscriptions/plans }}, methods: [GET] }}, upstream: subscriptions, auth: none }}
   - {{ name: subscriptions, match: {{ path: {{ prefix: /api/subscriptions }} }}, upstream: subscriptions, auth: required }}
+  - {{ name: admin-subscriptions, match: {{ path: {{ prefix: /api/admin/subscriptions }} }}, upstream: subscriptions, auth: required, roles: [admin] }}
   - {{ name: payments-webhooks, match: {{ path: {{ prefix: /api/payments/webhooks }}, methods: [POST] }}, upstream: payments, rate_limit: false }}
   - {{ name: payments, match: {{ path: {{ prefix: /api/payments }} }}, upstream: payments, auth: required }}
   - {{ name: billing, match: {{ path: {{ prefix: /api/billing }} }}, upstream: billing, auth: required }}
@@ -467,6 +468,63 @@ both_databases! {
         s.inbox.wait_for("subscription.canceled", "subscription_id", me["id"].as_str().unwrap()).await;
         s.tier_at_users("FREE").await;
         assert_eq!(s.renewals().len(), 2, "no renewal for a canceled subscription");
+        s.stop().await;
+    }
+}
+
+both_databases! {
+    /// An admin lists subscriptions (by state, a page at a time) and
+    /// gives a user a plan without an invoice until a date; it ends then
+    /// as a cancellation does. Nobody else may.
+    async fn test_admins_list_and_grant(db: Database) {
+        let s = shop(db).await;
+        let root = signed_up(&s.users.base, &s.inbox, "root@example.com").await;
+        let root = root["access_token"].as_str().unwrap().to_owned();
+        let ann_id = claims_of(&s.access())["sub"].as_str().unwrap().to_owned();
+        let (_, change, _) = s.post_keyed("/api/subscriptions/checkout", "c-1", json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
+        assert_eq!(change["status"], "pending", "{change}");
+        let admin = |path: String| {
+            let (gw, root) = (s.gw.url(""), root.clone());
+            async move { as_user(Method::GET, &gw, &path, &root, None).await }
+        };
+        let (status, page) = admin("/api/admin/subscriptions".into()).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let list = page["subscriptions"].as_array().unwrap();
+        assert_eq!((list.len(), list[0]["state"].as_str(), list[0]["subject"]["id"].as_str()), (1, Some("pending"), Some(ann_id.as_str())), "{page}");
+        assert!(page["next_cursor"].is_null());
+        let (_, page) = admin("/api/admin/subscriptions?state=active".into()).await;
+        assert_eq!(page["subscriptions"].as_array().unwrap().len(), 0, "{page}");
+        for bad in ["?state=gone", "?limit=0", "?limit=101", "?colour=red"] {
+            let (status, e) = admin(format!("/api/admin/subscriptions{bad}")).await;
+            assert!(status == StatusCode::UNPROCESSABLE_ENTITY || status == StatusCode::BAD_REQUEST, "{bad}: {status} {e}");
+        }
+        let (status, _) = s.get("/api/admin/subscriptions").await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "not for a customer");
+
+        let until = s.world.clock.now_ms() + 10 * 86_400_000;
+        let grant = |who: String, user: String, body: Value| {
+            let url = s.gw.url(&format!("/api/admin/subscriptions/{user}/grant"));
+            async move { crate::platform::send(client().post(url).bearer_auth(who).json(&body)).await }
+        };
+        let (status, _) = grant(s.access(), ann_id.clone(), json!({"plan": "BASIC", "until": until})).await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        for (body, want) in [
+            (json!({"plan": "FREE", "until": until}), StatusCode::UNPROCESSABLE_ENTITY),
+            (json!({"plan": "BASIC", "until": 1}), StatusCode::UNPROCESSABLE_ENTITY),
+        ] {
+            let (status, e) = grant(root.clone(), ann_id.clone(), body.clone()).await;
+            assert_eq!(status, want, "{body}: {e}");
+        }
+        let (status, _) = grant(root.clone(), uuid::Uuid::now_v7().to_string(), json!({"plan": "BASIC", "until": until})).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "no such user");
+        let (status, me) = grant(root.clone(), ann_id.clone(), json!({"plan": "BASIC", "until": until})).await;
+        assert_eq!(status, StatusCode::OK, "{me}");
+        assert_eq!((me["plan"].as_str(), me["state"].as_str(), me["period_end"].as_i64(), me["cancel_at_period_end"].as_bool()),
+            (Some("BASIC"), Some("active"), Some(until), Some(true)), "{me}");
+        s.tier_at_users("BASIC").await;
+        s.world.clock.set(until + 1_000);
+        s.wait_state("FREE", "canceled").await;
+        s.tier_at_users("FREE").await;
         s.stop().await;
     }
 }

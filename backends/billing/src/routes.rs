@@ -37,13 +37,7 @@ struct Page {
 }
 
 fn limit(l: Option<i64>) -> Api<i64> {
-    match l.unwrap_or(20) {
-        l @ 1..=100 => Ok(l),
-        _ => Err(ApiError::validation(vec![backend_common::FieldError::new(
-            "limit",
-            "must be 1 to 100",
-        )])),
-    }
+    backend_common::page_limit(l)
 }
 
 fn pdf_response((name, bytes): (String, Vec<u8>)) -> HttpResponse {

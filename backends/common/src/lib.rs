@@ -79,6 +79,18 @@ pub fn idempotency_key(req: &actix_web::HttpRequest, twice: &str) -> Result<Stri
     Ok(key.to_owned())
 }
 
+/// A list's `limit` query parameter: 1 to 100, 20 when absent; else 422
+/// on `limit`.
+pub fn page_limit(limit: Option<i64>) -> Result<i64, ApiError> {
+    match limit.unwrap_or(20) {
+        l @ 1..=100 => Ok(l),
+        _ => Err(ApiError::validation(vec![FieldError::new(
+            "limit",
+            "must be 1 to 100",
+        )])),
+    }
+}
+
 /// The SHA-256 of a token, hex: how tokens are stored (a database leak
 /// does not reveal usable tokens).
 pub fn token_hash(token: &str) -> String {

@@ -226,6 +226,53 @@ pub struct CheckoutRequest {
     pub cycle: Cycle,
 }
 
+/// `POST /api/admin/subscriptions/{user_id}/grant`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// A paid plan, given without an invoice.
+    pub plan: String,
+    /// Until when (Unix ms; in the future, within 5 years). It ends then
+    /// as a cancellation does (FREE), unless the user pays meanwhile.
+    pub until: i64,
+}
+
+/// A subscription as an admin lists it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdminSubscription {
+    /// Id.
+    pub id: String,
+    /// Whose.
+    pub subject: SubjectView,
+    /// Who acted last for the subject.
+    pub user_id: String,
+    /// The plan subscribed to.
+    pub plan: String,
+    /// `monthly` or `yearly`.
+    pub cycle: String,
+    /// `pending`, `active`, `past_due`, `canceled`, `expired`.
+    pub state: String,
+    /// The current period (Unix ms).
+    pub period_start: i64,
+    /// Its end.
+    pub period_end: i64,
+    /// Whether it ends at the period's end.
+    pub cancel_at_period_end: bool,
+    /// A downgrade scheduled for the period's end.
+    pub scheduled_plan: Option<String>,
+    /// Created (Unix ms).
+    pub created_at: i64,
+}
+
+/// A page of subscriptions.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdminPage {
+    /// Newest first.
+    pub subscriptions: Vec<AdminSubscription>,
+    /// The `cursor` of the next page; absent on the last.
+    pub next_cursor: Option<String>,
+}
+
 /// An answer and how to send it.
 pub struct Answered {
     /// HTTP status.
@@ -893,6 +940,177 @@ impl Subscriptions {
             updated_at: now,
             period_start: None,
         })
+    }
+
+    /// Subscriptions newest first, by state and plan, a page at a time.
+    pub async fn admin_list(
+        &self,
+        state: Option<&str>,
+        plan: Option<&str>,
+        cursor: Option<&str>,
+        limit: i64,
+    ) -> Api<AdminPage> {
+        if let Some(s) = state.filter(|s| State::parse(s).is_none()) {
+            return Err(ApiError::validation(vec![FieldError::new(
+                "state",
+                format!("`{s}` is not pending, active, past_due, canceled or expired"),
+            )]));
+        }
+        let plan = plan.map(str::to_ascii_uppercase);
+        let mut c = self.db.pool().acquire().await.map_err(db_err)?;
+        let rows = storage::list(&mut c, state, plan.as_deref(), cursor, limit)
+            .await
+            .map_err(db_err)?;
+        let next_cursor = (rows.len() as i64 == limit)
+            .then(|| rows.last().map(|r| r.id.clone()))
+            .flatten();
+        Ok(AdminPage {
+            subscriptions: rows
+                .into_iter()
+                .map(|r| AdminSubscription {
+                    subject: SubjectView {
+                        kind: r.subject_kind,
+                        id: r.subject_id,
+                    },
+                    id: r.id,
+                    user_id: r.user_id,
+                    plan: r.plan,
+                    cycle: r.cycle,
+                    state: r.state,
+                    period_start: r.period_start,
+                    period_end: r.period_end,
+                    cancel_at_period_end: r.cancel_at_period_end != 0,
+                    scheduled_plan: r.scheduled_plan,
+                    created_at: r.created_at,
+                })
+                .collect(),
+            next_cursor,
+        })
+    }
+
+    /// Gives user `user_id` (personally) `plan` until `until`, without an
+    /// invoice: active now, ending then as a cancellation does.
+    /// `subscription.activated` tells the users service. Recorded as a
+    /// `grant` change naming the admin.
+    pub async fn grant(
+        &self,
+        admin: &UserClaims,
+        user_id: &str,
+        req: &GrantRequest,
+    ) -> Api<SubscriptionView> {
+        let now = self.clock.now_ms();
+        let mut v = backend_common::Validator::new();
+        let plan = self.config.plan(&req.plan).filter(|(rank, _)| *rank > 0);
+        v.check(plan.is_some(), "plan", "a paid plan");
+        v.check(
+            req.until > now && req.until <= now + 5 * 366 * 86_400_000,
+            "until",
+            "in the future, within 5 years (Unix ms)",
+        );
+        v.finish()?;
+        let Some((_, plan)) = plan else {
+            return Err(ApiError::internal(&"a checked plan vanished"));
+        };
+        match self
+            .client
+            .get::<Value>("users", &format!("/internal/users/{user_id}"))
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.is_not_found() => return Err(ApiError::not_found("no such user")),
+            Err(e) => return Err(e.into()),
+        }
+        let subject = Subject::User(user_id.to_owned());
+        for _ in 0..5 {
+            let mut tx = self.db.begin_write().await.map_err(db_err)?;
+            let sub = storage::subscription_of(&mut tx, "user", user_id)
+                .await
+                .map_err(db_err)?;
+            let seen = sub.as_ref().map(|s| s.updated_at);
+            let mut row = sub.unwrap_or_else(|| SubscriptionRow {
+                id: uuid::Uuid::now_v7().to_string(),
+                subject_kind: "user".to_owned(),
+                subject_id: user_id.to_owned(),
+                user_id: user_id.to_owned(),
+                plan: plan.name.clone(),
+                cycle: Cycle::Monthly.as_str().to_owned(),
+                state: State::Pending.as_str().to_owned(),
+                anchor_at: now,
+                period_start: now,
+                period_end: req.until,
+                cancel_at_period_end: 1,
+                scheduled_plan: None,
+                scheduled_cycle: None,
+                created_at: now,
+                updated_at: now,
+            });
+            row.plan = plan.name.clone();
+            row.state = State::Active.as_str().to_owned();
+            row.anchor_at = now;
+            row.period_start = now;
+            row.period_end = req.until;
+            row.cancel_at_period_end = 1;
+            row.scheduled_plan = None;
+            row.scheduled_cycle = None;
+            let written = match seen {
+                Some(seen) => {
+                    row.updated_at = now.max(seen + 1);
+                    storage::update_subscription(&mut tx, &row, seen)
+                        .await
+                        .map_err(db_err)?
+                }
+                None => storage::insert_subscription(&mut tx, &row)
+                    .await
+                    .map_err(db_err)?,
+            };
+            if !written {
+                continue;
+            }
+            let audit = ChangeRow {
+                id: uuid::Uuid::now_v7().to_string(),
+                subject_kind: "user".to_owned(),
+                subject_id: user_id.to_owned(),
+                user_id: admin.user_id.clone(),
+                kind: "grant".to_owned(),
+                plan: plan.name.clone(),
+                cycle: row.cycle.clone(),
+                from_plan: None,
+                credit: 0,
+                credit_detail: None,
+                lines: "[]".to_owned(),
+                status: "applied".to_owned(),
+                idem_key: None,
+                request_hash: None,
+                renewal_key: None,
+                invoice_id: None,
+                invoice_number: None,
+                invoice_total: None,
+                answer: None,
+                applied_at: Some(now),
+                created_at: now,
+                updated_at: now,
+                period_start: Some(now),
+            };
+            storage::insert_change(&mut tx, &audit)
+                .await
+                .map_err(db_err)?;
+            let mut data = self.event_data(&row, State::Active);
+            data["granted_by"] = json!(admin.user_id);
+            data["change_id"] = json!(audit.id);
+            self.outbox
+                .enqueue(&mut tx, "subscription.activated", &data, now)
+                .await
+                .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            self.outbox.notify();
+            tracing::info!(user = %user_id, plan = %plan.name, until = req.until, admin = %admin.user_id, "plan granted");
+            return self.me(&subject).await;
+        }
+        Err(ApiError::conflict(
+            "subscription_busy",
+            "the subscription is being changed; retry shortly",
+        )
+        .with_retry_after(1))
     }
 
     /// Changes the subject's subscription with `f` (which refuses with an

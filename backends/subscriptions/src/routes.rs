@@ -2,16 +2,18 @@
 //! caller's subscription, checkouts.
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use utoipa::OpenApi;
+use serde::Deserialize;
+use utoipa::{IntoParams, OpenApi};
 
 use backend_common::error::ErrorEnvelope;
 use backend_common::json::Json;
-use backend_common::user_auth::AuthUser;
+use backend_common::user_auth::{Admin, AuthUser};
 use backend_common::ApiError;
 
 use crate::core::{
-    Change, CheckoutRequest, DowngradeRequest, InvoiceRef, Line, PlanList, PlanView, Price,
-    Renewal, Scheduled, SubjectView, SubscriptionView, Subscriptions,
+    AdminPage, AdminSubscription, Change, CheckoutRequest, DowngradeRequest, GrantRequest,
+    InvoiceRef, Line, PlanList, PlanView, Price, Renewal, Scheduled, SubjectView, SubscriptionView,
+    Subscriptions,
 };
 
 type Api<T> = Result<T, ApiError>;
@@ -94,6 +96,63 @@ async fn resume(subs: web::Data<Subscriptions>, user: AuthUser) -> Api<HttpRespo
     Ok(HttpResponse::Ok().json(subs.resume(&user.0.subject()).await?))
 }
 
+/// `?state=&plan=&limit=&cursor=`.
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+struct AdminQuery {
+    /// Only in this state (`pending`, `active`, `past_due`, `canceled`,
+    /// `expired`).
+    state: Option<String>,
+    /// Only on this plan.
+    plan: Option<String>,
+    /// Page size, 1-100 (default 20).
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[utoipa::path(get, path = "/api/admin/subscriptions", tag = "admin", security(("bearer" = [])),
+    params(AdminQuery),
+    responses((status = 200, description = "subscriptions newest first", body = AdminPage),
+        (status = 401, description = "no valid token", body = ErrorEnvelope),
+        (status = 403, description = "not an admin", body = ErrorEnvelope),
+        (status = 422, description = "a bad state or limit", body = ErrorEnvelope)))]
+async fn admin_list(
+    subs: web::Data<Subscriptions>,
+    _admin: Admin,
+    q: web::Query<AdminQuery>,
+) -> Api<HttpResponse> {
+    let limit = backend_common::page_limit(q.limit)?;
+    let page = subs
+        .admin_list(
+            q.state.as_deref(),
+            q.plan.as_deref(),
+            q.cursor.as_deref(),
+            limit,
+        )
+        .await?;
+    Ok(HttpResponse::Ok().json(page))
+}
+
+#[utoipa::path(post, path = "/api/admin/subscriptions/{user_id}/grant", tag = "admin", security(("bearer" = [])),
+    params(("user_id" = String, Path, description = "the user given the plan (personally)")),
+    request_body = GrantRequest,
+    responses((status = 200, description = "the user's subscription: the plan until `until`, no invoice", body = SubscriptionView),
+        (status = 401, description = "no valid token", body = ErrorEnvelope),
+        (status = 403, description = "not an admin", body = ErrorEnvelope),
+        (status = 404, description = "no such user", body = ErrorEnvelope),
+        (status = 422, description = "not a paid plan, or `until` not in the next 5 years", body = ErrorEnvelope),
+        (status = 503, description = "the users service is unavailable", body = ErrorEnvelope)))]
+async fn admin_grant(
+    subs: web::Data<Subscriptions>,
+    admin: Admin,
+    user_id: web::Path<String>,
+    body: Json<GrantRequest>,
+) -> Api<HttpResponse> {
+    Ok(HttpResponse::Ok().json(subs.grant(&admin.0, &user_id, &body.0).await?))
+}
+
 /// The OpenAPI document.
 #[derive(OpenApi)]
 #[openapi(
@@ -101,7 +160,16 @@ async fn resume(subs: web::Data<Subscriptions>, user: AuthUser) -> Api<HttpRespo
         title = "tiergate subscriptions",
         description = "Plans in rupiah, each subject's subscription, checkouts billed through the billing service."
     ),
-    paths(plans, me, checkout, downgrade, cancel, resume),
+    paths(
+        plans,
+        me,
+        checkout,
+        downgrade,
+        cancel,
+        resume,
+        admin_list,
+        admin_grant
+    ),
     components(schemas(
         PlanList,
         PlanView,
@@ -114,6 +182,9 @@ async fn resume(subs: web::Data<Subscriptions>, user: AuthUser) -> Api<HttpRespo
         InvoiceRef,
         CheckoutRequest,
         DowngradeRequest,
+        GrantRequest,
+        AdminPage,
+        AdminSubscription,
         Scheduled,
         crate::config::Cycle
     ))
@@ -127,5 +198,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/api/subscriptions/checkout", web::post().to(checkout))
         .route("/api/subscriptions/downgrade", web::post().to(downgrade))
         .route("/api/subscriptions/cancel", web::post().to(cancel))
-        .route("/api/subscriptions/resume", web::post().to(resume));
+        .route("/api/subscriptions/resume", web::post().to(resume))
+        .route("/api/admin/subscriptions", web::get().to(admin_list))
+        .route(
+            "/api/admin/subscriptions/{user_id}/grant",
+            web::post().to(admin_grant),
+        );
 }

@@ -367,3 +367,26 @@ pub async fn ended(
     .fetch_all(c)
     .await
 }
+
+/// Subscriptions newest first, after `cursor` (an id), optionally in
+/// `state` and on `plan` (at most `limit`).
+pub async fn list(
+    c: &mut AnyConnection,
+    state: Option<&str>,
+    plan: Option<&str>,
+    cursor: Option<&str>,
+    limit: i64,
+) -> Result<Vec<SubscriptionRow>, sqlx::Error> {
+    sqlx::query_as(concat!(
+        "SELECT ",
+        subscription_columns!(),
+        " FROM subscriptions WHERE ($1 IS NULL OR state = $1) AND ($2 IS NULL OR plan = $2) \
+         AND ($3 IS NULL OR id < $3) ORDER BY id DESC LIMIT $4"
+    ))
+    .bind(state)
+    .bind(plan)
+    .bind(cursor)
+    .bind(limit)
+    .fetch_all(c)
+    .await
+}
