@@ -754,3 +754,75 @@ both_databases! {
         t.users.stop().await;
     }
 }
+
+both_databases! {
+    /// An organization's plan is its own: only its owner or admin checks
+    /// out or cancels (a member reads), the invoice names the
+    /// organization, and once paid every member's token for it carries the
+    /// organization's tier, while their personal plans and other
+    /// organizations stay FREE.
+    async fn test_an_organizations_plan_is_its_own(db: Database) {
+        let mut t = teams(db).await;
+        let base = t.users.base.clone();
+        let subs_addr = format!("127.0.0.1:{}", crate::common::free_port());
+        let subs_base = format!("http://{subs_addr}");
+        let mut bs = t.world.settings::<billing::BillingService>(&[]).await;
+        bs.shared.peers.insert("users".into(), base.clone());
+        bs.shared.events = crate::platform::subscribers_of(&[("*", t.inbox.url(), "notifications")]);
+        bs.shared.events.entry("invoice.paid".into()).or_default()
+            .push(backend_common::outbox::Subscriber::service("subscriptions", &subs_base));
+        let billing = t.world.start::<billing::BillingService>(bs);
+        let mut ss = t.world.settings::<subscriptions::SubscriptionsService>(&[("TIERGATE_SUBSCRIPTIONS_LISTEN", &subs_addr)]).await;
+        ss.shared.peers.insert("billing".into(), billing.base.clone());
+        ss.shared.peers.insert("users".into(), base.clone());
+        ss.shared.events.entry("subscription.activated".into()).or_default()
+            .push(backend_common::outbox::Subscriber::service("users", &base));
+        let subs = t.world.start::<subscriptions::SubscriptionsService>(ss);
+        let alice_personal = t.alice.clone();
+        switch(&base, &mut t.alice, Some(&t.acme)).await;
+        switch(&base, &mut t.carol, Some(&t.acme)).await;
+        switch(&base, &mut t.dave, Some(&t.beta)).await;
+        let checkout = |who: &Person, key: &str| {
+            let (url, access, key) = (subs.url("/api/subscriptions/checkout"), who.access.clone(), key.to_owned());
+            async move { crate::platform::post_keyed(&url, &access, &key, &json!({"plan": "ENTERPRISE", "cycle": "monthly"})).await }
+        };
+        let (status, e, _) = checkout(&t.carol, "k-carol").await;
+        assert_eq!((status, e["error"]["code"].as_str()), (StatusCode::FORBIDDEN, Some("tenant_admin_required")), "{e}");
+        let (status, e) = as_user(Method::POST, &subs.base, "/api/subscriptions/cancel", &t.carol.access, None).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{e}");
+        let (status, change, _) = checkout(&t.alice, "k-alice").await;
+        assert_eq!(status, StatusCode::CREATED, "{change}");
+        let invoice = change["invoice"]["id"].as_str().unwrap().to_owned();
+        let (status, inv) = as_user(Method::GET, &billing.base, &format!("/api/billing/invoices/{invoice}"), &t.carol.access, None).await;
+        assert_eq!((status, inv["subject"]["kind"].as_str(), inv["subject"]["id"].as_str()), (StatusCode::OK, Some("organization"), Some(t.acme.as_str())), "{inv}");
+
+        // Payments reports the money in; billing marks the invoice paid.
+        let settled = json!({"id": uuid::Uuid::now_v7().to_string(), "type": "payment.settled", "source": "payments",
+            "occurred_at": t.world.clock.now_ms(),
+            "data": {"payment_id": "pay-acme-1", "invoice_id": invoice, "amount": inv["total"], "method": "bca_va",
+                     "user_id": t.alice.id, "subject": {"kind": "organization", "id": t.acme}}});
+        let r = client().post(billing.url("/internal/events")).bearer_auth(t.world.keys_of("payments").issue("billing")).json(&settled).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let me = eventually("ENTERPRISE for Acme", || async {
+            let (_, me) = as_user(Method::GET, &subs.base, "/api/subscriptions/me", &t.carol.access, None).await;
+            (me["plan"] == "ENTERPRISE").then_some(me)
+        }).await;
+        assert_eq!((me["subject"]["kind"].as_str(), me["subject"]["id"].as_str()), (Some("organization"), Some(t.acme.as_str())), "{me}");
+        for (who, name) in [(&alice_personal, "alice personally"), (&t.dave, "dave in Beta"), (&t.erin, "erin")] {
+            let (_, me) = as_user(Method::GET, &subs.base, "/api/subscriptions/me", &who.access, None).await;
+            assert_eq!(me["plan"], "FREE", "{name}: {me}");
+        }
+        // Acme's tier reaches the users service: a member's next token for
+        // Acme carries it (switching again rotates her pair each time).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        while switch(&base, &mut t.carol, Some(&t.acme)).await["tier"] != "ENTERPRISE" {
+            assert!(std::time::Instant::now() < deadline, "Acme's tier never reached the users service");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let c = switch(&base, &mut t.carol, None).await;
+        assert_eq!(c["tier"], "FREE", "carol personally: {c}");
+        subs.stop().await;
+        billing.stop().await;
+        t.users.stop().await;
+    }
+}

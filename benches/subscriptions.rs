@@ -1,0 +1,151 @@
+//! Subscriptions-service benchmark (issue 19), loopback only, real
+//! binaries: `tiergate serve users` and `tiergate serve billing`
+//! (SQLite), `tiergate serve subscriptions` (SQLite, then PostgreSQL when
+//! it answers at `TIERGATE_TEST_POSTGRES`, default
+//! `postgres://postgres@127.0.0.1:5432`), `tiergate gateway` in front.
+//!
+//! A user checks out PREMIUM (a pending subscription and its change, the
+//! invoice made at billing), then `GET /api/subscriptions/me` (the
+//! subscription and the pending change read, the next renewal priced) is
+//! asked at a fixed rate, open loop, through the gateway (JWT verified,
+//! limits, access log) and straight to the service.
+//!
+//! `cargo bench --bench subscriptions`. Environment: `ME_RATE` (req/s,
+//! 500), `ME_CONNECTIONS` (8), `ME_DURATION` (s, 10), `GATEWAY_THREADS`
+//! (1).
+
+mod support;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+use support::fixed::{self, FixedResult};
+use support::services::{self, env_num, free_addr, get_request, row, TempDir};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct Run {
+    name: &'static str,
+    via_gateway: FixedResult,
+    direct: FixedResult,
+}
+
+fn main() -> Result<()> {
+    let threads: usize = env_num("GATEWAY_THREADS", 1)?;
+    let rate: u32 = env_num("ME_RATE", 500)?;
+    let conns: usize = env_num("ME_CONNECTIONS", 8)?;
+    let secs: u64 = env_num("ME_DURATION", 10)?;
+    let dir = TempDir::new("tg-subscriptions-bench")?;
+    let (users_addr, billing_addr, subs_addr, gw_addr) =
+        (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
+    let mut users = services::serve(&dir.0, "users", users_addr, &[])?;
+    let users_url = format!("http://{users_addr}");
+    let billing_url = format!("http://{billing_addr}");
+    let mut billing = services::serve(
+        &dir.0,
+        "billing",
+        billing_addr,
+        &[
+            ("TIERGATE_USERS_URL", users_url.as_str()),
+            ("RUST_LOG", "warn"),
+        ],
+    )?;
+    let mut gateway = services::bench_gateway(
+        &dir.0,
+        gw_addr,
+        threads,
+        &[("users", users_addr), ("subscriptions", subs_addr)],
+        &[],
+    )?;
+    let (rt, client) = services::client_runtime()?;
+    let base = format!("http://{gw_addr}");
+    let token = rt.block_on(services::signed_up(
+        &client,
+        &base,
+        &dir.0.join("users.log"),
+        "bench@example.com",
+        "correct horse 9",
+    ))?;
+    let pg = rt.block_on(services::postgres_database("tg_bench_subscriptions"));
+    let mut runs = Vec::new();
+    for (name, url) in [("SQLite", None), ("PostgreSQL", pg.as_deref())] {
+        if name == "PostgreSQL" && url.is_none() {
+            eprintln!("PostgreSQL does not answer: SQLite only");
+            continue;
+        }
+        let mut env = vec![
+            ("TIERGATE_USERS_URL", users_url.as_str()),
+            ("TIERGATE_BILLING_URL", billing_url.as_str()),
+            ("RUST_LOG", "warn"),
+        ];
+        if let Some(u) = url {
+            env.push(("TIERGATE_SUBSCRIPTIONS_DATABASE_URL", u));
+        }
+        eprintln!("{name}: starting subscriptions on {subs_addr}");
+        let mut subs = services::serve(&dir.0, "subscriptions", subs_addr, &env)?;
+        rt.block_on(async {
+            let r = client
+                .post(format!("{base}/api/subscriptions/checkout"))
+                .bearer_auth(&token)
+                .header("idempotency-key", format!("bench-{name}"))
+                .json(&serde_json::json!({"plan": "PREMIUM", "cycle": "monthly"}))
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                return Err(anyhow!("checkout: {} {}", r.status(), r.text().await?));
+            }
+            Ok(())
+        })?;
+        let me = |addr: SocketAddr| get_request(addr, "/api/subscriptions/me", &token);
+        eprintln!("{name}: GET /api/subscriptions/me at {rate} req/s for {secs} s, via the gateway then direct");
+        rt.block_on(fixed::run(
+            gw_addr,
+            me(gw_addr),
+            rate,
+            conns,
+            Duration::from_secs(1),
+        ))?;
+        let dur = Duration::from_secs(secs);
+        let via_gateway = rt.block_on(fixed::run(gw_addr, me(gw_addr), rate, conns, dur))?;
+        let direct = rt.block_on(fixed::run(subs_addr, me(subs_addr), rate, conns, dur))?;
+        subs.alive()?;
+        runs.push(Run {
+            name,
+            via_gateway,
+            direct,
+        });
+    }
+    users.alive()?;
+    billing.alive()?;
+    gateway.alive()?;
+    println!();
+    println!(
+        "Settings: GET /api/subscriptions/me (a pending PREMIUM checkout) at {rate} req/s over \
+         {conns} keep-alive connections for {secs} s, open loop; gateway threads {threads}; \
+         Redis-shared limits: {}; {} CPUs.",
+        services::redis_running(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!("| measurement | per s | p50 ms | p99 ms | p99.9 ms | non-2xx | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for r in &runs {
+        let per_s = |f: &FixedResult| f.latencies_ns.len() as f64 / secs as f64;
+        row(
+            &format!("{}: GET /api/subscriptions/me via gateway", r.name),
+            &r.via_gateway,
+            per_s(&r.via_gateway),
+        );
+        row(
+            &format!("{}: GET /api/subscriptions/me direct", r.name),
+            &r.direct,
+            per_s(&r.direct),
+        );
+    }
+    if let Some(url) = pg {
+        rt.block_on(services::drop_database(&url));
+    }
+    Ok(())
+}
