@@ -1267,11 +1267,7 @@ impl Subscriptions {
             // An older checkout paid after a higher plan took effect: the
             // subject keeps the higher plan; this payment is left for a
             // refund (logged, and `unapplied` on the change).
-            sqlx::query("UPDATE changes SET status = 'unapplied', updated_at = $1 WHERE id = $2")
-                .bind(now)
-                .bind(&ch.id)
-                .execute(&mut *tx)
-                .await?;
+            storage::mark_unapplied(tx, &ch.id, now).await?;
             tracing::warn!(change = %ch.id, invoice = %invoice_id, plan = %ch.plan,
                 "a checkout was paid after a higher plan took effect: refund it");
             return Ok(Applied::Applied);
@@ -1293,9 +1289,12 @@ impl Subscriptions {
                     && State::parse(&s.state).is_some_and(State::grants_tier)
             })
         {
-            // The period it pays is under way already: nothing to do.
-            storage::mark_applied(tx, &ch.id, now).await?;
-            return Ok(Applied::Stale);
+            // The subscription moved past the period it pays (an upgrade
+            // paid meanwhile started a new one): left for a refund.
+            storage::mark_unapplied(tx, &ch.id, now).await?;
+            tracing::warn!(change = %ch.id, invoice = %invoice_id,
+                "a renewal was paid for a period the subscription moved past: refund it");
+            return Ok(Applied::Applied);
         }
         let (period, anchor) = match (&sub, renewal_in_time) {
             (Some(s), true) => {

@@ -295,6 +295,16 @@ pub async fn set_invoiced(
     Ok(true)
 }
 
+/// Marks change `id` paid but not applied (left for a refund).
+pub async fn mark_unapplied(c: &mut AnyConnection, id: &str, now: i64) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE changes SET status = 'unapplied', updated_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(id)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
 /// Marks change `id` applied; false when it was applied already.
 pub async fn mark_applied(c: &mut AnyConnection, id: &str, now: i64) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
