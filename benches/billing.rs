@@ -80,23 +80,7 @@ async fn issue_loop(
                     .json(&invoice_body(&user, n))
                     .send()
                     .await;
-                match sent {
-                    Ok(r) if r.status() == reqwest::StatusCode::CREATED => {
-                        let _ = r.bytes().await;
-                        res.latencies_ns.push(t0.elapsed().as_nanos() as u64);
-                    }
-                    Ok(r) => {
-                        res.non_200 += 1;
-                        let status = r.status();
-                        let text = r.text().await.unwrap_or_default();
-                        res.first_error
-                            .get_or_insert(format!("HTTP {status}: {text}"));
-                    }
-                    Err(e) => {
-                        res.errors += 1;
-                        res.first_error.get_or_insert(format!("{e:#}"));
-                    }
-                }
+                services::record(&mut res, sent, t0, |s| s == reqwest::StatusCode::CREATED).await;
             }
             Ok::<_, anyhow::Error>(res)
         });

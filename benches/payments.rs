@@ -70,27 +70,13 @@ where
             let mut res = FixedResult::default();
             while let Some(item) = items.get(next.fetch_add(1, Ordering::Relaxed)) {
                 let t0 = Instant::now();
-                match send(item.clone()).await {
-                    Ok(r) if r.status().is_success() => {
-                        let body = r.bytes().await.unwrap_or_default();
-                        res.latencies_ns.push(t0.elapsed().as_nanos() as u64);
-                        let answer = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                        answers
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .push(answer);
-                    }
-                    Ok(r) => {
-                        res.non_200 += 1;
-                        let status = r.status();
-                        let text = r.text().await.unwrap_or_default();
-                        res.first_error
-                            .get_or_insert(format!("HTTP {status}: {text}"));
-                    }
-                    Err(e) => {
-                        res.errors += 1;
-                        res.first_error.get_or_insert(format!("{e:#}"));
-                    }
+                let sent = send(item.clone()).await;
+                if let Some(body) = services::record(&mut res, sent, t0, |s| s.is_success()).await {
+                    let answer = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                    answers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(answer);
                 }
             }
             Ok::<_, anyhow::Error>(res)

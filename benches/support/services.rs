@@ -213,6 +213,37 @@ pub async fn collect(
     Ok(total)
 }
 
+/// Adds one timed call to `res`: its latency (from `t0`, the body read)
+/// when `ok` holds for its status, else a failure (the first one kept).
+/// The body of an accepted answer.
+pub async fn record(
+    res: &mut FixedResult,
+    sent: reqwest::Result<reqwest::Response>,
+    t0: Instant,
+    ok: impl Fn(reqwest::StatusCode) -> bool,
+) -> Option<Vec<u8>> {
+    match sent {
+        Ok(r) if ok(r.status()) => {
+            let body = r.bytes().await.unwrap_or_default().to_vec();
+            res.latencies_ns.push(t0.elapsed().as_nanos() as u64);
+            Some(body)
+        }
+        Ok(r) => {
+            res.non_200 += 1;
+            let status = r.status();
+            let text = r.text().await.unwrap_or_default();
+            res.first_error
+                .get_or_insert(format!("HTTP {status}: {text}"));
+            None
+        }
+        Err(e) => {
+            res.errors += 1;
+            res.first_error.get_or_insert(format!("{e:#}"));
+            None
+        }
+    }
+}
+
 /// `tiergate gateway -c <dir>/gateway.yaml` with `yaml`, listening on
 /// `addr`.
 pub fn gateway(dir: &Path, yaml: &str, addr: SocketAddr) -> Result<Proc> {
