@@ -426,19 +426,7 @@ fn main() -> Result<()> {
         EMAIL,
         PASSWORD,
     ))?;
-    let me: Value = rt.block_on(async {
-        client
-            .get(format!("{base}/api/users/me"))
-            .bearer_auth(&token)
-            .send()
-            .await?
-            .json()
-            .await
-    })?;
-    let user = me["id"]
-        .as_str()
-        .ok_or_else(|| anyhow!("no id in {me}"))?
-        .to_owned();
+    let user = rt.block_on(services::user_id(&client, &base, &token))?;
     let keys = ServiceKeys::load(&KeySource::development("subscriptions", &dir.0))
         .map_err(|e| anyhow!(e))?;
     let base_sandbox = sandbox.base();

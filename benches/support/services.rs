@@ -388,6 +388,21 @@ pub async fn signed_up(
         .ok_or_else(|| anyhow!("no access token in {pair}"))
 }
 
+/// The id of the user `token` belongs to (`GET /api/users/me` at `base`).
+pub async fn user_id(client: &reqwest::Client, base: &str, token: &str) -> Result<String> {
+    let me: serde_json::Value = client
+        .get(format!("{base}/api/users/me"))
+        .bearer_auth(token)
+        .send()
+        .await?
+        .json()
+        .await?;
+    me["id"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no id in {me}"))
+}
+
 /// `GET <path>` with a bearer token, as raw HTTP/1.1 bytes.
 pub fn get_request(addr: SocketAddr, path: &str, token: &str) -> Vec<u8> {
     format!(

@@ -6,7 +6,6 @@
 use actix_web::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sha2::Digest;
 use utoipa::ToSchema;
 
 use backend_common::calendar::BusinessCalendar;
@@ -474,9 +473,7 @@ impl Subscriptions {
                 "FREE needs no checkout: cancel the subscription instead",
             )]));
         }
-        let hash = hex(&sha2::Sha256::digest(
-            format!("{}|{}", plan.name, req.cycle.as_str()).as_bytes(),
-        ));
+        let hash = backend_common::token_hash(&format!("{}|{}", plan.name, req.cycle.as_str()));
         let mut c = self.db.pool().acquire().await.map_err(db_err)?;
         let change = match storage::change_by_key(&mut c, subject.kind(), subject.id(), key)
             .await
@@ -1383,9 +1380,4 @@ fn nothing_paid() -> ApiError {
         "no_paid_subscription",
         "the subject has no paid plan in force (check out first)",
     )
-}
-
-/// Lower-case hex.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
