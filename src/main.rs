@@ -291,6 +291,42 @@ fn start_services(
     Ok(running)
 }
 
+/// The name the gateway's service key goes by.
+const GATEWAY_KEY_NAME: &str = gateway::usage::SERVICE_NAME;
+
+/// The gateway's service key: `TIERGATE_GATEWAY_SERVICE_KEY[_FILE]`, else
+/// (development only) one generated once under the services' data
+/// directory, whose path comes back too.
+fn gateway_key(
+    file: Option<&Path>,
+    env: Environment,
+) -> Result<(backend_common::service_auth::ServiceKeys, Option<PathBuf>), CommandError> {
+    use backend_common::config as cfg;
+    use backend_common::service_auth::{key_dir, KeySource, ServiceKeys};
+    let pem = cfg::secret_from(&cfg::process_env, "TIERGATE_GATEWAY_SERVICE_KEY")
+        .map_err(CommandError::Config)?;
+    // The data directory is the one every service of this config shares.
+    let settings = cfg::load::<subscriptions::SubscriptionsConfig>(
+        "subscriptions",
+        8022,
+        file,
+        &cfg::process_env,
+        env,
+    )
+    .map_err(CommandError::Config)?;
+    let data_dir = settings.shared.data_dir;
+    let generated = pem
+        .is_none()
+        .then(|| key_dir(&data_dir).join("gateway.pem"));
+    let source = KeySource {
+        pem,
+        environment: env,
+        ..KeySource::development(GATEWAY_KEY_NAME, &data_dir)
+    };
+    let keys = ServiceKeys::load(&source).map_err(CommandError::Failed)?;
+    Ok((keys, generated))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let production = matches!(cli.command, Command::Gateway { .. } | Command::Serve { .. });
@@ -345,6 +381,15 @@ fn main() -> ExitCode {
             config,
         } => {
             let file = services_file(config);
+            if name == GATEWAY_KEY_NAME {
+                return match gateway_key(file.as_deref(), Environment::Production) {
+                    Ok((keys, _)) => {
+                        println!("{}", keys.public_key());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => failed(GATEWAY_KEY_NAME, e),
+                };
+            }
             let s = match service(&name) {
                 Ok(s) => s,
                 Err(code) => return code,
@@ -392,10 +437,21 @@ fn main() -> ExitCode {
                 Some(Err(code)) => return code,
                 None => None,
             };
-            let _services = match start_services(services_file(services).as_deref()) {
+            let services = services_file(services);
+            let _services = match start_services(services.as_deref()) {
                 Ok(s) => s,
                 Err(code) => return code,
             };
+            // The gateway signs its usage batches with its own key: a
+            // development one beside the services' keys, which the
+            // subscriptions service finds there on the first batch.
+            match gateway_key(services.as_deref(), Environment::Development) {
+                Ok((_, Some(pem))) => {
+                    std::env::set_var("TIERGATE_GATEWAY_SERVICE_KEY_FILE", pem);
+                }
+                Ok((_, None)) => {}
+                Err(e) => return failed(GATEWAY_KEY_NAME, e),
+            }
             let loaded = match &config {
                 Some(path) => load(path),
                 None if Path::new(DEFAULT_CONFIG_PATH).exists() => {

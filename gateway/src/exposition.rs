@@ -21,6 +21,7 @@ use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
 use crate::upstream::breaker::BreakerState;
 use crate::upstream::{Backend, Pool};
+use crate::usage::Meter;
 
 /// The text exposition: recorded families, then the state read from
 /// `snapshot` now.
@@ -30,7 +31,80 @@ pub fn render(metrics: &Metrics, snapshot: &Snapshot) -> String {
         tracing::warn!(error = %e, "cannot encode metrics");
     }
     render_state(snapshot, &mut out);
+    if snapshot.usage.is_some() {
+        render_usage(&metrics.usage, &mut out);
+    }
     out
+}
+
+/// The usage meter's counters.
+fn render_usage(meter: &Meter, out: &mut String) {
+    let s = &meter.stats;
+    for (name, kind, help, v) in [
+        (
+            "tiergate_usage_requests_total",
+            "counter",
+            "Admitted requests with a caller counted for usage (added as each window closes).",
+            &s.requests,
+        ),
+        (
+            "tiergate_usage_rows_sent_total",
+            "counter",
+            "Usage rows the subscriptions service accepted.",
+            &s.rows_sent,
+        ),
+        (
+            "tiergate_usage_rows_dropped_total",
+            "counter",
+            "Usage rows dropped: the backlog was full, or the service refused a batch as malformed.",
+            &s.rows_dropped,
+        ),
+        (
+            "tiergate_usage_backlog_rows",
+            "gauge",
+            "Usage rows waiting to be sent.",
+            &s.backlog_rows,
+        ),
+    ] {
+        Family::new(out, name, kind, help).sample(&[], v.load(Ordering::Relaxed));
+    }
+    let mut f = Family::new(
+        out,
+        "tiergate_usage_batches_total",
+        "counter",
+        "Usage batch deliveries by outcome: accepted, duplicate (counted before), failed (retried), rejected (dropped).",
+    );
+    for (outcome, v) in [
+        ("accepted", &s.batches_accepted),
+        ("duplicate", &s.batches_duplicate),
+        ("failed", &s.batches_failed),
+        ("rejected", &s.batches_rejected),
+    ] {
+        f.sample(&[("outcome", outcome)], v.load(Ordering::Relaxed));
+    }
+}
+
+/// The status page's usage section.
+fn usage_status(meter: &Meter, snapshot: &Snapshot) -> Value {
+    let Some(settings) = &snapshot.usage else {
+        return Value::Null;
+    };
+    let s = &meter.stats;
+    let last = s.last_sent_ms.load(Ordering::Relaxed);
+    json!({
+        "endpoint": settings.endpoint,
+        "flush_interval_seconds": settings.flush_interval.as_secs_f64(),
+        "requests": s.requests.load(Ordering::Relaxed),
+        "rows_sent": s.rows_sent.load(Ordering::Relaxed),
+        "rows_dropped": s.rows_dropped.load(Ordering::Relaxed),
+        "backlog_rows": s.backlog_rows.load(Ordering::Relaxed),
+        "batches_failed": s.batches_failed.load(Ordering::Relaxed),
+        "last_sent_at": (last > 0).then(|| {
+            humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(last))
+                .to_string()
+        }),
+        "last_error": meter.last_error(),
+    })
 }
 
 /// The admin status page's data: pools and backends, cumulative
@@ -151,6 +225,7 @@ pub fn status(metrics: &Metrics, snapshot: &Snapshot) -> Value {
             "redis": redis,
         },
         "pools": services["pools"].clone(),
+        "usage": usage_status(&metrics.usage, snapshot),
     })
 }
 

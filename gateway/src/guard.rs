@@ -187,6 +187,10 @@ pub async fn admit(
     } else {
         None
     };
+    if let (Some(meter), Some(id)) = (snapshot.meter.as_deref(), identity.as_deref()) {
+        // Admitted with a caller: counted for usage reports.
+        meter.record(id, &route.name);
+    }
     Ok(Admission {
         identity,
         class,

@@ -35,3 +35,4 @@ pub mod server;
 pub mod snapshot;
 pub mod trace;
 pub mod upstream;
+pub mod usage;

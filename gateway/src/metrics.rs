@@ -85,6 +85,9 @@ pub struct Metrics {
     pub downstream_open: IntGaugeVec,
     /// Client connections accepted, by listener.
     pub downstream_accepted: IntCounterVec,
+    /// The usage meter (process-wide like every counter here, so a reload
+    /// loses no counts); its figures are exposed at scrape time.
+    pub usage: Arc<crate::usage::Meter>,
     pub(crate) started: Instant,
 }
 
@@ -219,6 +222,7 @@ impl Metrics {
             body_timeouts,
             downstream_open,
             downstream_accepted,
+            usage: Arc::new(crate::usage::Meter::new()),
             started: Instant::now(),
         }))
     }

@@ -43,6 +43,11 @@ pub struct Environment {
     /// `TIERGATE_ADMIN_TOKEN` (or the file `TIERGATE_ADMIN_TOKEN_FILE`
     /// names): the bearer token the admin listener requires.
     pub admin_token: Option<Secret>,
+    /// `TIERGATE_GATEWAY_SERVICE_KEY` (or the file
+    /// `TIERGATE_GATEWAY_SERVICE_KEY_FILE` names): the gateway's Ed25519
+    /// service key (PKCS#8 PEM), which signs its calls to services (the
+    /// usage batches).
+    pub service_key: Option<Secret>,
     /// The run mode when the config sets no `environment`: production for
     /// `tiergate gateway`, development for `tiergate up`.
     pub default_mode: RunMode,
@@ -63,10 +68,12 @@ impl Environment {
             _ => None,
         };
         let admin_token = secret_from_env_or_file("TIERGATE_ADMIN_TOKEN")?;
+        let service_key = secret_from_env_or_file("TIERGATE_GATEWAY_SERVICE_KEY")?;
         Ok(Self {
             dev_jwt_secret,
             redis_url,
             admin_token,
+            service_key,
             default_mode: RunMode::Production,
         })
     }

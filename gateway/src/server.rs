@@ -78,6 +78,12 @@ impl GatewayServer {
         let metrics = Metrics::new()
             .map_err(|e| GatewayError::Server(format!("cannot register metrics: {e}")))?;
         let snapshot = Snapshot::build(config, env, Some(&background), &metrics)?;
+        let signer = match &env.service_key {
+            Some(pem) => Some(Arc::new(
+                crate::usage::Signer::from_pem(pem).map_err(GatewayError::Unsafe)?,
+            )),
+            None => None,
+        };
         for addr in config.server.listen.iter().chain(&config.admin.listen) {
             if upgrade {
                 // The old process holds them; they come over the socket.
@@ -106,6 +112,13 @@ impl GatewayServer {
         let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
         server.bootstrap();
         let state = Arc::new(ArcSwap::from_pointee(snapshot));
+        // The usage flusher follows the live config: a reload may turn
+        // metering on or off, or change its endpoint.
+        background.spawn(crate::usage::run(
+            metrics.usage.clone(),
+            state.clone(),
+            signer,
+        ));
         let mut service = edge_service(
             &server,
             Gateway::new(state.clone(), metrics.clone()),
@@ -237,6 +250,16 @@ pub fn check_safety(config: &Config, env: &Environment) -> Result<(), String> {
             "TIERGATE_DEV_JWT_SECRET is set, but this gateway runs in production \
              mode, where anyone who knows the development secret could mint tokens of any tier. \
              Unset it, or set `environment: development` in the config for a development gateway."
+                .into(),
+        );
+    }
+    if config.usage.is_some() && env.service_key.is_none() {
+        return Err(
+            "usage.endpoint is set, but the gateway has no service key to sign its \
+             usage batches with. Set TIERGATE_GATEWAY_SERVICE_KEY (or \
+             TIERGATE_GATEWAY_SERVICE_KEY_FILE) to an Ed25519 PKCS#8 PEM key \
+             (`openssl genpkey -algorithm ed25519`) and give its public key to the \
+             subscriptions service as service_keys.gateway, or remove usage.endpoint."
                 .into(),
         );
     }

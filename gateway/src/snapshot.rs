@@ -41,6 +41,10 @@ pub struct Snapshot {
     pub metrics: RequestMetrics,
     /// The access log, when enabled.
     pub access_log: Option<Arc<AccessLog>>,
+    /// `usage:`, when metering is on.
+    pub usage: Option<crate::config::UsageSettings>,
+    /// The meter admitted requests are counted in, when metering is on.
+    pub meter: Option<Arc<crate::usage::Meter>>,
     /// SHA-256 of the config text this snapshot was built from.
     pub config_sha256: String,
     /// When it was built.
@@ -162,6 +166,7 @@ impl Snapshot {
             .map(|c| limiter.class(c).name.as_str())
             .collect();
         let pool_names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
+        let meter = config.usage.as_ref().map(|_| metrics.usage.clone());
         let metrics = RequestMetrics::new(metrics.clone(), &route_names, &tiers, &pool_names);
         Ok(Self {
             router: Router::new(&config.routes),
@@ -174,6 +179,8 @@ impl Snapshot {
             health_details: config.server.health_details,
             metrics,
             access_log,
+            usage: config.usage.clone(),
+            meter,
             config_sha256: config.source_sha256.clone(),
             loaded_at: SystemTime::now(),
         })

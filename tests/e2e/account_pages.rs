@@ -25,7 +25,9 @@ fn shipped_gateway(port: u16, users: SocketAddr) -> TestGateway {
         port,
         "",
         &body.replace("127.0.0.1:8021", &users.to_string()),
-        &gateway::secret::Environment::default(),
+        // Its `usage` block needs the gateway's key (nothing listens at the
+        // usage endpoint here: the batches wait in the backlog).
+        &crate::platform::gateway_key_env(),
     )
 }
 

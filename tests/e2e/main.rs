@@ -33,4 +33,5 @@ mod streaming;
 mod subscriptions;
 mod tokens;
 mod upgrade;
+mod usage;
 mod users;

@@ -263,6 +263,18 @@ impl World {
     }
 }
 
+/// A gateway environment with a fresh service key of its own (configs
+/// with `usage` need one), generated as `tiergate up` does.
+pub fn gateway_key_env() -> gateway::secret::Environment {
+    let dir = TempDir::new("gw-key");
+    ServiceKeys::load(&KeySource::development("gateway", dir.path())).unwrap();
+    let pem = std::fs::read_to_string(dir.path().join("service-keys/gateway.pem")).unwrap();
+    gateway::secret::Environment {
+        service_key: Some(gateway::secret::Secret::new(pem)),
+        ..Default::default()
+    }
+}
+
 /// A started service.
 pub struct Running {
     pub svc: RunningService,

@@ -256,6 +256,10 @@ both_databases! {
         let premium = &plans["plans"][2]["prices"][0];
         assert_eq!((premium["cycle"].as_str(), premium["price"].as_i64(), premium["ppn"].as_i64(), premium["total"].as_i64()),
             (Some("monthly"), Some(249_000), Some(27_390), Some(276_390)), "{plans}");
+        // Limits from the tier table the shipped gateway config enforces.
+        let limits = &plans["plans"][2]["limits"];
+        assert_eq!((limits["per_minute"].as_u64(), limits["per_day"].as_u64(), limits["limit_by"].as_str()), (Some(200), Some(50_000), Some("user")), "{plans}");
+        assert!(plans["plans"][3]["limits"]["per_day"].is_null(), "ENTERPRISE is unlimited per day: {plans}");
 
         let (status, me) = s.get("/api/subscriptions/me").await;
         assert_eq!(status, StatusCode::OK);

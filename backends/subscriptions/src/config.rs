@@ -2,6 +2,7 @@
 //! (`services.subscriptions`, beside `server` and `database`): the plans
 //! and the lifecycle's durations.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use backend_common::config::{ConfigError, ServiceConfig};
@@ -111,6 +112,11 @@ pub struct SubscriptionsConfig {
     /// (default 3 days).
     #[serde(with = "humantime_serde")]
     pub renewal_lead: Duration,
+    /// The gateway's config file, whose `rate_limit.tiers` table gives
+    /// each plan's limits on `GET /plans` (also
+    /// `TIERGATE_SUBSCRIPTIONS_GATEWAY_CONFIG`); default
+    /// `conf/tiergate.yaml`.
+    pub gateway_config: PathBuf,
     /// Fail points for crash tests, from `TIERGATE_SUBSCRIPTIONS_FAILPOINTS`
     /// only ([`backend_common::failpoint`]).
     #[serde(skip)]
@@ -152,6 +158,7 @@ impl Default for SubscriptionsConfig {
             ],
             grace: Duration::from_secs(3 * 24 * 3600),
             renewal_lead: Duration::from_secs(3 * 24 * 3600),
+            gateway_config: PathBuf::from("conf/tiergate.yaml"),
             failpoints: Failpoints::default(),
         }
     }
@@ -174,6 +181,9 @@ impl SubscriptionsConfig {
 
 impl ServiceConfig for SubscriptionsConfig {
     fn read_env(&mut self, env: &dyn Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(path) = env("TIERGATE_SUBSCRIPTIONS_GATEWAY_CONFIG") {
+            self.gateway_config = PathBuf::from(path);
+        }
         if let Some(spec) = env("TIERGATE_SUBSCRIPTIONS_FAILPOINTS") {
             self.failpoints = Failpoints::parse(&spec)
                 .map_err(|e| ConfigError::one(format!("TIERGATE_SUBSCRIPTIONS_FAILPOINTS: {e}")))?;

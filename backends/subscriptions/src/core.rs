@@ -39,6 +39,8 @@ pub struct Subscriptions {
     pub client: ServiceClient,
     /// Its settings.
     pub config: SubscriptionsConfig,
+    /// The gateway's tier table (the plans' limits).
+    pub tiers: crate::tiers::TierTable,
 }
 
 /// One cycle's price of a plan.
@@ -68,6 +70,9 @@ pub struct PlanView {
     pub description: String,
     /// Requests a month it includes; none: no quota.
     pub quota: Option<u64>,
+    /// The rate limits of its tier, as the gateway enforces them; none
+    /// when the gateway's config cannot be read.
+    pub limits: Option<crate::tiers::TierLimits>,
     /// Monthly and yearly.
     pub prices: Vec<Price>,
 }
@@ -286,7 +291,7 @@ fn db_err(e: sqlx::Error) -> ApiError {
     ApiError::from(e)
 }
 
-fn subject_of(s: &Subject) -> SubjectView {
+pub(crate) fn subject_of(s: &Subject) -> SubjectView {
     SubjectView {
         kind: s.kind().to_owned(),
         id: s.id().to_owned(),
@@ -316,6 +321,7 @@ impl Subscriptions {
             tier: p.tier().to_owned(),
             description: p.description.clone(),
             quota: p.quota,
+            limits: self.tiers.limits(p.tier()),
             prices: [Cycle::Monthly, Cycle::Yearly]
                 .into_iter()
                 .map(|cycle| {

@@ -4,7 +4,9 @@
 //! machine ([`state`]), checkouts billed through the billing service with
 //! the unused part of a paid period credited, and the change applied when
 //! `invoice.paid` arrives (`subscription.activated`, which the users
-//! service turns into the subject's tier).
+//! service turns into the subject's tier), and the usage the gateway
+//! meters ([`usage`]: daily aggregates, reports against the plan's
+//! quota).
 //!
 //! Layering: [`routes`] (thin Actix handlers) → [`core`] (logic) →
 //! [`storage`] (SQL). It runs on the service platform
@@ -17,6 +19,8 @@ pub mod periods;
 pub mod routes;
 pub mod state;
 pub mod storage;
+pub mod tiers;
+pub mod usage;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +75,7 @@ impl Service for SubscriptionsService {
             calendar: p.settings.shared.calendar.clone(),
             client: p.client.clone(),
             config: p.settings.service.clone(),
+            tiers: tiers::TierTable::new(&p.settings.service.gateway_config),
         });
         let consumer = Consumer::new("subscriptions").on(
             "invoice.paid",
@@ -86,6 +91,18 @@ impl Service for SubscriptionsService {
             }),
         );
         parts.consumer = Some(consumer);
+        let purging = subs.clone();
+        parts.housekeeping = Some(Box::new(move || {
+            let subs = purging.clone();
+            async move {
+                match subs.purge_usage_batches().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(purged = n, "forgot old usage batch ids"),
+                    Err(e) => tracing::warn!(error = %e, "cannot purge usage batch ids"),
+                }
+            }
+            .boxed_local()
+        }));
         parts.background = vec![scheduler(subs).boxed_local()];
         Ok(parts)
     }

@@ -400,3 +400,134 @@ pub async fn list(
     .fetch_all(c)
     .await
 }
+
+// Usage the gateway metered.
+
+/// One (subject, day, user, route) sum to add.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageAdd {
+    pub subject_kind: String,
+    pub subject_id: String,
+    pub day: String,
+    pub user_id: String,
+    pub route: String,
+    pub requests: i64,
+}
+
+/// Remembers batch `id`; false when it was counted before.
+pub async fn claim_batch(
+    c: &mut AnyConnection,
+    id: &str,
+    source: &str,
+    rows: i64,
+    requests: i64,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO usage_batches (batch_id, source, row_count, requests, received_at) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (batch_id) DO NOTHING",
+    )
+    .bind(id)
+    .bind(source)
+    .bind(rows)
+    .bind(requests)
+    .bind(now)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Rows per `INSERT` (6 parameters each, well under every bind limit).
+const USAGE_ROWS_PER_STATEMENT: usize = 200;
+
+/// Adds each sum to its day's row (`adds` has one entry per key).
+pub async fn add_usage(c: &mut AnyConnection, adds: &[UsageAdd]) -> Result<(), sqlx::Error> {
+    for chunk in adds.chunks(USAGE_ROWS_PER_STATEMENT) {
+        let mut sql = String::from(
+            "INSERT INTO usage_daily (subject_kind, subject_id, day, user_id, route, requests) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            let p = i * 6;
+            if i > 0 {
+                sql.push_str(", ");
+            }
+            sql.push_str(&format!(
+                "(${}, ${}, ${}, ${}, ${}, ${})",
+                p + 1,
+                p + 2,
+                p + 3,
+                p + 4,
+                p + 5,
+                p + 6
+            ));
+        }
+        sql.push_str(
+            " ON CONFLICT (subject_kind, subject_id, day, user_id, route) \
+             DO UPDATE SET requests = usage_daily.requests + excluded.requests",
+        );
+        // Only numbered placeholders are interpolated; every value is bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for a in chunk {
+            q = q
+                .bind(&a.subject_kind)
+                .bind(&a.subject_id)
+                .bind(&a.day)
+                .bind(&a.user_id)
+                .bind(&a.route)
+                .bind(a.requests);
+        }
+        q.execute(&mut *c).await?;
+    }
+    Ok(())
+}
+
+/// A subject's usage from day `from` to day `to` (inclusive), one row per
+/// day, user and route.
+pub async fn usage_of(
+    c: &mut AnyConnection,
+    kind: &str,
+    id: &str,
+    from: &str,
+    to: &str,
+) -> Result<Vec<(String, String, String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT day, user_id, route, requests FROM usage_daily \
+         WHERE subject_kind = $1 AND subject_id = $2 AND day >= $3 AND day <= $4 \
+         ORDER BY day, user_id, route",
+    )
+    .bind(kind)
+    .bind(id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(c)
+    .await
+}
+
+/// The `limit` users with the most requests from day `from` to day `to`,
+/// over every subject.
+pub async fn top_users(
+    c: &mut AnyConnection,
+    from: &str,
+    to: &str,
+    limit: i64,
+) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT user_id, CAST(SUM(requests) AS BIGINT) AS total FROM usage_daily \
+         WHERE day >= $1 AND day <= $2 GROUP BY user_id ORDER BY total DESC, user_id LIMIT $3",
+    )
+    .bind(from)
+    .bind(to)
+    .bind(limit)
+    .fetch_all(c)
+    .await
+}
+
+/// Forgets batch ids received before `before` (a retry older than that
+/// would be counted again).
+pub async fn purge_batches(c: &mut AnyConnection, before: i64) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query("DELETE FROM usage_batches WHERE received_at < $1")
+        .bind(before)
+        .execute(c)
+        .await?;
+    Ok(r.rows_affected())
+}

@@ -36,6 +36,9 @@ pub struct ConfigDto {
     pub dns: DnsDto,
     /// The per-request JSON log.
     pub access_log: AccessLogDto,
+    /// Usage metering: admitted requests counted per caller and route,
+    /// sent in batches to the subscriptions service.
+    pub usage: UsageDto,
     /// Plugins of every route (run before each route's own): a list of
     /// `- name: {config}`; checked by the plugin registry.
     #[schemars(with = "Option<Vec<PluginEntrySchema>>")]
@@ -77,6 +80,53 @@ impl Default for AccessLogDto {
             sample: 1.0,
             always_log_errors: true,
             buffer: 16 * 1024,
+        }
+    }
+}
+
+/// `usage:` — admitted requests counted per (subject, user, route) in
+/// memory and sent in batches to the subscriptions service's
+/// `POST /internal/usage`, signed with the gateway's service key
+/// (`TIERGATE_GATEWAY_SERVICE_KEY`).
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+#[serde(default)]
+pub struct UsageDto {
+    /// The `/internal/usage` URL of the subscriptions service; unset: no
+    /// metering.
+    pub endpoint: Option<String>,
+    /// The name of the service called (the tokens' audience).
+    pub audience: String,
+    /// How often the counts are sent.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub flush_interval: Duration,
+    /// Most rows in one batch.
+    pub max_batch_rows: usize,
+    /// Most rows kept while the service does not answer; beyond, the
+    /// oldest batches are dropped (and counted).
+    pub max_backlog_rows: usize,
+    /// Timeout of one batch's request.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// Longest wait between retries of a failed batch (the wait doubles
+    /// from `flush_interval`).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_backoff: Duration,
+}
+
+impl Default for UsageDto {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            audience: "subscriptions".to_owned(),
+            flush_interval: Duration::from_secs(5),
+            max_batch_rows: 5_000,
+            max_backlog_rows: 500_000,
+            timeout: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(60),
         }
     }
 }

@@ -87,6 +87,8 @@ pub struct Config {
     pub dns: DnsSettings,
     /// The access log.
     pub access_log: AccessLogSettings,
+    /// Usage metering, when `usage.endpoint` is set.
+    pub usage: Option<UsageSettings>,
     /// SHA-256 of the config text (hex), as `sha256sum` prints it.
     pub source_sha256: String,
 }
@@ -182,6 +184,25 @@ pub struct AccessLogSettings {
     pub always_log_errors: bool,
     /// Queue length before lines are dropped.
     pub buffer: usize,
+}
+
+/// `usage:`, validated: where and how often the usage counts go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageSettings {
+    /// The subscriptions service's `/internal/usage` URL.
+    pub endpoint: String,
+    /// Their audience.
+    pub audience: String,
+    /// How often counts are sent.
+    pub flush_interval: Duration,
+    /// Most rows per batch.
+    pub max_batch_rows: usize,
+    /// Most rows kept unsent.
+    pub max_backlog_rows: usize,
+    /// Timeout of one batch's request.
+    pub timeout: Duration,
+    /// Longest wait between retries.
+    pub max_backoff: Duration,
 }
 
 /// Where the access log goes.

@@ -19,7 +19,7 @@ use super::{
     AccessLogSettings, AdminSettings, Algorithm, BackendAddress, BackendSpec, CheckKind, Config,
     DnsSettings, EdgeSettings, EscapedSlashes, HashKey, HealthCheckSpec, HostMatch, LogTarget,
     PathMatch, PathRewrite, PathSettings, RouteSpec, RunMode, ServerSettings, Timeouts,
-    UpstreamHost, UpstreamSpec,
+    UpstreamHost, UpstreamSpec, UsageSettings,
 };
 
 /// Most backends one pool may have (after DNS expansion too).
@@ -42,6 +42,7 @@ pub(super) fn validate(dto: ConfigDto, registry: &Registry) -> Result<Config, Er
     let admin = admin(&dto, &mut errors);
     let dns = dns(&dto, &mut errors);
     let access_log = access_log(&dto, &mut errors);
+    let usage = usage(&dto, &mut errors);
     let upstreams: Vec<UpstreamSpec> = dto
         .upstreams
         .iter()
@@ -84,6 +85,7 @@ pub(super) fn validate(dto: ConfigDto, registry: &Registry) -> Result<Config, Er
             admin,
             dns,
             access_log,
+            usage,
             source_sha256: String::new(),
         }),
         _ => Err(errors),
@@ -521,6 +523,78 @@ fn access_log(dto: &ConfigDto, errors: &mut Errors) -> AccessLogSettings {
         always_log_errors: a.always_log_errors,
         buffer: a.buffer,
     }
+}
+
+/// `usage:`; `None` when no endpoint is set (nothing is counted).
+fn usage(dto: &ConfigDto, errors: &mut Errors) -> Option<UsageSettings> {
+    let u = &dto.usage;
+    let endpoint = u.endpoint.as_ref()?;
+    let before = errors.len();
+    let url_ok = (endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+        && reqwest::Url::parse(endpoint).is_ok();
+    if !url_ok {
+        errors.push((
+            "usage.endpoint".into(),
+            format!("`{endpoint}` is not an http(s) URL"),
+        ));
+    }
+    {
+        let (key, name) = ("audience", &u.audience);
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !ok {
+            errors.push((
+                format!("usage.{key}"),
+                format!("`{name}` is not a service name (1-64 of a-z 0-9 - _)"),
+            ));
+        }
+    }
+    let second = Duration::from_secs(1);
+    for (key, d, low, high) in [
+        (
+            "flush_interval",
+            u.flush_interval,
+            second / 10,
+            3600 * second,
+        ),
+        ("timeout", u.timeout, second / 100, 300 * second),
+        ("max_backoff", u.max_backoff, second / 10, 3600 * second),
+    ] {
+        if d < low || d > high {
+            errors.push((
+                format!("usage.{key}"),
+                format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(low),
+                    humantime::format_duration(high)
+                ),
+            ));
+        }
+    }
+    if !(1..=100_000).contains(&u.max_batch_rows) {
+        errors.push((
+            "usage.max_batch_rows".into(),
+            "must be between 1 and 100000".into(),
+        ));
+    }
+    if u.max_backlog_rows < u.max_batch_rows || u.max_backlog_rows > 100_000_000 {
+        errors.push((
+            "usage.max_backlog_rows".into(),
+            "must be at least max_batch_rows and at most 100000000".into(),
+        ));
+    }
+    (errors.len() == before).then(|| UsageSettings {
+        endpoint: endpoint.clone(),
+        audience: u.audience.clone(),
+        flush_interval: u.flush_interval,
+        max_batch_rows: u.max_batch_rows,
+        max_backlog_rows: u.max_backlog_rows,
+        timeout: u.timeout,
+        max_backoff: u.max_backoff,
+    })
 }
 
 fn dns(dto: &ConfigDto, errors: &mut Errors) -> DnsSettings {
