@@ -557,6 +557,27 @@ pub async fn serve_process(
     listen: &str,
     env: &[(&str, String)],
 ) -> std::process::Child {
+    let child = serve_command(world, service, config, listen, env)
+        .spawn()
+        .unwrap();
+    let health = format!("http://{listen}/health");
+    eventually(&format!("{service} up"), || async {
+        let r = client().get(&health).send().await.ok()?;
+        (r.status() == StatusCode::OK).then_some(())
+    })
+    .await;
+    child
+}
+
+/// The command [`serve_process`] runs (for a process expected to die
+/// before it answers).
+pub fn serve_command(
+    world: &World,
+    service: &str,
+    config: &str,
+    listen: &str,
+    env: &[(&str, String)],
+) -> std::process::Command {
     let file = world.dir.path().join("services.yaml");
     std::fs::write(&file, config).unwrap();
     let upper = service.to_ascii_uppercase();
@@ -573,12 +594,5 @@ pub async fn serve_process(
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let child = cmd.spawn().unwrap();
-    let health = format!("http://{listen}/health");
-    eventually(&format!("{service} up"), || async {
-        let r = client().get(&health).send().await.ok()?;
-        (r.status() == StatusCode::OK).then_some(())
-    })
-    .await;
-    child
+    cmd
 }

@@ -412,6 +412,34 @@ both_databases! {
 }
 
 both_databases! {
+    /// A checkout replaced by a newer one before it was paid: its invoice
+    /// is voided at billing, so only the newer one can be paid.
+    async fn test_a_replaced_checkouts_invoice_is_voided(db: Database) {
+        let s = shop(db).await;
+        let (_, basic, _) = s.post_keyed("/api/subscriptions/checkout", "c-1", json!({"plan": "BASIC", "cycle": "monthly"})).await;
+        let (status, premium, _) = s.post_keyed("/api/subscriptions/checkout", "c-2", json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{premium}");
+        let old = basic["invoice"]["id"].as_str().unwrap().to_owned();
+        // The next scheduler pass (the clock moving wakes it).
+        s.world.clock.advance(std::time::Duration::from_secs(1));
+        let voided = s.inbox.wait_for("invoice.voided", "invoice_id", &old).await;
+        assert_eq!(voided["data"]["reason"], "replaced by a newer checkout", "{voided}");
+        let (status, e, _) = s.post_keyed("/api/payments", "p-1", json!({"invoice_id": old, "method": "bca_va"})).await;
+        assert!(status.is_client_error(), "a void invoice cannot be paid: {status} {e}");
+        s.pay(&premium["invoice"], "p-2").await;
+        s.wait_plan("PREMIUM").await;
+        s.world.clock.advance(std::time::Duration::from_secs(1));
+        let (_, list) = s.get("/api/billing/invoices").await;
+        let statuses: Vec<(&str, &str)> = list["invoices"].as_array().unwrap().iter()
+            .map(|i| (i["id"].as_str().unwrap(), i["status"].as_str().unwrap()))
+            .collect();
+        assert!(statuses.contains(&(old.as_str(), "void")), "{list}");
+        assert_eq!(statuses.iter().filter(|(_, st)| *st == "void").count(), 1, "the paid one stays: {list}");
+        s.stop().await;
+    }
+}
+
+both_databases! {
     /// Time moves on (the world's clock), with two instances' schedulers
     /// racing over the same subscriptions: three days before the period
     /// ends one renewal invoice is issued (due when the next period
@@ -595,6 +623,94 @@ both_databases! {
         assert_eq!(list["invoices"].as_array().unwrap().len(), 1, "one invoice: {list}");
         child.kill().unwrap();
         child.wait().unwrap();
+        billing.stop().await;
+        users.stop().await;
+    }
+}
+
+both_databases! {
+    /// The process dies after a period's renewal was recorded and before
+    /// billing was asked for its invoice: the next start's scheduler pass
+    /// invoices that renewal, once, and makes no second one.
+    async fn test_killed_after_the_renewal_is_recorded_bills_once(db: Database) {
+        const DAY: i64 = 24 * 3600 * 1000;
+        let world = World::new(db);
+        let inbox = Inbox::start().await;
+        let users = world.start::<users::UsersService>(
+            users_settings(&world, inbox.subscribers("notifications")).await,
+        );
+        let mut bs = world.settings::<billing::BillingService>(&[]).await;
+        bs.shared.peers.insert("users".into(), users.base.clone());
+        bs.shared.events = inbox.subscribers("notifications");
+        let billing = world.start::<billing::BillingService>(bs);
+        let ann = signed_up(&users.base, &inbox, "ann@example.com").await;
+        let access = ann["access_token"].as_str().unwrap().to_owned();
+        let ann_id = claims_of(&access)["sub"].as_str().unwrap().to_owned();
+        // The database, migrated; then Ann's PREMIUM month, paid 29 days
+        // ago: its renewal is due (3 days' lead).
+        let ss = world.settings::<subscriptions::SubscriptionsService>(&[]).await;
+        world.start::<subscriptions::SubscriptionsService>(ss).stop().await;
+        let calendar = backend_common::calendar::BusinessCalendar::jakarta();
+        let now = backend_common::db::now_ms();
+        let anchor = now - 29 * DAY;
+        let end = calendar.add_months(anchor, 1).unwrap();
+        let pool = world.pool("subscriptions").await;
+        sqlx::query(
+            "INSERT INTO subscriptions (id, subject_kind, subject_id, user_id, plan, cycle, state, anchor_at, \
+             period_start, period_end, cancel_at_period_end, created_at, updated_at) \
+             VALUES ('sub-1', 'user', $1, $1, 'PREMIUM', 'monthly', 'active', $2, $2, $3, 0, $2, $2)",
+        )
+        .bind(&ann_id)
+        .bind(anchor)
+        .bind(end)
+        .execute(&pool)
+        .await
+        .unwrap();
+        let listen = format!("127.0.0.1:{}", free_port());
+        let env = |failpoints: &str| {
+            vec![
+                ("TIERGATE_USERS_URL", users.base.clone()),
+                ("TIERGATE_BILLING_URL", billing.base.clone()),
+                ("TIERGATE_SUBSCRIPTIONS_FAILPOINTS", failpoints.to_owned()),
+            ]
+        };
+        let db_url = world.db.url_for("subscriptions", world.dir.path()).await;
+        let with_db = |mut e: Vec<(&'static str, String)>| {
+            e.push(("TIERGATE_SUBSCRIPTIONS_DATABASE_URL", db_url.clone()));
+            e
+        };
+        let mut child = crate::platform::serve_command(&world, "subscriptions", "events: {}\n", &listen, &with_db(env("renewal.after_change=abort")))
+            .spawn()
+            .unwrap();
+        let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+        assert!(!status.success(), "the start-up pass died at the fail point: {status}");
+        let renewals = || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query_as::<_, (String, Option<String>)>("SELECT status, invoice_id FROM changes WHERE kind = 'renewal'")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap()
+            }
+        };
+        let before = renewals().await;
+        assert_eq!(before.len(), 1, "{before:?}");
+        assert_eq!(before[0], ("creating".to_owned(), None), "recorded, not yet billed");
+
+        let mut child = crate::platform::serve_process(&world, "subscriptions", "events: {}\n", &listen, &with_db(env(""))).await;
+        let invoiced = eventually("the renewal invoiced", || async {
+            let r = renewals().await;
+            (r.len() == 1 && r[0].1.is_some()).then_some(r)
+        })
+        .await;
+        assert_eq!(invoiced[0].0, "pending", "{invoiced:?}");
+        let (_, list) = as_user(Method::GET, &billing.base, "/api/billing/invoices", &access, None).await;
+        let invoices = list["invoices"].as_array().unwrap();
+        assert_eq!(invoices.len(), 1, "one invoice for the period: {list}");
+        assert_eq!(Some(invoices[0]["id"].as_str().unwrap()), invoiced[0].1.as_deref());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        pool.close().await;
         billing.stop().await;
         users.stop().await;
     }

@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use utoipa::ToSchema;
 
 use backend_common::calendar::BusinessCalendar;
-use backend_common::client::ServiceClient;
+use backend_common::client::{CallError, ServiceClient};
 use backend_common::clock::Clock;
 use backend_common::consumer::Applied;
 use backend_common::db::Db;
@@ -627,8 +627,10 @@ impl Subscriptions {
     /// that ended (`past_due`, or `canceled`), then the grace periods that
     /// ran out (`expired`). Bounded work per step; safe with several
     /// instances (one renewal per period by a unique key, every move an
-    /// optimistic write). How many things it did.
-    pub async fn scheduler_pass(&self) -> Api<usize> {
+    /// optimistic write). How many things it did. `at_start`: the first
+    /// pass of this process, which also invoices renewals recorded just
+    /// now (a crash between recording and invoicing).
+    pub async fn scheduler_pass(&self, at_start: bool) -> Api<usize> {
         const BATCH: i64 = 100;
         let now = self.clock.now_ms();
         let ms = |d: std::time::Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
@@ -650,9 +652,13 @@ impl Subscriptions {
                 }
             }
         }
+        done += self.void_superseded(BATCH).await?;
         let mut c = self.db.pool().acquire().await.map_err(db_err)?;
-        // Older than a few seconds: not one a running pass is invoicing.
-        let stuck = storage::uninvoiced(&mut c, now - 5_000, BATCH)
+        // Older than a few seconds: not one a running pass is invoicing
+        // (which would only ask billing twice for the same invoice: it
+        // answers one per reference). At start none of ours is running.
+        let settled = if at_start { now } else { now - 5_000 };
+        let stuck = storage::uninvoiced(&mut c, settled, BATCH)
             .await
             .map_err(db_err)?;
         drop(c);
@@ -760,6 +766,47 @@ impl Subscriptions {
         drop(c);
         self.config.failpoints.hit("renewal.after_change")?;
         self.invoice_renewal(&row).await
+    }
+
+    /// Voids at billing the invoices of checkouts a newer checkout
+    /// replaced, so the customer cannot pay the old one (and sees one
+    /// invoice to pay). One paid meanwhile is left alone: `invoice.paid`
+    /// applies it or leaves it for a refund. How many it settled.
+    async fn void_superseded(&self, limit: i64) -> Api<usize> {
+        let mut c = self.db.pool().acquire().await.map_err(db_err)?;
+        let open = storage::superseded_open(&mut c, limit)
+            .await
+            .map_err(db_err)?;
+        drop(c);
+        let mut done = 0;
+        for (change, invoice) in open {
+            let path = format!("/internal/invoices/{invoice}/void");
+            let body = json!({"reason": "replaced by a newer checkout"});
+            // Voiding again with the same reason is the same request: safe
+            // to repeat.
+            let key = format!("void-{invoice}");
+            match self
+                .client
+                .post::<_, Value>("billing", &path, &body, Some(&key))
+                .await
+            {
+                Ok(_) => {}
+                // Paid already (or voided for another reason): nothing to
+                // void; the payment is handled by the consumer.
+                Err(CallError::Refused { status: 409, .. }) => {}
+                Err(e) => {
+                    tracing::warn!(change = %change, invoice = %invoice, error = %e,
+                        "superseded invoice not voided yet; retried");
+                    continue;
+                }
+            }
+            let mut c = self.db.pool().acquire().await.map_err(db_err)?;
+            storage::mark_invoice_settled(&mut c, &change, self.clock.now_ms())
+                .await
+                .map_err(db_err)?;
+            done += 1;
+        }
+        Ok(done)
     }
 
     /// Bills renewal `ch` and records its invoice.

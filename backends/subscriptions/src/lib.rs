@@ -112,15 +112,21 @@ impl Service for SubscriptionsService {
 /// periods.
 const SCHEDULE_EVERY: Duration = Duration::from_secs(30);
 
-/// Renewals, past-due and expiry, on the service's clock.
+/// Renewals, past-due and expiry, on the service's clock: a pass at
+/// start (what came due while no instance ran, or what a crash left
+/// half-done), then one every [`SCHEDULE_EVERY`].
 async fn scheduler(subs: Arc<core::Subscriptions>) {
     let mut ticker = subs.clock.ticker();
+    let mut first = true;
     loop {
-        ticker.tick(SCHEDULE_EVERY).await;
-        match subs.scheduler_pass().await {
+        if !first {
+            ticker.tick(SCHEDULE_EVERY).await;
+        }
+        match subs.scheduler_pass(first).await {
             Ok(0) => {}
             Ok(n) => tracing::debug!(done = n, "scheduler pass"),
             Err(e) => tracing::warn!(error = %e, "scheduler pass failed; retried shortly"),
         }
+        first = false;
     }
 }

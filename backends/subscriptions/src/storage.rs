@@ -295,6 +295,35 @@ pub async fn set_invoiced(
     Ok(true)
 }
 
+/// Superseded checkouts whose invoice was not voided yet (at most
+/// `limit`): their invoice id and change id.
+pub async fn superseded_open(
+    c: &mut AnyConnection,
+    limit: i64,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, invoice_id FROM changes WHERE status = 'superseded' \
+         AND invoice_id IS NOT NULL AND invoice_settled_at IS NULL ORDER BY updated_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(c)
+    .await
+}
+
+/// Records that change `id`'s invoice is voided (or was found paid).
+pub async fn mark_invoice_settled(
+    c: &mut AnyConnection,
+    id: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("UPDATE changes SET invoice_settled_at = $1 WHERE id = $2")
+        .bind(now)
+        .bind(id)
+        .execute(c)
+        .await?;
+    Ok(())
+}
+
 /// Marks change `id` paid but not applied (left for a refund).
 pub async fn mark_unapplied(c: &mut AnyConnection, id: &str, now: i64) -> Result<(), sqlx::Error> {
     sqlx::query("UPDATE changes SET status = 'unapplied', updated_at = $1 WHERE id = $2")
