@@ -423,7 +423,7 @@ both_databases! {
         // The next scheduler pass (the clock moving wakes it).
         s.world.clock.advance(std::time::Duration::from_secs(1));
         let voided = s.inbox.wait_for("invoice.voided", "invoice_id", &old).await;
-        assert_eq!(voided["data"]["reason"], "replaced by a newer checkout", "{voided}");
+        assert_eq!(voided["data"]["reason"], "replaced by a newer plan change", "{voided}");
         let (status, e, _) = s.post_keyed("/api/payments", "p-1", json!({"invoice_id": old, "method": "bca_va"})).await;
         assert!(status.is_client_error(), "a void invoice cannot be paid: {status} {e}");
         s.pay(&premium["invoice"], "p-2").await;
@@ -435,6 +435,37 @@ both_databases! {
             .collect();
         assert!(statuses.contains(&(old.as_str(), "void")), "{list}");
         assert_eq!(statuses.iter().filter(|(_, st)| *st == "void").count(), 1, "the paid one stays: {list}");
+        s.stop().await;
+    }
+}
+
+both_databases! {
+    /// An upgrade in the last second of a period whose renewal is already
+    /// invoiced: the credit for one unused second rounds down to 0, the
+    /// new plan's period starts at its payment, and the old plan's
+    /// renewal invoice is voided (nobody is to pay for a period that will
+    /// not come).
+    async fn test_an_upgrade_in_the_last_second_replaces_the_renewal(db: Database) {
+        let s = shop(db).await;
+        let day = 86_400_000_i64;
+        let (_, change, _) = s.post_keyed("/api/subscriptions/checkout", "c-1", json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
+        s.pay(&change["invoice"], "p-1").await;
+        let me = s.wait_plan("PREMIUM").await;
+        let end = me["period_end"].as_i64().unwrap();
+        s.world.clock.set(end - 3 * day + 60_000);
+        let renewal = s.wait_renewals(1).await;
+        s.world.clock.set(end - 1_000);
+        let (status, up, _) = s.post_keyed("/api/subscriptions/checkout", "c-2", json!({"plan": "ENTERPRISE", "cycle": "monthly"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{up}");
+        assert_eq!(up["credit"]["amount"].as_i64(), Some(0), "one second of PREMIUM: {up}");
+        // The world's clock runs on from where it was set.
+        assert!(up["credit"]["unused_seconds"].as_i64().unwrap() <= 1, "{up}");
+        s.pay(&up["invoice"], "p-2").await;
+        let me = s.wait_plan("ENTERPRISE").await;
+        assert!(me["period_start"].as_i64().unwrap() >= end - 1_000, "from the payment: {me}");
+        s.world.clock.advance(std::time::Duration::from_secs(1));
+        s.inbox.wait_for("invoice.voided", "invoice_id", renewal["invoice_id"].as_str().unwrap()).await;
+        s.tier_at_users("ENTERPRISE").await;
         s.stop().await;
     }
 }

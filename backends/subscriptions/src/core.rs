@@ -768,9 +768,9 @@ impl Subscriptions {
         self.invoice_renewal(&row).await
     }
 
-    /// Voids at billing the invoices of checkouts a newer checkout
-    /// replaced, so the customer cannot pay the old one (and sees one
-    /// invoice to pay). One paid meanwhile is left alone: `invoice.paid`
+    /// Voids at billing the invoices of superseded changes: checkouts a
+    /// newer checkout replaced, renewals of periods an upgrade replaced;
+    /// the customer cannot pay them (and sees one invoice to pay). One paid meanwhile is left alone: `invoice.paid`
     /// applies it or leaves it for a refund. How many it settled.
     async fn void_superseded(&self, limit: i64) -> Api<usize> {
         let mut c = self.db.pool().acquire().await.map_err(db_err)?;
@@ -781,7 +781,7 @@ impl Subscriptions {
         let mut done = 0;
         for (change, invoice) in open {
             let path = format!("/internal/invoices/{invoice}/void");
-            let body = json!({"reason": "replaced by a newer checkout"});
+            let body = json!({"reason": "replaced by a newer plan change"});
             // Voiding again with the same reason is the same request: safe
             // to repeat.
             let key = format!("void-{invoice}");
@@ -1410,6 +1410,12 @@ impl Subscriptions {
                 "subscription_busy",
                 "the subscription changed meanwhile; retried",
             ));
+        }
+        if !renewal_in_time {
+            // Periods restart from this payment: a renewal waiting for the
+            // old period's successor will not be needed (its invoice is
+            // voided by the scheduler).
+            storage::supersede_renewals(tx, &ch.subject_kind, &ch.subject_id, &ch.id, now).await?;
         }
         // A renewal in time is `renewed` (its tier may change with a
         // scheduled downgrade); anything else starts the plan anew.

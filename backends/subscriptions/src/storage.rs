@@ -295,7 +295,30 @@ pub async fn set_invoiced(
     Ok(true)
 }
 
-/// Superseded checkouts whose invoice was not voided yet (at most
+/// A new period started from a payment: the subject's renewals still
+/// waiting (for periods that will not come) are superseded, except `keep`.
+pub async fn supersede_renewals(
+    c: &mut AnyConnection,
+    kind: &str,
+    id: &str,
+    keep: &str,
+    now: i64,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE changes SET status = 'superseded', updated_at = $1 WHERE subject_kind = $2 \
+         AND subject_id = $3 AND kind = 'renewal' AND status IN ('creating', 'pending') \
+         AND id <> $4",
+    )
+    .bind(now)
+    .bind(kind)
+    .bind(id)
+    .bind(keep)
+    .execute(c)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Superseded changes whose invoice was not voided yet (at most
 /// `limit`): their invoice id and change id.
 pub async fn superseded_open(
     c: &mut AnyConnection,
