@@ -159,7 +159,7 @@ fn bench_jwt(c: &mut Criterion) {
     use gateway::auth::Authenticator;
     use gateway::secret::Secret;
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-    let yaml = "upstreams: {p: {backends: [{address: \"127.0.0.1:1\"}]}}\nroutes: [{name: r, match: {}, upstream: p}]\nauth: {jwks: {url: \"http://127.0.0.1:1/jwks\"}, issuer: iss, audience: aud}\n";
+    let yaml = "upstreams: {p: {backends: [{address: \"127.0.0.1:1\"}]}}\nroutes: [{name: r, match: {}, upstream: p}]\nenvironment: development\nauth: {jwks: {url: \"http://127.0.0.1:1/jwks\"}, issuer: iss, audience: aud, algorithms: [EdDSA, RS256, HS256]}\n";
     let config = config::parse(yaml).unwrap_or_else(|e| panic!("{e}"));
     let secret = Secret::new("bench-secret".into());
     let auth = Authenticator::new(&config.auth, Some(&secret), None);
