@@ -37,6 +37,7 @@ pub struct GatewayServer {
     env: Environment,
     metrics: Arc<Metrics>,
     reloader: Option<Arc<Reloader>>,
+    signer: Option<Arc<crate::usage::Signer>>,
 }
 
 impl std::fmt::Debug for GatewayServer {
@@ -117,7 +118,7 @@ impl GatewayServer {
         background.spawn(crate::usage::run(
             metrics.usage.clone(),
             state.clone(),
-            signer,
+            signer.clone(),
         ));
         let mut service = edge_service(
             &server,
@@ -154,6 +155,7 @@ impl GatewayServer {
             env: env.clone(),
             metrics,
             reloader: None,
+            signer,
         })
     }
 
@@ -207,10 +209,16 @@ impl GatewayServer {
     pub fn run(self) {
         tracing::info!(listen = ?self.listen, admin = ?self.admin, "tiergate gateway listening");
         self.start_watching();
-        let _background = self.background;
+        let background = self.background;
         self.server.run(RunArgs {
             shutdown_signal: Box::new(SignalShutdown),
         });
+        crate::usage::final_flush(
+            background.handle(),
+            &self.metrics.usage,
+            &self.state,
+            self.signer.as_deref(),
+        );
     }
 
     /// Runs on a background thread until [`RunningGateway::shutdown`].
@@ -224,10 +232,17 @@ impl GatewayServer {
         let state = self.state.clone();
         let server = self.server;
         let background = self.background;
+        let (metrics, signer, cell) = (self.metrics, self.signer, self.state);
         let thread = std::thread::spawn(move || {
             server.run(RunArgs {
                 shutdown_signal: Box::new(watch),
             });
+            crate::usage::final_flush(
+                background.handle(),
+                &metrics.usage,
+                &cell,
+                signer.as_deref(),
+            );
             drop(background);
         });
         RunningGateway {

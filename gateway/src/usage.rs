@@ -20,6 +20,8 @@
 //!   batches are dropped and counted (`tiergate_usage_rows_dropped_total`).
 //! * A window that straddles midnight is counted on the day it opened:
 //!   batches carry the window's start and end.
+//! * A graceful stop sends the last window and the backlog
+//!   ([`final_flush`]) once the listeners have drained.
 
 use std::collections::VecDeque;
 use std::hash::{Hash, Hasher};
@@ -540,6 +542,36 @@ async fn drain(
         }
     }
     Ok(())
+}
+
+/// At a graceful stop, once no request is left: closes the last window and
+/// sends what is held, within `usage.timeout`. Run from outside the
+/// background runtime (`handle` is its handle; its thread still runs).
+pub fn final_flush(
+    handle: &tokio::runtime::Handle,
+    meter: &Meter,
+    state: &ArcSwap<Snapshot>,
+    signer: Option<&Signer>,
+) {
+    let (Some(settings), Some(signer)) = (state.load().usage.clone(), signer) else {
+        return;
+    };
+    let Ok(client) = reqwest::Client::builder().build() else {
+        return;
+    };
+    handle.block_on(async {
+        meter.close_window(&settings).await;
+        let sent =
+            tokio::time::timeout(settings.timeout, drain(meter, &client, &settings, signer)).await;
+        let held = meter.stats.backlog_rows.load(Ordering::Relaxed);
+        match sent {
+            Ok(Ok(())) => tracing::info!("usage: the last counts were sent"),
+            _ => tracing::warn!(
+                rows = held,
+                "usage: stopping with counts not sent; they are lost"
+            ),
+        }
+    });
 }
 
 /// The flusher: closes a window every `usage.flush_interval` of the live

@@ -264,6 +264,11 @@ impl TestGateway {
         format!("http://{}{path}", self.addr)
     }
 
+    /// Stops it gracefully and waits until it has.
+    pub fn shutdown(self) {
+        self.running.shutdown();
+    }
+
     /// The admin listener's `http://127.0.0.1:PORT` + `path`.
     pub fn admin_url(&self, path: &str) -> String {
         format!("http://{}{path}", self.admin)

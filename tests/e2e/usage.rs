@@ -32,6 +32,11 @@ async fn start_subscriptions(world: &World, addr: &str, users: &Running) -> Runn
 }
 
 async fn metered(db: crate::platform::Database) -> Metered {
+    metered_every(db, "100ms").await
+}
+
+/// [`metered`] with the gateway flushing every `flush_interval`.
+async fn metered_every(db: crate::platform::Database, flush_interval: &str) -> Metered {
     let world = World::new(db);
     let inbox = Inbox::start().await;
     let users = world.start::<users::UsersService>(
@@ -65,7 +70,7 @@ rate_limit:
   anonymous: {{ per_minute: 100000 }}
 usage:
   endpoint: "http://{s}/internal/usage"
-  flush_interval: 100ms
+  flush_interval: {flush_interval}
   max_backoff: 400ms
   timeout: 2s
 routes:
@@ -274,4 +279,58 @@ both_databases! {
         assert_eq!(status, StatusCode::FORBIDDEN);
         m.stop().await;
     }
+}
+
+both_databases! {
+    /// A gateway stopping gracefully sends the window it was counting
+    /// (here an hour long: nothing else would have sent it).
+    async fn test_a_graceful_stop_sends_the_last_window(db: Database) {
+        let mut m = metered_every(db, "1h").await;
+        let ann = signed_up(&m.users.base, &m.inbox, "ann@example.com").await;
+        let ann = ann["access_token"].as_str().unwrap().to_owned();
+        m.hit(&ann, "/quotes/IDX", 7).await;
+        let subs = m.subscriptions.take().unwrap();
+        m.gw.shutdown();
+        let (status, report) = as_user(Method::GET, &subs.base, "/api/subscriptions/usage", &ann, None).await;
+        assert_eq!(status, StatusCode::OK, "{report}");
+        assert_eq!(route_count(&report, "quotes"), 7, "{report}");
+        subs.stop().await;
+        m.users.stop().await;
+    }
+}
+
+/// `tiergate service-key gateway` prints the public half of the gateway's
+/// key (what the subscriptions service needs as `service_keys.gateway`);
+/// in production without a key it says which variable to set.
+#[test]
+fn test_service_key_gateway_prints_the_public_half_or_names_the_variable() {
+    use backend_common::service_auth::{KeySource, ServiceKeys};
+    let dir = crate::platform::TempDir::new("gw-key-cmd");
+    let keys = ServiceKeys::load(&KeySource::development("gateway", dir.path())).unwrap();
+    let run = |key_file: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tiergate"));
+        cmd.args(["service-key", "gateway"])
+            .env("TIERGATE_DATA_DIR", dir.path())
+            .env_remove("TIERGATE_GATEWAY_SERVICE_KEY")
+            .env_remove("TIERGATE_GATEWAY_SERVICE_KEY_FILE")
+            .current_dir(dir.path());
+        if let Some(f) = key_file {
+            cmd.env("TIERGATE_GATEWAY_SERVICE_KEY_FILE", f);
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(Some(&dir.path().join("service-keys/gateway.pem")));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        keys.public_key()
+    );
+    let out = run(None);
+    assert_eq!(out.status.code(), Some(70));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("TIERGATE_GATEWAY_SERVICE_KEY"), "{stderr}");
 }
