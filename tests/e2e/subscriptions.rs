@@ -40,6 +40,13 @@ fn subscribers(list: &[(&str, Subscriber)], inbox: &Inbox) -> Subscribers {
 }
 
 async fn shop(db: Database) -> Shop {
+    shop_with(db, true).await
+}
+
+/// [`shop`]; without `deliver_paid`, billing's `invoice.paid` goes to the
+/// inbox only (the test delivers it to subscriptions itself, in the order
+/// it wants).
+async fn shop_with(db: Database, deliver_paid: bool) -> Shop {
     let _ = tracing_subscriber::fmt()
         .with_env_filter("warn,pingora_core=off")
         .with_test_writer()
@@ -52,13 +59,11 @@ async fn shop(db: Database) -> Shop {
     let users = world.start::<users::UsersService>(us);
     let mut bs = world.settings::<billing::BillingService>(&[]).await;
     bs.shared.peers.insert("users".into(), users.base.clone());
-    bs.shared.events = subscribers(
-        &[(
-            "invoice.paid",
-            Subscriber::service("subscriptions", &subs_base),
-        )],
-        &inbox,
-    );
+    let paid_to = [(
+        "invoice.paid",
+        Subscriber::service("subscriptions", &subs_base),
+    )];
+    bs.shared.events = subscribers(if deliver_paid { &paid_to } else { &[] }, &inbox);
     let billing = world.start::<billing::BillingService>(bs);
     let sandbox = sandbox::start(SandboxConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -407,6 +412,54 @@ both_databases! {
         let me = s.wait_plan("ENTERPRISE").await;
         assert!(me["scheduled_change"].is_null() && me["cancel_at_period_end"] == false, "{me}");
         assert_eq!(me["next_renewal"]["price"].as_i64(), Some(1_999_000), "{me}");
+        s.stop().await;
+    }
+}
+
+/// Delivers `event` to `to`'s `/internal/events` signed with `keys`.
+async fn deliver_as(keys: &backend_common::service_auth::ServiceKeys, to: &Running, event: &Value) {
+    let (status, body) = crate::platform::as_service(
+        keys,
+        Method::POST,
+        ("subscriptions", to),
+        "/internal/events",
+        Some(event.clone()),
+    )
+    .await;
+    assert!(status.is_success(), "{status} {body}");
+}
+
+both_databases! {
+    /// Two checkouts both paid (the older before its invoice was voided),
+    /// their `invoice.paid` delivered in reverse order and then again:
+    /// PREMIUM is applied once, the older BASIC payment, arriving after a
+    /// higher plan took effect, is left unapplied for a refund, and the
+    /// redeliveries change nothing.
+    async fn test_reversed_and_repeated_invoice_paid(db: Database) {
+        let s = shop_with(db, false).await;
+        let (_, basic, _) = s.post_keyed("/api/subscriptions/checkout", "c-1", json!({"plan": "BASIC", "cycle": "monthly"})).await;
+        let (_, premium, _) = s.post_keyed("/api/subscriptions/checkout", "c-2", json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
+        s.pay(&basic["invoice"], "p-1").await;
+        s.pay(&premium["invoice"], "p-2").await;
+        let basic_paid = s.inbox.wait_for("invoice.paid", "invoice_id", basic["invoice"]["id"].as_str().unwrap()).await;
+        let premium_paid = s.inbox.wait_for("invoice.paid", "invoice_id", premium["invoice"]["id"].as_str().unwrap()).await;
+        let billing = s.world.keys_of("billing");
+        deliver_as(&billing, &s.subscriptions, &premium_paid).await;
+        s.wait_plan("PREMIUM").await;
+        for event in [&basic_paid, &premium_paid, &basic_paid] {
+            deliver_as(&billing, &s.subscriptions, event).await;
+        }
+        let (_, me) = s.get("/api/subscriptions/me").await;
+        assert_eq!((me["plan"].as_str(), me["state"].as_str()), (Some("PREMIUM"), Some("active")), "{me}");
+        let pool = s.world.pool("subscriptions").await;
+        let statuses: Vec<(String, String)> = sqlx::query_as("SELECT plan, status FROM changes ORDER BY created_at")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        assert_eq!(statuses, [("BASIC".to_owned(), "unapplied".to_owned()), ("PREMIUM".to_owned(), "applied".to_owned())]);
+        let activated = s.inbox.count(|e| e["type"] == "subscription.activated");
+        assert_eq!(activated, 1, "one activation");
+        pool.close().await;
         s.stop().await;
     }
 }
