@@ -189,6 +189,20 @@ impl Shop {
         .unwrap();
     }
 
+    /// Checks out PREMIUM monthly (key `c-1`), pays it (`p-1`) and waits
+    /// until it is in force: the subscription then.
+    async fn premium_paid(&self) -> Value {
+        let (_, change, _) = self
+            .post_keyed(
+                "/api/subscriptions/checkout",
+                "c-1",
+                json!({"plan": "PREMIUM", "cycle": "monthly"}),
+            )
+            .await;
+        self.pay(&change["invoice"], "p-1").await;
+        self.wait_plan("PREMIUM").await
+    }
+
     async fn wait_plan(&self, plan: &str) -> Value {
         self.wait_state(plan, "active").await
     }
@@ -371,9 +385,7 @@ both_databases! {
         let s = shop(db).await;
         let (status, e, _) = s.post_keyed("/api/subscriptions/cancel", "-", json!({})).await;
         assert_eq!((status, e["error"]["code"].as_str()), (StatusCode::CONFLICT, Some("no_paid_subscription")), "{e}");
-        let (_, change, _) = s.post_keyed("/api/subscriptions/checkout", "c-1", json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
-        s.pay(&change["invoice"], "p-1").await;
-        let me = s.wait_plan("PREMIUM").await;
+        let me = s.premium_paid().await;
         let end = me["period_end"].as_i64().unwrap();
 
         let (status, me, _) = s.post_keyed("/api/subscriptions/cancel", "-", json!({})).await;
@@ -414,6 +426,23 @@ both_databases! {
         assert_eq!(me["next_renewal"]["price"].as_i64(), Some(1_999_000), "{me}");
         s.stop().await;
     }
+}
+
+/// Users and billing (its events to an inbox) for a subscriptions process
+/// the test runs itself, and Ann's access token.
+async fn users_and_billing(db: Database) -> (World, Inbox, Running, Running, String) {
+    let world = World::new(db);
+    let inbox = Inbox::start().await;
+    let users = world.start::<users::UsersService>(
+        users_settings(&world, inbox.subscribers("notifications")).await,
+    );
+    let mut bs = world.settings::<billing::BillingService>(&[]).await;
+    bs.shared.peers.insert("users".into(), users.base.clone());
+    bs.shared.events = inbox.subscribers("notifications");
+    let billing = world.start::<billing::BillingService>(bs);
+    let ann = signed_up(&users.base, &inbox, "ann@example.com").await;
+    let access = ann["access_token"].as_str().unwrap().to_owned();
+    (world, inbox, users, billing, access)
 }
 
 /// Delivers `event` to `to`'s `/internal/events` signed with `keys`.
@@ -501,9 +530,7 @@ both_databases! {
     async fn test_an_upgrade_in_the_last_second_replaces_the_renewal(db: Database) {
         let s = shop(db).await;
         let day = 86_400_000_i64;
-        let (_, change, _) = s.post_keyed("/api/subscriptions/checkout", "c-1", json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
-        s.pay(&change["invoice"], "p-1").await;
-        let me = s.wait_plan("PREMIUM").await;
+        let me = s.premium_paid().await;
         let end = me["period_end"].as_i64().unwrap();
         s.world.clock.set(end - 3 * day + 60_000);
         let renewal = s.wait_renewals(1).await;
@@ -535,9 +562,7 @@ both_databases! {
     async fn test_renewals_grace_expiry_and_cancellation(db: Database) {
         let s = shop(db).await;
         let day = 86_400_000_i64;
-        let (_, change, _) = s.post_keyed("/api/subscriptions/checkout", "c-1", json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
-        s.pay(&change["invoice"], "p-1").await;
-        let me = s.wait_plan("PREMIUM").await;
+        let me = s.premium_paid().await;
         let (anchor, end) = (me["period_start"].as_i64().unwrap(), me["period_end"].as_i64().unwrap());
 
         s.world.clock.set(end - 3 * day + 60_000);
@@ -664,17 +689,7 @@ both_databases! {
     /// key gets that invoice (billing answers one per reference), never a
     /// second one.
     async fn test_killed_after_the_invoice_bills_once(db: Database) {
-        let world = World::new(db);
-        let inbox = Inbox::start().await;
-        let users = world.start::<users::UsersService>(
-            users_settings(&world, inbox.subscribers("notifications")).await,
-        );
-        let mut bs = world.settings::<billing::BillingService>(&[]).await;
-        bs.shared.peers.insert("users".into(), users.base.clone());
-        bs.shared.events = inbox.subscribers("notifications");
-        let billing = world.start::<billing::BillingService>(bs);
-        let ann = signed_up(&users.base, &inbox, "ann@example.com").await;
-        let access = ann["access_token"].as_str().unwrap().to_owned();
+        let (world, inbox, users, billing, access) = users_and_billing(db).await;
         let listen = format!("127.0.0.1:{}", free_port());
         let serve = |failpoints: &'static str| {
             let (world, users, billing, listen) = (&world, &users, &billing, &listen);
@@ -718,17 +733,7 @@ both_databases! {
     /// invoices that renewal, once, and makes no second one.
     async fn test_killed_after_the_renewal_is_recorded_bills_once(db: Database) {
         const DAY: i64 = 24 * 3600 * 1000;
-        let world = World::new(db);
-        let inbox = Inbox::start().await;
-        let users = world.start::<users::UsersService>(
-            users_settings(&world, inbox.subscribers("notifications")).await,
-        );
-        let mut bs = world.settings::<billing::BillingService>(&[]).await;
-        bs.shared.peers.insert("users".into(), users.base.clone());
-        bs.shared.events = inbox.subscribers("notifications");
-        let billing = world.start::<billing::BillingService>(bs);
-        let ann = signed_up(&users.base, &inbox, "ann@example.com").await;
-        let access = ann["access_token"].as_str().unwrap().to_owned();
+        let (world, _inbox, users, billing, access) = users_and_billing(db).await;
         let ann_id = claims_of(&access)["sub"].as_str().unwrap().to_owned();
         // The database, migrated; then Ann's PREMIUM month, paid 29 days
         // ago: its renewal is due (3 days' lead).
