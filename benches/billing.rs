@@ -245,7 +245,7 @@ fn main() -> Result<()> {
     let dir = TempDir::new("tg-billing-bench")?;
     let (users_addr, billing_addr, gw_addr) = (free_addr()?, free_addr()?, free_addr()?);
     eprintln!("starting the users service on {users_addr}");
-    let mut users = services::serve(&dir.0, "users", users_addr, &[])?;
+    let (mut users, _mail) = services::serve_users(&dir.0, users_addr)?;
     eprintln!("starting the gateway on {gw_addr}");
     let mut gateway = services::bench_gateway(
         &dir.0,
@@ -260,7 +260,7 @@ fn main() -> Result<()> {
     let token = rt.block_on(services::signed_up(
         &client,
         &base,
-        &dir.0.join("users.log"),
+        &dir.0.join("mail"),
         EMAIL,
         PASSWORD,
     ))?;

@@ -394,7 +394,7 @@ fn main() -> Result<()> {
     })?;
     eprintln!("the Midtrans sandbox on {}", sandbox.addr);
     eprintln!("starting users on {users_addr}, billing on {billing_addr}");
-    let mut users = services::serve(&dir.0, "users", users_addr, &[])?;
+    let (mut users, _mail) = services::serve_users(&dir.0, users_addr)?;
     let users_url = format!("http://{users_addr}");
     let mut billing = services::serve(
         &dir.0,
@@ -422,7 +422,7 @@ fn main() -> Result<()> {
     let token = rt.block_on(services::signed_up(
         &client,
         &base,
-        &dir.0.join("users.log"),
+        &dir.0.join("mail"),
         EMAIL,
         PASSWORD,
     ))?;

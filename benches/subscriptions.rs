@@ -118,7 +118,7 @@ fn main() -> Result<()> {
     let dir = TempDir::new("tg-subscriptions-bench")?;
     let (users_addr, billing_addr, subs_addr, gw_addr) =
         (free_addr()?, free_addr()?, free_addr()?, free_addr()?);
-    let mut users = services::serve(&dir.0, "users", users_addr, &[])?;
+    let (mut users, _mail) = services::serve_users(&dir.0, users_addr)?;
     let users_url = format!("http://{users_addr}");
     let billing_url = format!("http://{billing_addr}");
     let mut billing = services::serve(
@@ -142,7 +142,7 @@ fn main() -> Result<()> {
     let token = rt.block_on(services::signed_up(
         &client,
         &base,
-        &dir.0.join("users.log"),
+        &dir.0.join("mail"),
         "bench@example.com",
         "correct horse 9",
     ))?;

@@ -95,10 +95,10 @@ fn main() -> Result<()> {
     let dir = TempDir::new("tg-users-bench")?;
     let users_addr = free_addr()?;
     let gw_addr = free_addr()?;
-    let users_log = dir.0.join("users.log");
+    let mail_dir = dir.0.join("mail");
 
     eprintln!("starting the users service on {users_addr}");
-    let mut users = services::serve(&dir.0, "users", users_addr, &[])?;
+    let (mut users, _mail) = services::serve_users(&dir.0, users_addr)?;
     let redis = services::redis_running();
     eprintln!("starting the gateway on {gw_addr} (Redis-shared limits: {redis})");
     let mut gateway =
@@ -107,7 +107,7 @@ fn main() -> Result<()> {
     let (rt, client) = services::client_runtime()?;
     let base = format!("http://{gw_addr}");
     let token = rt.block_on(services::signed_up(
-        &client, &base, &users_log, EMAIL, PASSWORD,
+        &client, &base, &mail_dir, EMAIL, PASSWORD,
     ))?;
     let me_request = |addr: SocketAddr, token: &str| get_request(addr, "/api/users/me", token);
 

@@ -23,6 +23,7 @@ static SERVICES: &[&dyn Registered] = &[
     &Entry::<subscriptions::SubscriptionsService>::NEW,
     &Entry::<payments::PaymentsService>::NEW,
     &Entry::<billing::BillingService>::NEW,
+    &Entry::<notifications::NotificationsService>::NEW,
 ];
 
 /// The default config, used by `tiergate up` when `conf/tiergate.yaml` is absent.

@@ -320,20 +320,54 @@ pub fn redis_yaml() -> &'static str {
     }
 }
 
-/// The verification token from the users service's development log.
-pub fn link_token(log: &Path) -> Result<String> {
+/// The users service in `dir` on `addr`, its `user.registered` events
+/// going to a notifications service (started first, on a free port) that
+/// writes each mail into `<dir>/mail`, where [`link_token`] finds the
+/// verification link: the two processes, users first.
+pub fn serve_users(dir: &Path, addr: SocketAddr) -> Result<(Proc, Proc)> {
+    fs::create_dir_all(dir.join("conf"))?;
+    fs::write(
+        dir.join("conf/services.yaml"),
+        "events:\n  user.registered: [notifications]\n",
+    )?;
+    let mail_addr = free_addr()?;
+    let mail = serve(dir, "notifications", mail_addr, &[])?;
+    let url = format!("http://{mail_addr}");
+    let users = serve(
+        dir,
+        "users",
+        addr,
+        &[("TIERGATE_NOTIFICATIONS_URL", url.as_str())],
+    )?;
+    Ok((users, mail))
+}
+
+/// The verification token from the newest mail in `mail_dir` (the
+/// notifications service's development file sink).
+pub fn link_token(mail_dir: &Path) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let text = fs::read_to_string(log).unwrap_or_default();
-        if let Some(rest) = text.split("verify-email?token=").nth(1) {
-            let token: String = rest
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-                .collect();
-            return Ok(token);
+        let mut newest: Option<(std::time::SystemTime, String)> = None;
+        for e in fs::read_dir(mail_dir).into_iter().flatten().flatten() {
+            let modified = e.metadata().and_then(|m| m.modified()).ok();
+            let text = fs::read_to_string(e.path()).unwrap_or_default();
+            if let (Some(t), true) = (modified, text.contains("verify-email?token=")) {
+                if newest.as_ref().is_none_or(|(n, _)| t > *n) {
+                    newest = Some((t, text));
+                }
+            }
+        }
+        if let Some((_, text)) = newest {
+            if let Some(rest) = text.split("verify-email?token=").nth(1) {
+                let token: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                    .collect();
+                return Ok(token);
+            }
         }
         if Instant::now() > deadline {
-            bail!("no verification link in {}", log.display());
+            bail!("no verification mail in {}", mail_dir.display());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -355,11 +389,12 @@ pub async fn call(
 }
 
 /// Registers `email` through the gateway at `base`, verifies it with the
-/// link in `users_log`, logs in; the access token.
+/// link of the mail in `mail_dir` ([`serve_users`]), logs in; the access
+/// token.
 pub async fn signed_up(
     client: &reqwest::Client,
     base: &str,
-    users_log: &Path,
+    mail_dir: &Path,
     email: &str,
     password: &str,
 ) -> Result<String> {
@@ -369,7 +404,7 @@ pub async fn signed_up(
         serde_json::json!({"email": email, "password": password, "name": "Bench"}),
     )
     .await?;
-    let link = link_token(users_log)?;
+    let link = link_token(mail_dir)?;
     call(
         client,
         format!("{base}/api/auth/verify-email"),

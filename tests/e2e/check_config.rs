@@ -56,7 +56,7 @@ fn test_shipped_default_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/tiergate.yaml");
     let (code, out) = run(&[path]);
     assert_eq!(code, 0, "{out}");
-    assert!(out.contains("ok (20 routes, 5 upstreams)"), "{out}");
+    assert!(out.contains("ok (22 routes, 5 upstreams)"), "{out}");
 }
 
 #[test]

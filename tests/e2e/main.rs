@@ -17,6 +17,7 @@ mod discovery;
 mod errors;
 mod hardening;
 mod health_checks;
+mod notifications;
 mod observability;
 mod orgs;
 mod payments;

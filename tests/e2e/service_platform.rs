@@ -392,7 +392,8 @@ fn test_every_settings_problem_of_a_service_is_reported() {
 }
 
 /// The shipped `conf/services.yaml` is every default written out: loading
-/// it changes nothing.
+/// it changes nothing but `events`, which wires every event each service
+/// consumes to it (so `tiergate up` runs the whole loop).
 #[test]
 fn test_shipped_services_config_is_the_defaults() {
     let file = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/services.yaml");
@@ -406,7 +407,31 @@ fn test_shipped_services_config_is_the_defaults() {
         )
         .unwrap_or_else(|e| panic!("{e}"))
     };
-    let shipped = load(Some(std::path::Path::new(file)));
+    let mut shipped = load(Some(std::path::Path::new(file)));
     let defaults = load(None);
+    let wired = |event: &str, service: &str| {
+        shipped
+            .shared
+            .events
+            .get(event)
+            .is_some_and(|subs| subs.iter().any(|s| s.key == service))
+    };
+    let consumers: Vec<(&str, &str)> = notifications::core::CONSUMED
+        .iter()
+        .map(|(e, _)| (*e, "notifications"))
+        .chain([
+            ("subscription.activated", "users"),
+            ("subscription.renewed", "users"),
+            ("subscription.ended", "users"),
+            ("invoice.paid", "subscriptions"),
+            ("payment.settled", "billing"),
+            ("payment.refunded", "billing"),
+        ])
+        .collect();
+    for (event, service) in consumers {
+        assert!(wired(event, service), "{event} is not wired to {service}");
+    }
+    assert!(defaults.shared.events.is_empty());
+    shipped.shared.events = defaults.shared.events.clone();
     assert_eq!(format!("{shipped:?}"), format!("{defaults:?}"));
 }

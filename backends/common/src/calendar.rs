@@ -25,7 +25,7 @@ static TZDB: LazyLock<TimeZoneDatabase> = LazyLock::new(TimeZoneDatabase::bundle
 pub const DEFAULT_ZONE: &str = "Asia/Jakarta";
 
 /// Indonesian month names, January first.
-const BULAN: [&str; 12] = [
+pub const BULAN: [&str; 12] = [
     "Januari",
     "Februari",
     "Maret",

@@ -168,6 +168,13 @@ impl ServiceClient {
         service: &str,
         path: &str,
     ) -> Result<T, CallError> {
+        let body = self.get_bytes(service, path).await?;
+        parse(service, &body)
+    }
+
+    /// `GET <service><path>`, the answer's bytes as they are (a PDF).
+    /// Retried when safe.
+    pub async fn get_bytes(&self, service: &str, path: &str) -> Result<bytes::Bytes, CallError> {
         self.call(service, reqwest::Method::GET, path, None::<&()>, None, true)
             .await
     }
@@ -183,18 +190,20 @@ impl ServiceClient {
         idempotency_key: Option<&str>,
     ) -> Result<T, CallError> {
         let retry = idempotency_key.is_some();
-        self.call(
-            service,
-            reqwest::Method::POST,
-            path,
-            Some(body),
-            idempotency_key,
-            retry,
-        )
-        .await
+        let answer = self
+            .call(
+                service,
+                reqwest::Method::POST,
+                path,
+                Some(body),
+                idempotency_key,
+                retry,
+            )
+            .await?;
+        parse(service, &answer)
     }
 
-    async fn call<B: Serialize, T: DeserializeOwned>(
+    async fn call<B: Serialize>(
         &self,
         service: &str,
         method: reqwest::Method,
@@ -202,7 +211,7 @@ impl ServiceClient {
         body: Option<&B>,
         idempotency_key: Option<&str>,
         retry: bool,
-    ) -> Result<T, CallError> {
+    ) -> Result<bytes::Bytes, CallError> {
         let base = self
             .peers
             .get(service)
@@ -254,14 +263,22 @@ impl ServiceClient {
     }
 }
 
-/// The answer `r` as `T`, or the error it says. `safe`: the call may be
-/// repeated, so an answer cut off is "unavailable" rather than
+/// A success's body as `T`.
+fn parse<T: DeserializeOwned>(service: &str, body: &[u8]) -> Result<T, CallError> {
+    serde_json::from_slice(body).map_err(|e| CallError::Invalid {
+        service: service.to_owned(),
+        why: e.to_string(),
+    })
+}
+
+/// The body of a successful answer `r`, or the error it says. `safe`: the
+/// call may be repeated, so an answer cut off is "unavailable" rather than
 /// "indeterminate".
-async fn decode<T: DeserializeOwned>(
+async fn decode(
     service: &str,
     r: reqwest::Response,
     safe: bool,
-) -> Result<T, CallError> {
+) -> Result<bytes::Bytes, CallError> {
     let status = r.status();
     let bytes = r.bytes().await.map_err(|e| {
         let why = format!("reading the answer: {}", e.without_url());
@@ -278,10 +295,7 @@ async fn decode<T: DeserializeOwned>(
         }
     })?;
     if status.is_success() {
-        return serde_json::from_slice(&bytes).map_err(|e| CallError::Invalid {
-            service: service.to_owned(),
-            why: e.to_string(),
-        });
+        return Ok(bytes);
     }
     let envelope: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
     let text = |k: &str| envelope["error"][k].as_str().unwrap_or_default().to_owned();

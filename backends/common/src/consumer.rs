@@ -75,6 +75,12 @@ pub trait Handler: Send + Sync + 'static {
     /// retried by the producer); an event that can never apply is
     /// `Ok(Applied::Rejected)`.
     async fn apply(&self, tx: &mut AnyConnection, event: &Event) -> Result<Applied, ApiError>;
+
+    /// Called once `event`'s transaction has committed what
+    /// [`Handler::apply`] wrote (`Applied::Applied` only): wake a worker
+    /// that reads those rows here, not in `apply` (before the commit it
+    /// would find nothing).
+    fn committed(&self, _event: &Event) {}
 }
 
 /// How far in the future an event's `occurred_at` may be (clock skew
@@ -212,13 +218,14 @@ impl Consumer {
             route.handler.apply(&mut tx, event).await?
         };
         match applied {
-            Applied::Applied | Applied::Stale => {
+            Applied::Applied => {
                 tx.commit().await.map_err(ApiError::from)?;
-                Ok(status(if applied == Applied::Applied {
-                    "applied"
-                } else {
-                    "stale"
-                }))
+                route.handler.committed(event);
+                Ok(status("applied"))
+            }
+            Applied::Stale => {
+                tx.commit().await.map_err(ApiError::from)?;
+                Ok(status("stale"))
             }
             Applied::Rejected { code, message } => {
                 // Undo what the handler did; keep the event as seen.

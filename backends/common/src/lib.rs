@@ -16,7 +16,7 @@
 //! - [`outbox`]: the transactional outbox, its dispatcher and the
 //!   consumers' dedupe;
 //! - [`config`], [`secret`]: settings from file and env, secrets that never
-//!   print;
+//!   print; [`sealed`]: values encrypted at rest;
 //! - [`clock`]: the injectable clock every service reads time from;
 //! - [`money`], [`calendar`], [`tax`]: integer rupiah, the business time
 //!   zone and period arithmetic, PPN (invoiced by billing, shown for
@@ -38,9 +38,11 @@ pub mod metrics;
 pub mod money;
 pub mod outbox;
 pub mod request_id;
+pub mod sealed;
 pub mod secret;
 pub mod service;
 pub mod service_auth;
+pub mod standin;
 pub mod tax;
 #[cfg(test)]
 mod test_http;
@@ -102,4 +104,14 @@ pub fn token_hash(token: &str) -> String {
         out.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
     }
     out
+}
+
+/// `a == b` in time that depends only on the lengths (signatures, secret
+/// tokens).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
 }

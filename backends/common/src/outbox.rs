@@ -31,10 +31,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine as _;
-use chacha20poly1305::aead::{Aead, KeyInit, Payload};
-use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use serde::{Deserialize, Serialize};
 use sqlx::AnyConnection;
 use sqlx::Row;
@@ -43,6 +39,7 @@ use tokio::sync::Notify;
 use crate::clock::Clock;
 use crate::db::Db;
 use crate::metrics::HttpMetrics;
+use crate::sealed::Sealer;
 use crate::service_auth::ServiceKeys;
 
 /// An event as delivered to subscribers. Fields a consumer does not know
@@ -142,9 +139,8 @@ pub struct Outbox {
     source: &'static str,
     subscribers: Arc<Subscribers>,
     wake: Arc<Notify>,
-    /// The current key's cipher first (it seals), then the previous
-    /// key's (it still opens what was sealed before a key rotation).
-    ciphers: Arc<Vec<XChaCha20Poly1305>>,
+    /// Seals payloads (the current key; the previous one still opens).
+    sealer: Sealer,
 }
 
 impl std::fmt::Debug for Outbox {
@@ -156,24 +152,16 @@ impl std::fmt::Debug for Outbox {
     }
 }
 
-/// Marks an encrypted payload.
-const SEALED: &str = "enc1:";
-
 impl Outbox {
     /// The outbox of service `source`, delivering to `subscribers`, its
     /// payloads sealed with a key derived from `keys` (and opened with it
     /// or with the one derived from its previous key).
     pub fn new(source: &'static str, subscribers: Subscribers, keys: &ServiceKeys) -> Self {
-        let ciphers = keys
-            .derive_all("outbox payloads")
-            .iter()
-            .map(|key| XChaCha20Poly1305::new(key.into()))
-            .collect();
         Self {
             source,
             subscribers: Arc::new(subscribers),
             wake: Arc::new(Notify::new()),
-            ciphers: Arc::new(ciphers),
+            sealer: Sealer::new(keys, "outbox payloads", "payload"),
         }
     }
 
@@ -220,59 +208,19 @@ impl Outbox {
     }
 
     fn seal(&self, id: &str, payload: &str) -> Result<String, sqlx::Error> {
-        let mut nonce = [0u8; 24];
-        getrandom::fill(&mut nonce).map_err(|e| sqlx::Error::Encode(e.to_string().into()))?;
-        let cipher = self
-            .ciphers
-            .first()
-            .ok_or_else(|| sqlx::Error::Encode("no outbox key".into()))?;
-        let ct = cipher
-            .encrypt(
-                XNonce::from_slice(&nonce),
-                Payload {
-                    msg: payload.as_bytes(),
-                    aad: id.as_bytes(),
-                },
-            )
-            .map_err(|_| sqlx::Error::Encode("cannot seal an outbox payload".into()))?;
-        let mut out = nonce.to_vec();
-        out.extend_from_slice(&ct);
-        Ok(format!("{SEALED}{}", B64.encode(out)))
+        self.sealer
+            .seal(id, payload.as_bytes())
+            .map_err(|e| sqlx::Error::Encode(e.into()))
     }
 
     /// The payload of event `id` as stored (sealed, or plain JSON written
     /// before payloads were sealed).
     fn open(&self, id: &str, stored: &str) -> Result<serde_json::Value, String> {
-        let json = match stored.strip_prefix(SEALED) {
+        let json = match self.sealer.open(id, stored) {
             None => stored.to_owned(),
-            Some(b64) => {
-                let raw = B64
-                    .decode(b64)
-                    .map_err(|e| format!("sealed payload: {e}"))?;
-                if raw.len() < 24 {
-                    return Err("sealed payload too short".into());
-                }
-                let (nonce, ct) = raw.split_at(24);
-                let plain = self
-                    .ciphers
-                    .iter()
-                    .find_map(|c| {
-                        c.decrypt(
-                            XNonce::from_slice(nonce),
-                            Payload {
-                                msg: ct,
-                                aad: id.as_bytes(),
-                            },
-                        )
-                        .ok()
-                    })
-                    .ok_or_else(|| {
-                        "sealed payload: no key opens it (sealed under a service key since \
-                         replaced? set TIERGATE_<SERVICE>_SERVICE_KEY_PREVIOUS to that key, \
-                         then `tiergate events retry`)"
-                            .to_owned()
-                    })?;
-                String::from_utf8(plain).map_err(|e| e.to_string())?
+            Some(plain) => {
+                String::from_utf8(plain.map_err(|e| format!("{e}, then `tiergate events retry`"))?)
+                    .map_err(|e| e.to_string())?
             }
         };
         serde_json::from_str(&json).map_err(|e| format!("payload is not JSON: {e}"))
@@ -843,6 +791,7 @@ pub async fn consume_once(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sealed::SEALED;
 
     fn outbox(subs: Subscribers) -> Outbox {
         let dir = std::env::temp_dir().join(format!("tg-outbox-{}", uuid::Uuid::now_v7()));

@@ -312,6 +312,29 @@ impl Ev {
         if let Some(m) = self.manual {
             data["manual"] = json!(m);
         }
+        if self.kind == "payment.pending" {
+            // How to pay and until when: the customer's instructions
+            // (notifications mails them, and reminds before the expiry).
+            data["expires_at"] = json!(p.expires_at);
+            if let Some(i) = p
+                .instructions
+                .as_deref()
+                .and_then(|s| serde_json::from_str::<crate::charge::Instructions>(s).ok())
+            {
+                for (k, v) in [
+                    ("bank", i.bank),
+                    ("va_number", i.va_number),
+                    ("bill_key", i.bill_key),
+                    ("biller_code", i.biller_code),
+                    ("qr_code_url", i.qr_code_url),
+                    ("pay_url", i.deeplink_url.or(i.redirect_url)),
+                ] {
+                    if let Some(v) = v {
+                        data[k] = json!(v);
+                    }
+                }
+            }
+        }
         data
     }
 }

@@ -40,14 +40,7 @@ pub fn signature_valid(
     constant_time_eq(given.as_bytes(), want.as_bytes())
 }
 
-/// `a == b` in time that depends only on the lengths.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
-}
+pub use backend_common::constant_time_eq;
 
 /// The longest `order_id` Midtrans takes.
 pub const ORDER_ID_MAX: usize = 50;

@@ -21,12 +21,10 @@
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::{Mutex, MutexGuard};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use actix_web::dev::ServerHandle;
 use actix_web::http::StatusCode;
-use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -964,8 +962,7 @@ pub async fn act(
 pub struct RunningSandbox {
     /// Its address.
     pub addr: SocketAddr,
-    handle: ServerHandle,
-    thread: Option<JoinHandle<()>>,
+    server: backend_common::standin::Background,
     sandbox: web::Data<Sandbox>,
 }
 
@@ -982,22 +979,17 @@ impl RunningSandbox {
 
     /// `http://addr`.
     pub fn base(&self) -> String {
-        format!("http://{}", self.addr)
+        self.server.base()
     }
 
     /// Stops it.
     pub async fn stop(mut self) {
-        self.handle.stop(true).await;
-        if let Some(t) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
+        self.server.stop().await;
     }
 
     /// Serves until the thread ends (`tiergate sandbox`).
     pub fn wait(mut self) {
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.server.wait();
     }
 }
 
@@ -1023,50 +1015,32 @@ pub fn start(config: SandboxConfig) -> std::io::Result<RunningSandbox> {
         http,
     });
     let shared = sandbox.clone();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name("midtrans-sandbox".into())
-        .spawn(move || {
-            let system = actix_web::rt::System::new();
-            system.block_on(async move {
-                let server = HttpServer::new(move || {
-                    App::new()
-                        .app_data(sandbox.clone())
-                        .app_data(web::PayloadConfig::new(1 << 20))
-                        .route("/v2/charge", web::post().to(charge))
-                        .route("/v2/{id}/status", web::get().to(status))
-                        .route("/v2/{id}/{action:cancel|expire|approve|deny|refund|refund/online/direct}",
-                            web::post().to(modify))
-                        .route("/snap/v1/transactions", web::post().to(snap))
-                        .route("/sandbox/requests", web::get().to(requests))
-                        .route("/sandbox/outage", web::post().to(outage))
-                        .route("/sandbox/{order_id}/tamper", web::post().to(tamper))
-                        .route("/sandbox/{order_id}/{action}", web::post().to(control))
-                        .default_service(web::get().to(page))
-                })
-                .workers(1)
-                .disable_signals()
-                .shutdown_timeout(1)
-                .listen(listener);
-                let server = match server {
-                    Ok(s) => s.run(),
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = tx.send(Ok(server.handle()));
-                tracing::warn!(sandbox = true, %addr, "the local Midtrans SANDBOX is listening: no real money moves");
-                let _ = server.await;
-            });
-        })?;
-    let handle = rx
-        .recv()
-        .map_err(|_| std::io::Error::other("the sandbox thread died"))??;
+    let server = backend_common::standin::spawn(
+        "midtrans-sandbox",
+        listener,
+        move |cfg| {
+            cfg.app_data(sandbox.clone())
+                .app_data(web::PayloadConfig::new(1 << 20))
+                .route("/v2/charge", web::post().to(charge))
+                .route("/v2/{id}/status", web::get().to(status))
+                .route(
+                    "/v2/{id}/{action:cancel|expire|approve|deny|refund|refund/online/direct}",
+                    web::post().to(modify),
+                )
+                .route("/snap/v1/transactions", web::post().to(snap))
+                .route("/sandbox/requests", web::get().to(requests))
+                .route("/sandbox/outage", web::post().to(outage))
+                .route("/sandbox/{order_id}/tamper", web::post().to(tamper))
+                .route("/sandbox/{order_id}/{action}", web::post().to(control))
+                .default_service(web::get().to(page));
+        },
+        move |addr| {
+            tracing::warn!(sandbox = true, %addr, "the local Midtrans SANDBOX is listening: no real money moves");
+        },
+    )?;
     Ok(RunningSandbox {
         addr,
-        handle,
-        thread: Some(thread),
+        server,
         sandbox: shared,
     })
 }

@@ -215,14 +215,6 @@ impl Users {
         format!("{}/{page}?token={token}", self.public_url)
     }
 
-    /// In development, logs a link that would be e-mailed (INFO), since no
-    /// mail goes out without the notifications service.
-    pub(crate) fn log_link(&self, event: &str, to: &str, link: &str) {
-        if self.environment == Environment::Development {
-            tracing::info!(email = %to, link = %link, "development: {event}");
-        }
-    }
-
     /// Registers an account (unverified) and emits `user.registered` with
     /// the verification link.
     pub async fn register(&self, email: &str, password: &str, name: &str) -> Result<User, Error> {
@@ -299,8 +291,8 @@ impl Users {
     }
 
     /// Stores a single-use token for `user` and emits the event carrying
-    /// its link, in `tx`, then commits (in development the link is also
-    /// logged, since no mail goes out yet). `new_email`: the link confirms
+    /// its link, in `tx`, then commits (notifications mails it).
+    /// `new_email`: the link confirms
     /// a change to this address and goes there.
     async fn send_link(
         &self,
@@ -336,7 +328,6 @@ impl Users {
         self.outbox.enqueue(&mut tx, kind.event, &data, now).await?;
         tx.commit().await?;
         self.outbox.notify();
-        self.log_link(kind.event, to, &link);
         Ok(())
     }
 

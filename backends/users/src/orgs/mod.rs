@@ -729,7 +729,6 @@ impl Users {
             .await?;
         tx.commit().await?;
         self.outbox.notify();
-        self.log_link("organization.invitation_created", &email, &link);
         Ok(Invitation::from(row))
     }
 
