@@ -131,6 +131,7 @@ fn link_in(mail: &str, page: &str) -> String {
 struct Post {
     world: World,
     users: Running,
+    billing: Option<Running>,
     n: Running,
     smtp: Smtp,
     tg: TelegramStandin,
@@ -255,6 +256,16 @@ impl Post {
 /// Users and notifications (Telegram by long polling unless `webhook`),
 /// Ann signed up through the verification mail notifications sent.
 async fn post_office(db: Database, webhook: bool) -> Post {
+    open_post_office(db, webhook, false).await
+}
+
+/// [`post_office`] with the billing service too, its events going to
+/// notifications, which reads invoices' PDFs from it.
+async fn post_office_with_billing(db: Database) -> Post {
+    open_post_office(db, false, true).await
+}
+
+async fn open_post_office(db: Database, webhook: bool, with_billing: bool) -> Post {
     let world = World::new(db);
     let smtp = Smtp::start(&world.dir.path().join("maildir")).await;
     let tg = TelegramStandin::start("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -264,7 +275,15 @@ async fn post_office(db: Database, webhook: bool) -> Post {
     let listen = format!("127.0.0.1:{}", free_port());
     let base = format!("http://{listen}");
     let events = subscribers_of(&[("*", format!("{base}/internal/events"), "notifications")]);
-    let users = world.start::<users::UsersService>(users_settings(&world, events).await);
+    let users = world.start::<users::UsersService>(users_settings(&world, events.clone()).await);
+    let billing = if with_billing {
+        let mut bs = world.settings::<billing::BillingService>(&[]).await;
+        bs.shared.peers.insert("users".into(), users.base.clone());
+        bs.shared.events = events;
+        Some(world.start::<billing::BillingService>(bs))
+    } else {
+        None
+    };
     let (smtp_url, tg_url, tw_url) = (smtp.url(), tg.base(), tw.base());
     let mut env = vec![
         ("TIERGATE_NOTIFICATIONS_LISTEN", listen.as_str()),
@@ -282,6 +301,9 @@ async fn post_office(db: Database, webhook: bool) -> Post {
     }
     let mut s = world.settings::<NotificationsService>(&env).await;
     s.shared.peers.insert("users".into(), users.base.clone());
+    if let Some(b) = &billing {
+        s.shared.peers.insert("billing".into(), b.base.clone());
+    }
     s.service.queue.backoff = Duration::from_millis(100);
     s.service.queue.max_backoff = Duration::from_millis(400);
     let n = world.start::<NotificationsService>(s);
@@ -292,6 +314,7 @@ async fn post_office(db: Database, webhook: bool) -> Post {
         ann_id,
         world,
         users,
+        billing,
         n,
         smtp,
         tg,
@@ -643,10 +666,69 @@ async fn test_killed_with_100_queued_jobs_delivers_each_exactly_once() {
     child.wait().unwrap();
 }
 
+both_databases! {
+    /// `invoice.issued` from the billing service itself: notifications
+    /// reads the invoice's PDF from billing and the mail over SMTP carries
+    /// it (read back with pdftotext: the same number and total as the
+    /// mail), the amounts in rupiah.
+    async fn test_an_issued_invoice_is_mailed_with_its_pdf(db: Database) {
+        let p = post_office_with_billing(db).await;
+        let billing = p.billing.as_ref().unwrap();
+        let body = json!({
+            "reference": {"kind": "test", "n": 1},
+            "subject": {"kind": "user", "id": p.ann_id},
+            "user_id": p.ann_id,
+            "plan": "PREMIUM", "cycle": "monthly",
+            "lines": [{"description": "PREMIUM, bulanan", "quantity": 1, "unit_price": 249_000}]
+        });
+        let (status, invoice) = as_service(
+            &p.world.keys_of("subscriptions"),
+            Method::POST,
+            ("billing", billing),
+            "/internal/invoices",
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{invoice}");
+        let number = invoice["number"].as_str().unwrap();
+        let total = invoice["total"].as_i64().unwrap();
+        let rupiah = backend_common::money::Rupiah(total).to_string();
+        let mail = p.smtp.wait_for("ann@example.com", number).await;
+        assert!(decoded(&mail).contains(&rupiah), "{rupiah} in {mail}");
+        let pdf = attachment(&mail, &format!("{}.pdf", number.replace('/', "-")));
+        assert!(pdf.starts_with(b"%PDF-"));
+        let text = crate::billing::pdf_text(&p.world, &pdf);
+        assert!(text.contains(number), "{text}");
+        let job = p.wait_status("invoice.issued", "email", "sent").await;
+        assert_eq!(job["attempts"], 1, "{job}");
+    }
+}
+
+/// The bytes of the attachment `name` in the raw mail `raw` (its base64
+/// body: after its headers, up to the boundary).
+fn attachment(raw: &str, name: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let at = raw
+        .find(&format!("filename=\"{name}\""))
+        .unwrap_or_else(|| panic!("no attachment {name} in {raw}"));
+    let body_start = at
+        + raw[at..]
+            .find("\n\n")
+            .or_else(|| raw[at..].find("\r\n\r\n"))
+            .unwrap();
+    let body_end = body_start + raw[body_start..].find("\n--").unwrap();
+    let b64: String = raw[body_start..body_end]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}
+
 /// A 5 MB attachment goes through lettre to a real SMTP server intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn test_a_5_mb_pdf_attachment_arrives_intact() {
-    use base64::Engine as _;
     use sha2::Digest as _;
     let dir = crate::platform::TempDir::new("smtp-big");
     let smtp = Smtp::start(&dir.path().join("maildir")).await;
@@ -674,21 +756,7 @@ async fn test_a_5_mb_pdf_attachment_arrives_intact() {
         .unwrap();
     mailer.send("job-big", mail).await.unwrap();
     let raw = eventually("the mail", || async { smtp.mails().into_iter().next() }).await;
-    // The attachment's base64 body: after its headers, up to the boundary.
-    let at = raw.find("filename=\"INV-2026-12-000001.pdf\"").unwrap();
-    let body_start = at
-        + raw[at..]
-            .find("\n\n")
-            .or_else(|| raw[at..].find("\r\n\r\n"))
-            .unwrap();
-    let body_end = body_start + raw[body_start..].find("\n--").unwrap();
-    let b64: String = raw[body_start..body_end]
-        .chars()
-        .filter(|c| !c.is_whitespace())
-        .collect();
-    let got = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .unwrap();
+    let got = attachment(&raw, "INV-2026-12-000001.pdf");
     assert_eq!(got.len(), pdf.len());
     assert_eq!(sha2::Sha256::digest(&got), sha2::Sha256::digest(&pdf));
 }
