@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use crate::health;
 use crate::metrics::Metrics;
 use crate::snapshot::Snapshot;
+use crate::tier_feed::TierOverrides;
 use crate::upstream::breaker::BreakerState;
 use crate::upstream::{Backend, Pool};
 use crate::usage::Meter;
@@ -34,7 +35,78 @@ pub fn render(metrics: &Metrics, snapshot: &Snapshot) -> String {
     if snapshot.usage.is_some() {
         render_usage(&metrics.usage, &mut out);
     }
+    if snapshot.tier_changes.is_some() {
+        render_tier_feed(&metrics.tier_overrides, &mut out);
+    }
     out
+}
+
+/// The tier change feed's counters.
+fn render_tier_feed(o: &TierOverrides, out: &mut String) {
+    let s = &o.stats;
+    for (name, kind, help, v) in [
+        (
+            "tiergate_tier_feed_up",
+            "gauge",
+            "1 while tier changes from the users service are applied in admission; 0 while the feed is stale (tokens' own tiers).",
+            u64::from(s.up.load(Ordering::Relaxed)),
+        ),
+        (
+            "tiergate_tier_feed_changes_total",
+            "counter",
+            "Tier changes received from the users service.",
+            s.changes.load(Ordering::Relaxed),
+        ),
+        (
+            "tiergate_tier_feed_failures_total",
+            "counter",
+            "Polls of the tier change feed that failed.",
+            s.failures.load(Ordering::Relaxed),
+        ),
+        (
+            "tiergate_tier_overrides",
+            "gauge",
+            "Tier changes held (the latest per user and per organization).",
+            s.entries.load(Ordering::Relaxed),
+        ),
+        (
+            "tiergate_tier_overrides_applied_total",
+            "counter",
+            "Requests admitted with a tier change's tier instead of the token's claim.",
+            s.applied.load(Ordering::Relaxed),
+        ),
+        (
+            "tiergate_tier_overrides_evicted_total",
+            "counter",
+            "Tier changes dropped beyond tier_changes.max_entries.",
+            s.evicted.load(Ordering::Relaxed),
+        ),
+    ] {
+        Family::new(out, name, kind, help).sample(&[], v);
+    }
+}
+
+/// The status page's tier feed section.
+fn tier_feed_status(o: &TierOverrides, snapshot: &Snapshot) -> Value {
+    let Some(settings) = &snapshot.tier_changes else {
+        return Value::Null;
+    };
+    let s = &o.stats;
+    let last = s.last_answer_ms.load(Ordering::Relaxed);
+    json!({
+        "endpoint": settings.endpoint,
+        "up": s.up.load(Ordering::Relaxed),
+        "overrides": s.entries.load(Ordering::Relaxed),
+        "changes": s.changes.load(Ordering::Relaxed),
+        "applied": s.applied.load(Ordering::Relaxed),
+        "failures": s.failures.load(Ordering::Relaxed),
+        "cursor": s.cursor.load(Ordering::Relaxed),
+        "last_answer_at": (last > 0).then(|| {
+            humantime::format_rfc3339_millis(UNIX_EPOCH + std::time::Duration::from_millis(last))
+                .to_string()
+        }),
+        "last_error": o.last_error(),
+    })
 }
 
 /// The usage meter's counters.
@@ -226,6 +298,7 @@ pub fn status(metrics: &Metrics, snapshot: &Snapshot) -> Value {
         },
         "pools": services["pools"].clone(),
         "usage": usage_status(&metrics.usage, snapshot),
+        "tier_changes": tier_feed_status(&metrics.tier_overrides, snapshot),
     })
 }
 

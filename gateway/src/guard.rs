@@ -92,7 +92,12 @@ pub async fn admit(
         }
     };
     let class = match &identity {
-        Some(id) => limiter.tier_of(id.tier.as_deref()),
+        // A tier change newer than the token wins over its claim.
+        Some(id) => snapshot
+            .overrides
+            .as_deref()
+            .and_then(|o| o.resolve(id, |tier| limiter.tier_of(Some(tier))))
+            .unwrap_or_else(|| limiter.tier_of(id.tier.as_deref())),
         None => limiter.anonymous(),
     };
     if route.min_tier.is_some() || !route.roles.is_empty() {

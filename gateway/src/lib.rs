@@ -33,6 +33,7 @@ pub mod router;
 pub mod secret;
 pub mod server;
 pub mod snapshot;
+pub mod tier_feed;
 pub mod trace;
 pub mod upstream;
 pub mod usage;

@@ -88,6 +88,9 @@ pub struct Metrics {
     /// The usage meter (process-wide like every counter here, so a reload
     /// loses no counts); its figures are exposed at scrape time.
     pub usage: Arc<crate::usage::Meter>,
+    /// The tier overrides from the users service's feed (process-wide, so
+    /// a reload keeps them).
+    pub tier_overrides: Arc<crate::tier_feed::TierOverrides>,
     pub(crate) started: Instant,
 }
 
@@ -223,6 +226,7 @@ impl Metrics {
             downstream_open,
             downstream_accepted,
             usage: Arc::new(crate::usage::Meter::new()),
+            tier_overrides: Arc::new(crate::tier_feed::TierOverrides::new()),
             started: Instant::now(),
         }))
     }

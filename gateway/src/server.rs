@@ -120,6 +120,12 @@ impl GatewayServer {
             state.clone(),
             signer.clone(),
         ));
+        // So does the tier change feed.
+        background.spawn(crate::tier_feed::run(
+            metrics.tier_overrides.clone(),
+            state.clone(),
+            signer.clone(),
+        ));
         let mut service = edge_service(
             &server,
             Gateway::new(state.clone(), metrics.clone()),
@@ -275,6 +281,16 @@ pub fn check_safety(config: &Config, env: &Environment) -> Result<(), String> {
              TIERGATE_GATEWAY_SERVICE_KEY_FILE) to an Ed25519 PKCS#8 PEM key \
              (`openssl genpkey -algorithm ed25519`) and give its public key to the \
              subscriptions service as service_keys.gateway, or remove usage.endpoint."
+                .into(),
+        );
+    }
+    if config.tier_changes.is_some() && env.service_key.is_none() {
+        return Err(
+            "tier_changes.endpoint is set, but the gateway has no service key to sign its \
+             polls with. Set TIERGATE_GATEWAY_SERVICE_KEY (or \
+             TIERGATE_GATEWAY_SERVICE_KEY_FILE) to an Ed25519 PKCS#8 PEM key and give its \
+             public key to the users service as service_keys.gateway, or remove \
+             tier_changes.endpoint."
                 .into(),
         );
     }

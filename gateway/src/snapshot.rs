@@ -45,6 +45,10 @@ pub struct Snapshot {
     pub usage: Option<crate::config::UsageSettings>,
     /// The meter admitted requests are counted in, when metering is on.
     pub meter: Option<Arc<crate::usage::Meter>>,
+    /// `tier_changes:`, when the feed is on.
+    pub tier_changes: Option<crate::config::TierChangesSettings>,
+    /// The tier overrides admission applies, when the feed is on.
+    pub overrides: Option<Arc<crate::tier_feed::TierOverrides>>,
     /// SHA-256 of the config text this snapshot was built from.
     pub config_sha256: String,
     /// When it was built.
@@ -167,6 +171,10 @@ impl Snapshot {
             .collect();
         let pool_names: Vec<&str> = pools.iter().map(|p| p.name.as_str()).collect();
         let meter = config.usage.as_ref().map(|_| metrics.usage.clone());
+        let overrides = config
+            .tier_changes
+            .as_ref()
+            .map(|_| metrics.tier_overrides.clone());
         let metrics = RequestMetrics::new(metrics.clone(), &route_names, &tiers, &pool_names);
         Ok(Self {
             router: Router::new(&config.routes),
@@ -180,6 +188,8 @@ impl Snapshot {
             metrics,
             access_log,
             usage: config.usage.clone(),
+            tier_changes: config.tier_changes.clone(),
+            overrides,
             meter,
             config_sha256: config.source_sha256.clone(),
             loaded_at: SystemTime::now(),

@@ -340,7 +340,8 @@ impl Meter {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// The guard of `m`, also when a panicking holder poisoned it.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
@@ -365,7 +366,24 @@ fn batches(rows: Vec<Row>, settings: &UsageSettings, from_ms: u64, to_ms: u64) -
     out
 }
 
-fn now_ms() -> u64 {
+/// The HTTP client of a background task calling a service; `None` (and
+/// logged with `without`, what then does not happen) when none can be
+/// built.
+pub(crate) fn service_client(without: &str) -> Option<reqwest::Client> {
+    match reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build()
+    {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build an HTTP client; {without}");
+            None
+        }
+    }
+}
+
+/// Unix milliseconds now.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -578,15 +596,8 @@ pub fn final_flush(
 /// config and sends the backlog, backing off while the service fails.
 /// Runs until the background runtime stops.
 pub async fn run(meter: Arc<Meter>, state: Arc<ArcSwap<Snapshot>>, signer: Option<Arc<Signer>>) {
-    let client = match reqwest::Client::builder()
-        .pool_idle_timeout(Duration::from_secs(90))
-        .build()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "usage metering: cannot build an HTTP client; nothing is sent");
-            return;
-        }
+    let Some(client) = service_client("usage metering: nothing is sent") else {
+        return;
     };
     let mut wait: Option<Duration> = None;
     let mut retry_at = tokio::time::Instant::now();

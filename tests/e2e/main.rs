@@ -32,6 +32,7 @@ mod service_platform;
 mod status_page;
 mod streaming;
 mod subscriptions;
+mod tier_changes;
 mod tokens;
 mod upgrade;
 mod usage;

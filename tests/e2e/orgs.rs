@@ -18,11 +18,11 @@ use crate::users::{
 
 /// A signed-up user: id, e-mail and the login's token pair.
 #[derive(Clone)]
-struct Person {
-    id: String,
-    email: String,
-    access: String,
-    refresh: String,
+pub struct Person {
+    pub id: String,
+    pub email: String,
+    pub access: String,
+    pub refresh: String,
 }
 
 impl Person {
@@ -32,7 +32,7 @@ impl Person {
     }
 }
 
-async fn person(base: &str, inbox: &Inbox, email: &str) -> Person {
+pub async fn person(base: &str, inbox: &Inbox, email: &str) -> Person {
     let pair = signed_up(base, inbox, email).await;
     let access = pair["access_token"].as_str().unwrap().to_owned();
     Person {
@@ -54,7 +54,7 @@ async fn call(
 }
 
 /// Creates an organization as `owner`; its id.
-async fn org(base: &str, owner: &Person, name: &str) -> String {
+pub async fn org(base: &str, owner: &Person, name: &str) -> String {
     let (status, body) = call(
         base,
         owner,
@@ -68,7 +68,7 @@ async fn org(base: &str, owner: &Person, name: &str) -> String {
 }
 
 /// Invites `who` into `org` as `role` (by `by`) and accepts as `who`.
-async fn join(base: &str, inbox: &Inbox, org: &str, by: &Person, who: &Person, role: &str) {
+pub async fn join(base: &str, inbox: &Inbox, org: &str, by: &Person, who: &Person, role: &str) {
     let (status, body) = call(
         base,
         by,
@@ -95,7 +95,7 @@ async fn join(base: &str, inbox: &Inbox, org: &str, by: &Person, who: &Person, r
 }
 
 /// Switches `who`'s login to `tenant` (or personal) and keeps the new pair.
-async fn switch(base: &str, who: &mut Person, tenant: Option<&str>) -> Value {
+pub async fn switch(base: &str, who: &mut Person, tenant: Option<&str>) -> Value {
     let (status, pair) = post(
         base,
         "/api/auth/switch",

@@ -256,6 +256,18 @@ impl World {
         ServiceKeys::load(&KeySource::development(name, self.dir.path())).unwrap()
     }
 
+    /// A gateway environment with the gateway's service key of this world
+    /// (where its services find the public half).
+    pub fn gateway_env(&self) -> gateway::secret::Environment {
+        self.keys_of("gateway");
+        let pem =
+            std::fs::read_to_string(self.dir.path().join("service-keys/gateway.pem")).unwrap();
+        gateway::secret::Environment {
+            service_key: Some(gateway::secret::Secret::new(pem)),
+            ..Default::default()
+        }
+    }
+
     /// A pool on `service`'s database, to look at its rows.
     pub async fn pool(&self, service: &str) -> sqlx::AnyPool {
         let url = self.db.url_for(service, self.dir.path()).await;

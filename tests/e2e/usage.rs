@@ -5,7 +5,6 @@
 //! service is down in the middle (the gateway keeps a backlog and
 //! retries the same batch ids) and comes back on the same database.
 
-use gateway::secret::{Environment, Secret};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
@@ -45,14 +44,7 @@ async fn metered_every(db: crate::platform::Database, flush_interval: &str) -> M
     let subs_addr = format!("127.0.0.1:{}", free_port());
     let subscriptions = start_subscriptions(&world, &subs_addr, &users).await;
     let api = upstream("api").await;
-    // The gateway's key, where the services of this world find its
-    // public half.
-    world.keys_of("gateway");
-    let pem = std::fs::read_to_string(world.dir.path().join("service-keys/gateway.pem")).unwrap();
-    let env = Environment {
-        service_key: Some(Secret::new(pem)),
-        ..Environment::default()
-    };
+    let env = world.gateway_env();
     let (u, s, a) = (users.addr(), &subs_addr, api.addr);
     let gw = gateway_with_env(
         &format!(

@@ -49,7 +49,7 @@ async fn alone(db: Database) -> (World, Running) {
 }
 
 /// A login attempt.
-async fn login(base: &str, email: &str, password: &str) -> (StatusCode, Value) {
+pub async fn login(base: &str, email: &str, password: &str) -> (StatusCode, Value) {
     post(
         base,
         "/api/auth/login",

@@ -164,7 +164,7 @@ fn invalid(e: ApiError) -> Error {
     Error::Invalid(e)
 }
 
-fn field_error(field: &str, message: &str) -> Error {
+pub(crate) fn field_error(field: &str, message: &str) -> Error {
     Error::Invalid(ApiError::validation(vec![FieldError::new(field, message)]))
 }
 
@@ -641,7 +641,9 @@ impl Users {
         let mut conn = self.conn().await?;
         let tokens = storage::purge_expired(&mut conn, now).await?;
         let invitations = crate::orgs::storage::purge_invitations(&mut conn, now).await?;
-        Ok(tokens + invitations)
+        drop(conn);
+        let changes = self.purge_tier_changes().await?;
+        Ok(tokens + invitations + changes)
     }
 
     /// A page of users (admin).
@@ -714,6 +716,8 @@ pub struct TierEvents {
     pub ended: bool,
     /// The clock.
     pub clock: Clock,
+    /// Wakes the tier change feed's waiting polls.
+    pub changed: Arc<crate::tier_feed::Changed>,
 }
 
 /// Whose tier an event sets.
@@ -782,15 +786,15 @@ impl Handler for TierEvents {
             Subject::User(id) => (storage::TierOf::User, id),
             Subject::Organization(id) => (storage::TierOf::Organization, id),
         };
-        let changed = storage::set_tier(tx, of, id, tier, event.occurred_at, now).await?;
-        let exists = changed
-            || match of {
-                storage::TierOf::User => storage::user_by_id(tx, id).await?.is_some(),
-                storage::TierOf::Organization => crate::orgs::storage::org_exists(tx, id).await?,
-            };
-        if changed {
-            Ok(Applied::Applied)
-        } else if !exists {
+        let set = storage::set_tier(tx, of, id, tier, event.occurred_at, now).await?;
+        if set != storage::TierSet::Stale {
+            return Ok(Applied::Applied);
+        }
+        let exists = match of {
+            storage::TierOf::User => storage::user_by_id(tx, id).await?.is_some(),
+            storage::TierOf::Organization => crate::orgs::storage::org_exists(tx, id).await?,
+        };
+        if !exists {
             Ok(Applied::rejected(
                 "unknown_subject",
                 "the event names a user or organization that does not exist",
@@ -798,6 +802,10 @@ impl Handler for TierEvents {
         } else {
             Ok(Applied::Stale)
         }
+    }
+
+    fn committed(&self, _event: &Event) {
+        self.changed.notify();
     }
 }
 

@@ -19,6 +19,7 @@ pub mod pages;
 pub mod password;
 pub mod routes;
 pub mod storage;
+pub mod tier_feed;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -85,38 +86,32 @@ impl Service for UsersService {
             .boxed_local()
         };
         let purger = users.clone();
+        let changed = Arc::new(tier_feed::Changed::default());
+        let tier_events = |ended| core::TierEvents {
+            ended,
+            clock: p.clock.clone(),
+            changed: changed.clone(),
+        };
         let consumer = Consumer::new("users")
             .on(
                 "subscription.activated",
                 &["subscriptions"],
-                core::TierEvents {
-                    ended: false,
-                    clock: p.clock.clone(),
-                },
+                tier_events(false),
             )
             .on(
                 "subscription.renewed",
                 &["subscriptions"],
-                core::TierEvents {
-                    ended: false,
-                    clock: p.clock.clone(),
-                },
+                tier_events(false),
             )
-            .on(
-                "subscription.ended",
-                &["subscriptions"],
-                core::TierEvents {
-                    ended: true,
-                    clock: p.clock.clone(),
-                },
-            );
+            .on("subscription.ended", &["subscriptions"], tier_events(true));
         let routes_users = users.clone();
         let mut openapi = routes::UsersApi::openapi();
         openapi.merge(orgs::routes::OrgsApi::openapi());
         let mut parts = Parts::new(
             openapi,
             Arc::new(move |cfg| {
-                cfg.app_data(routes_users.clone());
+                cfg.app_data(routes_users.clone())
+                    .app_data(actix_web::web::Data::from(changed.clone()));
                 routes::configure(cfg);
                 orgs::routes::configure(cfg);
                 pages::configure(cfg);

@@ -310,6 +310,40 @@ async fn internal_user(
     Ok(HttpResponse::Ok().json(users.get(&id).await?))
 }
 
+/// `GET /internal/tier-changes`.
+#[derive(Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct TierChangesQuery {
+    /// The `next` of the previous answer; unset: every change an access
+    /// token still valid may predate.
+    pub after: Option<i64>,
+    /// Seconds to wait for a change when there is none yet, 0–25
+    /// (default 0).
+    pub wait: Option<u64>,
+}
+
+/// Tier changes of users and organizations in commit order, as a long
+/// poll (the gateway, service token only).
+#[utoipa::path(get, path = "/internal/tier-changes", tag = "internal", security(("service" = [])),
+    params(TierChangesQuery),
+    responses((status = 200, body = crate::tier_feed::TierChanges),
+        (status = 401, description = "not a service token", body = backend_common::error::ErrorEnvelope),
+        (status = 422, description = "a bad parameter", body = backend_common::error::ErrorEnvelope)))]
+async fn tier_changes(
+    users: web::Data<Users>,
+    changed: web::Data<crate::tier_feed::Changed>,
+    _caller: ServiceCaller,
+    query: web::Query<TierChangesQuery>,
+) -> Api<HttpResponse> {
+    let q = query.into_inner();
+    let wait = std::time::Duration::from_secs(q.wait.unwrap_or(0));
+    if wait > crate::tier_feed::MAX_WAIT {
+        return Err(crate::core::field_error("wait", "must be between 0 and 25").into());
+    }
+    let changed = changed.into_inner();
+    Ok(HttpResponse::Ok().json(users.tier_changes(&changed, q.after, wait).await?))
+}
+
 /// The services that read users (`GET /internal/users/{id}`): billing
 /// prints the buyer, notifications finds the address and locale.
 const INTERNAL_USER_CALLERS: &[&str] = &["billing", "notifications", "subscriptions", "payments"];
@@ -339,6 +373,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
             web::resource("/internal/users/{id}")
                 .app_data(AllowedCallers(INTERNAL_USER_CALLERS))
                 .route(web::get().to(internal_user)),
+        )
+        .service(
+            web::resource("/internal/tier-changes")
+                .app_data(AllowedCallers(&["gateway"]))
+                .route(web::get().to(tier_changes)),
         );
 }
 
@@ -363,7 +402,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         list_users,
         set_roles,
         jwks,
-        internal_user
+        internal_user,
+        tier_changes
     ),
     components(schemas(
         RegisterRequest,
@@ -379,7 +419,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         SetRolesRequest,
         User,
         UserPage,
-        TokenPair
+        TokenPair,
+        crate::tier_feed::TierChanges,
+        crate::tier_feed::TierChange,
+        crate::tier_feed::ChangedSubject
     ))
 )]
 pub struct UsersApi;

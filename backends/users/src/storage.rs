@@ -182,9 +182,31 @@ pub enum TierOf {
     Organization,
 }
 
+/// What [`set_tier`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierSet {
+    /// The tier changed (and a row was added to the change feed).
+    Changed,
+    /// The event was newer but named the tier the subject has already.
+    Same,
+    /// Nothing: a later event set it already, or no such subject.
+    Stale,
+}
+
+impl TierOf {
+    /// Its name in events and in the change feed.
+    pub fn kind(self) -> &'static str {
+        match self {
+            TierOf::User => "user",
+            TierOf::Organization => "organization",
+        }
+    }
+}
+
 /// Sets the tier of a user or an organization from a subscription event
 /// that happened at `occurred_at`, unless a later event already set it.
-/// Returns whether it changed.
+/// A change of tier is also recorded in the change feed
+/// ([`record_tier_change`]) in the same transaction.
 pub async fn set_tier(
     c: &mut AnyConnection,
     of: TierOf,
@@ -192,25 +214,134 @@ pub async fn set_tier(
     tier: &str,
     occurred_at: i64,
     now: i64,
-) -> Result<bool, sqlx::Error> {
-    let sql = match of {
-        TierOf::User => {
+) -> Result<TierSet, sqlx::Error> {
+    // Two statements instead of reading the old tier first: each takes the
+    // row's lock, so two events for one subject cannot both see the old
+    // tier on PostgreSQL.
+    let (change, same) = match of {
+        TierOf::User => (
             "UPDATE users SET tier = $1, tier_changed_at = $2, updated_at = $3 \
-             WHERE id = $4 AND tier_changed_at <= $2"
-        }
-        TierOf::Organization => {
+             WHERE id = $4 AND tier_changed_at <= $2 AND tier <> $1",
+            "UPDATE users SET tier_changed_at = $2, updated_at = $3 \
+             WHERE id = $4 AND tier_changed_at <= $2 AND tier = $1",
+        ),
+        TierOf::Organization => (
             "UPDATE organizations SET tier = $1, tier_changed_at = $2, updated_at = $3 \
-             WHERE id = $4 AND tier_changed_at <= $2"
-        }
+             WHERE id = $4 AND tier_changed_at <= $2 AND tier <> $1",
+            "UPDATE organizations SET tier_changed_at = $2, updated_at = $3 \
+             WHERE id = $4 AND tier_changed_at <= $2 AND tier = $1",
+        ),
     };
-    let r = sqlx::query(sql)
-        .bind(tier)
-        .bind(occurred_at)
-        .bind(now)
-        .bind(id)
+    let run = |sql: &'static str| {
+        sqlx::query(sql)
+            .bind(tier)
+            .bind(occurred_at)
+            .bind(now)
+            .bind(id)
+    };
+    let changed = run(change).execute(&mut *c).await?;
+    if changed.rows_affected() == 1 {
+        record_tier_change(c, of, id, tier, now).await?;
+        return Ok(TierSet::Changed);
+    }
+    let same = run(same).execute(&mut *c).await?;
+    Ok(if same.rows_affected() == 1 {
+        TierSet::Same
+    } else {
+        TierSet::Stale
+    })
+}
+
+/// Appends a change to the tier change feed. The counter's row stays
+/// locked until the caller commits, so numbers commit in order.
+async fn record_tier_change(
+    c: &mut AnyConnection,
+    of: TierOf,
+    id: &str,
+    tier: &str,
+    now: i64,
+) -> Result<(), sqlx::Error> {
+    let seq: i64 = sqlx::query_scalar(
+        "UPDATE tier_change_counter SET last = last + 1 WHERE id = 1 RETURNING last",
+    )
+    .fetch_one(&mut *c)
+    .await?;
+    sqlx::query(
+        "INSERT INTO tier_changes (seq, subject_kind, subject_id, tier, applied_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(seq)
+    .bind(of.kind())
+    .bind(id)
+    .bind(tier)
+    .bind(now)
+    .execute(c)
+    .await?;
+    Ok(())
+}
+
+/// One row of the tier change feed.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TierChangeRow {
+    /// Its number (commit order).
+    pub seq: i64,
+    /// `user` or `organization`.
+    pub subject_kind: String,
+    /// The user's or organization's id.
+    pub subject_id: String,
+    /// The new tier.
+    pub tier: String,
+    /// When it was applied (ms).
+    pub applied_at: i64,
+}
+
+/// Feed rows after `after` (by number), at most `limit`.
+pub async fn tier_changes_after(
+    c: &mut AnyConnection,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<TierChangeRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT seq, subject_kind, subject_id, tier, applied_at FROM tier_changes \
+         WHERE seq > $1 ORDER BY seq LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .fetch_all(c)
+    .await
+}
+
+/// Feed rows applied at or after `since` (ms), at most `limit`, oldest
+/// first.
+pub async fn tier_changes_since(
+    c: &mut AnyConnection,
+    since: i64,
+    limit: i64,
+) -> Result<Vec<TierChangeRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT seq, subject_kind, subject_id, tier, applied_at FROM tier_changes \
+         WHERE applied_at >= $1 ORDER BY seq LIMIT $2",
+    )
+    .bind(since)
+    .bind(limit)
+    .fetch_all(c)
+    .await
+}
+
+/// The number of the last committed feed row (0: none yet).
+pub async fn last_tier_change(c: &mut AnyConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT last FROM tier_change_counter WHERE id = 1")
+        .fetch_one(c)
+        .await
+}
+
+/// Deletes feed rows applied before `before` (ms).
+pub async fn purge_tier_changes(c: &mut AnyConnection, before: i64) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query("DELETE FROM tier_changes WHERE applied_at < $1")
+        .bind(before)
         .execute(c)
         .await?;
-    Ok(r.rows_affected() == 1)
+    Ok(r.rows_affected())
 }
 
 /// A new one-time token (stored as its hash).

@@ -47,6 +47,9 @@ pub struct Identity {
     pub tenant_key: Option<u64>,
     /// `exp`, Unix seconds.
     pub expires_at: u64,
+    /// `iat`, Unix seconds (0 when the token has none): a tier change
+    /// applied after it overrides `tier` ([`crate::tier_feed`]).
+    pub issued_at: u64,
     /// Hash of the subject, the rate limiter's key.
     pub key: u64,
 }
@@ -82,6 +85,8 @@ impl AuthError {
 struct Claims {
     sub: String,
     exp: u64,
+    #[serde(default)]
+    iat: Option<u64>,
     #[serde(default)]
     tier: Option<String>,
     #[serde(default)]
@@ -361,6 +366,7 @@ impl Authenticator {
             tenant,
             tenant_key,
             expires_at: c.exp,
+            issued_at: c.iat.unwrap_or(0),
             key: self.key_hasher.hash_one(&key_input),
         })
     }

@@ -39,6 +39,9 @@ pub struct ConfigDto {
     /// Usage metering: admitted requests counted per caller and route,
     /// sent in batches to the subscriptions service.
     pub usage: UsageDto,
+    /// Tier changes from the users service, applied in admission before
+    /// the token's own tier.
+    pub tier_changes: TierChangesDto,
     /// Plugins of every route (run before each route's own): a list of
     /// `- name: {config}`; checked by the plugin registry.
     #[schemars(with = "Option<Vec<PluginEntrySchema>>")]
@@ -127,6 +130,61 @@ impl Default for UsageDto {
             max_backlog_rows: 500_000,
             timeout: Duration::from_secs(5),
             max_backoff: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `tier_changes:` — a long poll of the users service's
+/// `GET /internal/tier-changes` (signed with the gateway's service key):
+/// a paid upgrade or a lapse applies on the next request instead of with
+/// the next access token.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+#[serde(default)]
+pub struct TierChangesDto {
+    /// The `/internal/tier-changes` URL of the users service; unset: the
+    /// tokens' own tiers only.
+    pub endpoint: Option<String>,
+    /// The name of the service called (the tokens' audience).
+    pub audience: String,
+    /// How long one poll waits for a change (whole seconds, 1s–25s).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub wait: Duration,
+    /// Extra time a poll may take beyond `wait` before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub timeout: Duration,
+    /// Overrides are applied until this long after the last good answer;
+    /// then the tokens' own tiers, until the feed answers again.
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub stale_after: Duration,
+    /// How long a change is kept (at least the access tokens' lifetime:
+    /// a token issued before an older change has expired).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub retain: Duration,
+    /// Most changes held; beyond, the oldest are dropped (and counted).
+    pub max_entries: usize,
+    /// Longest wait between polls while the feed fails (the wait doubles
+    /// from 100ms).
+    #[serde(with = "humantime_serde")]
+    #[schemars(with = "String")]
+    pub max_backoff: Duration,
+}
+
+impl Default for TierChangesDto {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            audience: "users".to_owned(),
+            wait: Duration::from_secs(20),
+            timeout: Duration::from_secs(5),
+            stale_after: Duration::from_secs(30),
+            retain: Duration::from_secs(3600),
+            max_entries: 100_000,
+            max_backoff: Duration::from_secs(5),
         }
     }
 }

@@ -89,6 +89,8 @@ pub struct Config {
     pub access_log: AccessLogSettings,
     /// Usage metering, when `usage.endpoint` is set.
     pub usage: Option<UsageSettings>,
+    /// The tier change feed, when `tier_changes.endpoint` is set.
+    pub tier_changes: Option<TierChangesSettings>,
     /// SHA-256 of the config text (hex), as `sha256sum` prints it.
     pub source_sha256: String,
 }
@@ -202,6 +204,27 @@ pub struct UsageSettings {
     /// Timeout of one batch's request.
     pub timeout: Duration,
     /// Longest wait between retries.
+    pub max_backoff: Duration,
+}
+
+/// `tier_changes:`, validated: the users service's tier change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierChangesSettings {
+    /// The users service's `/internal/tier-changes` URL.
+    pub endpoint: String,
+    /// Its audience.
+    pub audience: String,
+    /// How long one poll waits for a change.
+    pub wait: Duration,
+    /// Extra time beyond `wait` before a poll fails.
+    pub timeout: Duration,
+    /// Overrides apply until this long after the last good answer.
+    pub stale_after: Duration,
+    /// How long a change is kept.
+    pub retain: Duration,
+    /// Most changes held.
+    pub max_entries: usize,
+    /// Longest wait between failed polls.
     pub max_backoff: Duration,
 }
 

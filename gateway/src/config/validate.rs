@@ -18,8 +18,8 @@ use super::rules::{valid_name, Errors};
 use super::{
     AccessLogSettings, AdminSettings, Algorithm, BackendAddress, BackendSpec, CheckKind, Config,
     DnsSettings, EdgeSettings, EscapedSlashes, HashKey, HealthCheckSpec, HostMatch, LogTarget,
-    PathMatch, PathRewrite, PathSettings, RouteSpec, RunMode, ServerSettings, Timeouts,
-    UpstreamHost, UpstreamSpec, UsageSettings,
+    PathMatch, PathRewrite, PathSettings, RouteSpec, RunMode, ServerSettings, TierChangesSettings,
+    Timeouts, UpstreamHost, UpstreamSpec, UsageSettings,
 };
 
 /// Most backends one pool may have (after DNS expansion too).
@@ -43,6 +43,7 @@ pub(super) fn validate(dto: ConfigDto, registry: &Registry) -> Result<Config, Er
     let dns = dns(&dto, &mut errors);
     let access_log = access_log(&dto, &mut errors);
     let usage = usage(&dto, &mut errors);
+    let tier_changes = tier_changes(&dto, &mut errors);
     let upstreams: Vec<UpstreamSpec> = dto
         .upstreams
         .iter()
@@ -86,6 +87,7 @@ pub(super) fn validate(dto: ConfigDto, registry: &Registry) -> Result<Config, Er
             dns,
             access_log,
             usage,
+            tier_changes,
             source_sha256: String::new(),
         }),
         _ => Err(errors),
@@ -525,55 +527,28 @@ fn access_log(dto: &ConfigDto, errors: &mut Errors) -> AccessLogSettings {
     }
 }
 
-/// `usage:`; `None` when no endpoint is set (nothing is counted).
+/// `usage:`; `None` when no endpoint is set (nothing is counted) or a
+/// key is invalid.
 fn usage(dto: &ConfigDto, errors: &mut Errors) -> Option<UsageSettings> {
     let u = &dto.usage;
-    let endpoint = u.endpoint.as_ref()?;
+    // Every key is checked, set to be used or not.
     let before = errors.len();
-    let url_ok = (endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-        && reqwest::Url::parse(endpoint).is_ok();
-    if !url_ok {
-        errors.push((
-            "usage.endpoint".into(),
-            format!("`{endpoint}` is not an http(s) URL"),
-        ));
-    }
-    {
-        let (key, name) = ("audience", &u.audience);
-        let ok = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-        if !ok {
-            errors.push((
-                format!("usage.{key}"),
-                format!("`{name}` is not a service name (1-64 of a-z 0-9 - _)"),
-            ));
-        }
-    }
+    service_endpoint("usage", u.endpoint.as_deref(), &u.audience, errors);
     let second = Duration::from_secs(1);
-    for (key, d, low, high) in [
-        (
-            "flush_interval",
-            u.flush_interval,
-            second / 10,
-            3600 * second,
-        ),
-        ("timeout", u.timeout, second / 100, 300 * second),
-        ("max_backoff", u.max_backoff, second / 10, 3600 * second),
-    ] {
-        if d < low || d > high {
-            errors.push((
-                format!("usage.{key}"),
-                format!(
-                    "must be between {} and {}",
-                    humantime::format_duration(low),
-                    humantime::format_duration(high)
-                ),
-            ));
-        }
-    }
+    durations_within(
+        "usage",
+        &[
+            (
+                "flush_interval",
+                u.flush_interval,
+                second / 10,
+                3600 * second,
+            ),
+            ("timeout", u.timeout, second / 100, 300 * second),
+            ("max_backoff", u.max_backoff, second / 10, 3600 * second),
+        ],
+        errors,
+    );
     if !(1..=100_000).contains(&u.max_batch_rows) {
         errors.push((
             "usage.max_batch_rows".into(),
@@ -586,6 +561,7 @@ fn usage(dto: &ConfigDto, errors: &mut Errors) -> Option<UsageSettings> {
             "must be at least max_batch_rows and at most 100000000".into(),
         ));
     }
+    let endpoint = u.endpoint.as_ref()?;
     (errors.len() == before).then(|| UsageSettings {
         endpoint: endpoint.clone(),
         audience: u.audience.clone(),
@@ -595,6 +571,93 @@ fn usage(dto: &ConfigDto, errors: &mut Errors) -> Option<UsageSettings> {
         timeout: u.timeout,
         max_backoff: u.max_backoff,
     })
+}
+
+/// `tier_changes:`; `None` when no endpoint is set (tokens' tiers only)
+/// or a key is invalid.
+fn tier_changes(dto: &ConfigDto, errors: &mut Errors) -> Option<TierChangesSettings> {
+    let t = &dto.tier_changes;
+    // Every key is checked, set to be used or not.
+    let before = errors.len();
+    service_endpoint("tier_changes", t.endpoint.as_deref(), &t.audience, errors);
+    let second = Duration::from_secs(1);
+    durations_within(
+        "tier_changes",
+        &[
+            ("wait", t.wait, second, 25 * second),
+            ("timeout", t.timeout, second / 10, 60 * second),
+            ("stale_after", t.stale_after, second, 3600 * second),
+            ("retain", t.retain, 60 * second, 24 * 3600 * second),
+            ("max_backoff", t.max_backoff, second / 10, 300 * second),
+        ],
+        errors,
+    );
+    if t.wait.subsec_nanos() != 0 {
+        errors.push(("tier_changes.wait".into(), "must be whole seconds".into()));
+    }
+    if !(1..=10_000_000).contains(&t.max_entries) {
+        errors.push((
+            "tier_changes.max_entries".into(),
+            "must be between 1 and 10000000".into(),
+        ));
+    }
+    let endpoint = t.endpoint.as_ref()?;
+    (errors.len() == before).then(|| TierChangesSettings {
+        endpoint: endpoint.clone(),
+        audience: t.audience.clone(),
+        wait: t.wait,
+        timeout: t.timeout,
+        stale_after: t.stale_after,
+        retain: t.retain,
+        max_entries: t.max_entries,
+        max_backoff: t.max_backoff,
+    })
+}
+
+/// `<section>.endpoint` must be an http(s) URL and `<section>.audience` a
+/// service name.
+fn service_endpoint(section: &str, endpoint: Option<&str>, audience: &str, errors: &mut Errors) {
+    if let Some(endpoint) = endpoint {
+        let url_ok = (endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            && reqwest::Url::parse(endpoint).is_ok();
+        if !url_ok {
+            errors.push((
+                format!("{section}.endpoint"),
+                format!("`{endpoint}` is not an http(s) URL"),
+            ));
+        }
+    }
+    let name_ok = !audience.is_empty()
+        && audience.len() <= 64
+        && audience
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+    if !name_ok {
+        errors.push((
+            format!("{section}.audience"),
+            format!("`{audience}` is not a service name (1-64 of a-z 0-9 - _)"),
+        ));
+    }
+}
+
+/// Each `(key, value, low, high)`: `<section>.<key>` within its bounds.
+fn durations_within(
+    section: &str,
+    checks: &[(&str, Duration, Duration, Duration)],
+    errors: &mut Errors,
+) {
+    for &(key, d, low, high) in checks {
+        if d < low || d > high {
+            errors.push((
+                format!("{section}.{key}"),
+                format!(
+                    "must be between {} and {}",
+                    humantime::format_duration(low),
+                    humantime::format_duration(high)
+                ),
+            ));
+        }
+    }
 }
 
 fn dns(dto: &ConfigDto, errors: &mut Errors) -> DnsSettings {
