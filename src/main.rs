@@ -2,6 +2,8 @@
 //! config, hand over to the `gateway` crate or to the services in the
 //! registry ([`SERVICES`]).
 
+mod startup;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -145,6 +147,26 @@ enum Command {
     Events {
         #[command(subcommand)]
         command: EventsCommand,
+    },
+    /// Print the newest mail of the development mailbox (the `.eml` files
+    /// written under `<data_dir>/mail` when no SMTP server is set),
+    /// decoded; waits for one to arrive.
+    Mail {
+        /// Only a mail to this address.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only a mail whose subject contains this.
+        #[arg(long)]
+        subject: Option<String>,
+        /// Print only its first link.
+        #[arg(long)]
+        link: bool,
+        /// Seconds to wait for a matching mail.
+        #[arg(long, default_value_t = 10)]
+        wait: u64,
+        /// Services config; defaults to conf/services.yaml when present.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
     /// The users service's own commands.
     Users {
@@ -404,6 +426,18 @@ fn main() -> ExitCode {
             }
         }
         Command::Events { command } => events(command),
+        Command::Mail {
+            to,
+            subject,
+            link,
+            wait,
+            config,
+        } => mail(
+            services_file(config),
+            notifications::mailbox::Filter { to, subject },
+            link,
+            wait,
+        ),
         Command::Users {
             command: UsersCommand::RotateSigningKey { config },
         }
@@ -443,6 +477,7 @@ fn main() -> ExitCode {
                 Ok(s) => s,
                 Err(code) => return code,
             };
+            let sandbox_addr = _sandbox.as_ref().map(|s| s.addr);
             // The gateway signs its usage batches with its own key: a
             // development one beside the services' keys, which the
             // subscriptions service finds there on the first batch.
@@ -470,7 +505,21 @@ fn main() -> ExitCode {
                 p.exists().then_some(p)
             });
             match loaded {
-                Ok(config) => serve(&config, watched.as_deref(), false, RunMode::Development),
+                Ok(config) => {
+                    let table = startup::Startup {
+                        services: SERVICES
+                            .iter()
+                            .map(|s| s.name())
+                            .zip(_services.iter().map(|r| r.addr))
+                            .collect(),
+                        sandbox: sandbox_addr,
+                        gateway: config.server.listen.clone(),
+                        admin: config.admin.listen.clone(),
+                    };
+                    // Printed once the gateway answers (it starts below).
+                    std::thread::spawn(move || println!("{}", table.render_when_up()));
+                    serve(&config, watched.as_deref(), false, RunMode::Development)
+                }
                 Err(code) => code,
             }
         }
@@ -646,6 +695,62 @@ fn sandbox(listen: &str, notify: Option<String>, action: Option<SandboxAction>) 
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::from(EXIT_START_FAILED)
+        }
+    }
+}
+
+/// `tiergate mail`.
+fn mail(
+    file: Option<PathBuf>,
+    filter: notifications::mailbox::Filter,
+    link: bool,
+    wait: u64,
+) -> ExitCode {
+    let settings = match backend_common::service::settings::<notifications::NotificationsService>(
+        file.as_deref(),
+        Environment::Development,
+    ) {
+        Ok(s) => s,
+        Err(e) => return failed("notifications", CommandError::Config(e)),
+    };
+    let dir = notifications::mail_dir(&settings.service, &settings.shared.data_dir);
+    let found =
+        notifications::mailbox::wait_for(&dir, &filter, std::time::Duration::from_secs(wait));
+    match found {
+        Ok(Some(m)) if link => match m.link() {
+            Some(l) => {
+                println!("{l}");
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("error: {} has no link", m.path.display());
+                ExitCode::FAILURE
+            }
+        },
+        Ok(Some(m)) => {
+            println!(
+                "To: {}\nSubject: {}\nFile: {}",
+                m.to,
+                m.subject,
+                m.path.display()
+            );
+            if !m.attachments.is_empty() {
+                println!("Attachments: {}", m.attachments.join(", "));
+            }
+            println!("\n{}", m.text.trim_end());
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            eprintln!(
+                "error: no such mail in {} after {wait} s (is `tiergate up` running without \
+                 TIERGATE_SMTP_URL?)",
+                dir.display()
+            );
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -24,6 +24,7 @@ mod payments;
 mod platform;
 mod plugins;
 mod process;
+mod quick_start;
 mod ratelimit;
 mod reload;
 mod resilience;

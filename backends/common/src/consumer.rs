@@ -98,6 +98,9 @@ struct Route {
 pub struct Consumer {
     name: &'static str,
     handlers: HashMap<&'static str, Arc<Route>>,
+    /// The service's outbox, woken after each applied event: what the
+    /// handler published goes out now, not at the next poll.
+    outbox: Option<crate::outbox::Outbox>,
 }
 
 /// `POST /internal/events` answer.
@@ -116,7 +119,15 @@ impl Consumer {
         Self {
             name,
             handlers: HashMap::new(),
+            outbox: None,
         }
+    }
+
+    /// Wakes `outbox`'s dispatcher after each applied event (the platform
+    /// sets the service's own).
+    pub fn waking(mut self, outbox: crate::outbox::Outbox) -> Self {
+        self.outbox = Some(outbox);
+        self
     }
 
     /// Handles events of `event_type` produced by one of `producers` (the
@@ -221,6 +232,9 @@ impl Consumer {
             Applied::Applied => {
                 tx.commit().await.map_err(ApiError::from)?;
                 route.handler.committed(event);
+                if let Some(outbox) = &self.outbox {
+                    outbox.notify();
+                }
                 Ok(status("applied"))
             }
             Applied::Stale => {

@@ -187,6 +187,7 @@ pub fn start<S: Service>(
         let mut background = parts.background;
         background.push(
             outbox
+                .clone()
                 .dispatch(
                     db.clone(),
                     keys.clone(),
@@ -202,6 +203,7 @@ pub fn start<S: Service>(
         // that consumes events.
         let routes: Routes = match parts.consumer {
             Some(consumer) => {
+                let consumer = consumer.waking(outbox.clone());
                 openapi.merge(<crate::consumer::ConsumerApi as utoipa::OpenApi>::openapi());
                 Arc::new(move |cfg| {
                     consumer.clone().configure(cfg);

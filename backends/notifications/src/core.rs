@@ -264,11 +264,7 @@ impl Notifications {
             Some(url) => Mailer::smtp(&p.config.email.from, url.expose(), p.config.email.timeout)?,
             None => Mailer::files(
                 &p.config.email.from,
-                p.config
-                    .email
-                    .mail_dir
-                    .clone()
-                    .unwrap_or_else(|| p.data_dir.join("mail")),
+                crate::mail_dir(&p.config, &p.data_dir),
             )?,
         };
         let twilio = match p.config.sms.credentials() {

@@ -14,6 +14,7 @@
 pub mod config;
 pub mod core;
 pub mod email;
+pub mod mailbox;
 pub mod phone;
 pub mod prefs;
 pub mod routes;
@@ -44,6 +45,16 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("../../migrations/notifications")
 
 /// Settings of the notifications service.
 pub type NotificationsSettings = Settings<NotificationsConfig>;
+
+/// Where mails are written without an SMTP server: `email.mail_dir`, else
+/// `<data_dir>/mail`.
+pub fn mail_dir(config: &NotificationsConfig, data_dir: &std::path::Path) -> std::path::PathBuf {
+    config
+        .email
+        .mail_dir
+        .clone()
+        .unwrap_or_else(|| data_dir.join("mail"))
+}
 
 /// The notifications service, for the platform and the CLI's registry.
 pub struct NotificationsService;
