@@ -342,35 +342,20 @@ pub fn serve_users(dir: &Path, addr: SocketAddr) -> Result<(Proc, Proc)> {
     Ok((users, mail))
 }
 
-/// The verification token from the newest mail in `mail_dir` (the
-/// notifications service's development file sink).
-pub fn link_token(mail_dir: &Path) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut newest: Option<(std::time::SystemTime, String)> = None;
-        for e in fs::read_dir(mail_dir).into_iter().flatten().flatten() {
-            let modified = e.metadata().and_then(|m| m.modified()).ok();
-            let text = fs::read_to_string(e.path()).unwrap_or_default();
-            if let (Some(t), true) = (modified, text.contains("verify-email?token=")) {
-                if newest.as_ref().is_none_or(|(n, _)| t > *n) {
-                    newest = Some((t, text));
-                }
-            }
-        }
-        if let Some((_, text)) = newest {
-            if let Some(rest) = text.split("verify-email?token=").nth(1) {
-                let token: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
-                    .collect();
-                return Ok(token);
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("no verification mail in {}", mail_dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+/// The verification token from the newest mail to `email` in `mail_dir`
+/// (the notifications service's development file sink), read decoded.
+pub fn link_token(mail_dir: &Path, email: &str) -> Result<String> {
+    let filter = notifications::mailbox::Filter {
+        to: Some(email.to_owned()),
+        subject: None,
+    };
+    let mail = notifications::mailbox::wait_for(mail_dir, &filter, Duration::from_secs(10))
+        .map_err(|e| anyhow!(e))?
+        .ok_or_else(|| anyhow!("no mail to {email} in {}", mail_dir.display()))?;
+    mail.link()
+        .and_then(|l| l.split("token=").nth(1))
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("no link with a token in {}", mail.path.display()))
 }
 
 /// `POST url` with a JSON body; the JSON answer, an error unless 2xx.
@@ -404,7 +389,7 @@ pub async fn signed_up(
         serde_json::json!({"email": email, "password": password, "name": "Bench"}),
     )
     .await?;
-    let link = link_token(mail_dir)?;
+    let link = link_token(mail_dir, email)?;
     call(
         client,
         format!("{base}/api/auth/verify-email"),
