@@ -87,7 +87,15 @@ struct Providers {
 
 /// The moment (Unix ms) each of `n` users' messages reached the provider,
 /// by user index, once all have (60 s + 1 s per 10 messages at most).
-async fn arrivals(p: &Providers, dir: &Path, channel: Channel, n: usize) -> Result<Vec<i64>> {
+/// The stand-ins live across runs: messages before `since` (Unix ms) are
+/// an earlier run's.
+async fn arrivals(
+    p: &Providers,
+    dir: &Path,
+    channel: Channel,
+    n: usize,
+    since: i64,
+) -> Result<Vec<i64>> {
     let deadline = Instant::now() + Duration::from_secs(60 + n as u64 / 10);
     loop {
         let mut at = vec![0i64; n];
@@ -100,7 +108,7 @@ async fn arrivals(p: &Providers, dir: &Path, channel: Channel, n: usize) -> Resu
                     };
                     let i = usize::try_from(chat - FIRST_CHAT).unwrap_or(usize::MAX);
                     let premium = m["text"].as_str().is_some_and(|s| s.contains("PREMIUM"));
-                    if i < n && premium && at[i] == 0 {
+                    if i < n && premium && at[i] == 0 && t >= since {
                         at[i] = t;
                         seen += 1;
                     }
@@ -115,7 +123,7 @@ async fn arrivals(p: &Providers, dir: &Path, channel: Channel, n: usize) -> Resu
                         .strip_prefix("+62811")
                         .and_then(|s| s.parse::<usize>().ok())
                         .unwrap_or(usize::MAX);
-                    if i < n && m["sid"].is_string() && at[i] == 0 {
+                    if i < n && m["sid"].is_string() && at[i] == 0 && t >= since {
                         at[i] = t;
                         seen += 1;
                     }
@@ -318,7 +326,7 @@ fn run(
     if let Some(e) = &intake.first_error {
         bail!("{}: {e}", channel.name());
     }
-    let at = rt.block_on(arrivals(p, &dir, channel, n))?;
+    let at = rt.block_on(arrivals(p, &dir, channel, n, started))?;
     service.alive()?;
     let sent_at = sent_at.lock().unwrap_or_else(|p| p.into_inner());
     let mut latency_ms: Vec<f64> = at

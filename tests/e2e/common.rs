@@ -323,6 +323,20 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// GET `url` as bearer `token`: the status, the `x-ratelimit-limit` it
+/// was admitted under (0 when absent) and the JSON body.
+pub async fn limited_get(url: &str, token: &str) -> (reqwest::StatusCode, u64, Value) {
+    let r = client().get(url).bearer_auth(token).send().await.unwrap();
+    let status = r.status();
+    let limit = r
+        .headers()
+        .get("x-ratelimit-limit")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    (status, limit, r.json().await.unwrap_or(Value::Null))
+}
+
 /// GET `url` and parse the JSON body; returns (status, body).
 pub async fn get_json(client: &reqwest::Client, url: &str) -> (u16, Value) {
     let resp = client.get(url).send().await.unwrap();

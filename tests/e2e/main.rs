@@ -11,6 +11,7 @@ mod auth;
 mod balancing;
 mod billing;
 mod browser;
+mod business_loop;
 mod check_config;
 mod common;
 mod discovery;

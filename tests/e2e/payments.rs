@@ -47,7 +47,7 @@ fn id_of(access: &str) -> String {
         .to_owned()
 }
 
-fn midtrans_env(sandbox: &RunningSandbox) -> Vec<(&'static str, String)> {
+pub(crate) fn midtrans_env(sandbox: &RunningSandbox) -> Vec<(&'static str, String)> {
     vec![
         (
             "TIERGATE_MIDTRANS_SERVER_KEY",

@@ -201,6 +201,16 @@ impl World {
     /// development mode, its database, no event subscribers; `env` adds
     /// or overrides variables.
     pub async fn settings<S: Service>(&self, env: &[(&str, &str)]) -> Settings<S::Config> {
+        self.settings_from::<S>(None, env).await
+    }
+
+    /// [`World::settings`] read from the services config `file` (the
+    /// variables still win over it, as they do in production).
+    pub async fn settings_from<S: Service>(
+        &self,
+        file: Option<&Path>,
+        env: &[(&str, &str)],
+    ) -> Settings<S::Config> {
         let upper = S::NAME.to_ascii_uppercase();
         let mut vars: HashMap<String, String> = HashMap::new();
         vars.insert(
@@ -218,7 +228,7 @@ impl World {
         backend_common::config::load::<S::Config>(
             S::NAME,
             S::DEFAULT_PORT,
-            None,
+            file,
             &|k| vars.get(k).cloned(),
             Environment::Development,
         )

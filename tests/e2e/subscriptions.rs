@@ -169,24 +169,16 @@ impl Shop {
 
     /// Pays `invoice` by BCA VA and settles it at the sandbox.
     async fn pay(&self, invoice: &Value, key: &str) {
-        let (status, p, _) = self
-            .post_keyed(
-                "/api/payments",
-                key,
-                json!({"invoice_id": invoice["id"], "method": "bca_va"}),
-            )
-            .await;
-        assert_eq!(status, StatusCode::CREATED, "{p}");
-        sandbox::act(
-            &self.sandbox.base(),
-            p["order_id"].as_str().unwrap(),
-            "pay",
-            false,
-            false,
-            None,
+        let id = invoice["id"].as_str().unwrap();
+        pay_in_sandbox(
+            &self.gw.url(""),
+            &self.access(),
+            &self.sandbox,
+            id,
+            "bca_va",
+            key,
         )
-        .await
-        .unwrap();
+        .await;
     }
 
     /// Checks out PREMIUM monthly (key `c-1`), pays it (`p-1`) and waits
@@ -803,4 +795,36 @@ both_databases! {
         billing.stop().await;
         users.stop().await;
     }
+}
+
+/// Pays invoice `id` through the gateway at `base` as `token`, by
+/// `method` (`bca_va`, `qris`) with idempotency key `key`, and pays it at
+/// the sandbox as the customer would: the payment.
+pub(crate) async fn pay_in_sandbox(
+    base: &str,
+    token: &str,
+    sandbox: &RunningSandbox,
+    id: &str,
+    method: &str,
+    key: &str,
+) -> Value {
+    let (status, payment, _) = crate::platform::post_keyed(
+        &format!("{base}/api/payments"),
+        token,
+        key,
+        &json!({"invoice_id": id, "method": method}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{payment}");
+    sandbox::act(
+        &sandbox.base(),
+        payment["order_id"].as_str().unwrap(),
+        "pay",
+        false,
+        false,
+        None,
+    )
+    .await
+    .unwrap();
+    payment
 }

@@ -6,9 +6,7 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
-use crate::common::{
-    client, free_port, gateway_with_env, metric_value, upstream, TestGateway, Upstream,
-};
+use crate::common::{free_port, gateway_with_env, metric_value, upstream, TestGateway, Upstream};
 use crate::orgs::{join, org, person, switch, Person};
 use crate::platform::{as_service, both_databases, eventually, Database, Inbox, Running, World};
 use crate::users::settings as users_settings;
@@ -129,20 +127,7 @@ impl Feed {
     /// One request on `/echo` as `token`: the status, the limit applied
     /// and the tier the upstream was told.
     async fn hit(&self, token: &str) -> (StatusCode, u64, Option<String>) {
-        let r = client()
-            .get(self.gw.url("/echo"))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let limit = r
-            .headers()
-            .get("x-ratelimit-limit")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
-        let body: Value = r.json().await.unwrap_or(Value::Null);
+        let (status, limit, body) = crate::common::limited_get(&self.gw.url("/echo"), token).await;
         let tier = body["headers"]["x-user-tier"].as_str().map(str::to_owned);
         (status, limit, tier)
     }

@@ -344,6 +344,13 @@ impl Loop {
         let mut quiet_error = false;
         let mut ticker = self.clock.ticker();
         loop {
+            // Registered before the pass: an event committed while this
+            // loop is busy delivering still wakes it (`notify_waiters`
+            // only reaches registered waiters), instead of waiting for the
+            // next poll.
+            let wake = self.outbox.wake.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
             match self.pass().await {
                 Ok(full) => {
                     quiet_error = false;
@@ -359,7 +366,6 @@ impl Loop {
                     }
                 }
             }
-            let wake = self.outbox.wake.notified();
             tokio::select! {
                 _ = wake => {}
                 _ = ticker.tick(self.settings.poll_interval) => {}

@@ -1,0 +1,357 @@
+//! The whole business loop as one product: the five services read the
+//! shipped `conf/services.yaml` (every event wired as shipped, the shipped
+//! plans and prices), the gateway runs the shipped `conf/tiergate.yaml`
+//! (the shipped tiers, routes, usage and the tier change feed), payments
+//! talk to the Midtrans sandbox, mails go to the development mailbox. Only
+//! the addresses are this test's. On SQLite and PostgreSQL.
+
+use std::path::PathBuf;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use notifications::mailbox::{self, Filter, Mail};
+use payments::sandbox::{self, RunningSandbox, SandboxConfig};
+
+use crate::common::{client, free_port, gateway_with_env, TestGateway};
+use crate::platform::{
+    as_user, both_databases, eventually, post, post_keyed, Database, Running, World,
+};
+
+const PASSWORD: &str = "correct horse 9";
+const DAY: i64 = 86_400_000;
+
+/// Everything of one run.
+struct Product {
+    world: World,
+    users: Running,
+    subscriptions: Running,
+    payments: Running,
+    notifications: Running,
+    billing: Running,
+    sandbox: RunningSandbox,
+    gw: TestGateway,
+}
+
+/// The shipped gateway config below its listeners, with this run's
+/// addresses for the standard ports.
+fn shipped_gateway(addrs: &[(&str, String)]) -> String {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let text = std::fs::read_to_string(format!("{root}/conf/tiergate.yaml")).unwrap();
+    let mut body = text[text
+        .find("\nupstreams:")
+        .expect("the shipped config has upstreams")..]
+        .to_owned();
+    for (port, (_, addr)) in ["8021", "8022", "8023", "8024", "8025"].iter().zip(addrs) {
+        body = body.replace(&format!("127.0.0.1:{port}"), addr);
+    }
+    body
+}
+
+async fn product(db: Database) -> Product {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,pingora_core=off")
+        .with_test_writer()
+        .try_init();
+    let file = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/services.yaml"));
+    let world = World::new(db);
+    let sandbox = sandbox::start(SandboxConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..Default::default()
+    })
+    .unwrap();
+    // The standard order of the ports: users 8021 … billing 8025.
+    let addrs: Vec<(&str, String)> = [
+        "users",
+        "subscriptions",
+        "payments",
+        "notifications",
+        "billing",
+    ]
+    .iter()
+    .map(|n| (*n, format!("127.0.0.1:{}", free_port())))
+    .collect();
+    let mut vars: Vec<(String, String)> = addrs
+        .iter()
+        .map(|(n, a)| {
+            (
+                format!("TIERGATE_{}_URL", n.to_uppercase()),
+                format!("http://{a}"),
+            )
+        })
+        .collect();
+    vars.extend(
+        crate::payments::midtrans_env(&sandbox)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v)),
+    );
+    let env_of = |name: &str| -> Vec<(String, String)> {
+        let addr = &addrs.iter().find(|(n, _)| *n == name).unwrap().1;
+        let mut v = vars.clone();
+        v.push((
+            format!("TIERGATE_{}_LISTEN", name.to_uppercase()),
+            addr.clone(),
+        ));
+        v
+    };
+    macro_rules! settings {
+        ($svc:ty, $name:expr) => {{
+            let owned = env_of($name);
+            let env: Vec<(&str, &str)> = owned
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            world.settings_from::<$svc>(Some(&file), &env).await
+        }};
+    }
+    let mut us = settings!(users::UsersService, "users");
+    us.service.argon2_memory_kib = 8192;
+    us.service.argon2_iterations = 1;
+    // The clock jumps a month ahead; a signing-key rotation on the way is
+    // another test's subject (users::test_rotate_signing_key...).
+    us.service.rotate_signing_key_after = std::time::Duration::from_secs(365 * 86_400);
+    let users = world.start::<users::UsersService>(us);
+    let billing =
+        world.start::<billing::BillingService>(settings!(billing::BillingService, "billing"));
+    let payments =
+        world.start::<payments::PaymentsService>(settings!(payments::PaymentsService, "payments"));
+    let subscriptions = world.start::<subscriptions::SubscriptionsService>(settings!(
+        subscriptions::SubscriptionsService,
+        "subscriptions"
+    ));
+    let mut ns = settings!(notifications::NotificationsService, "notifications");
+    ns.service.queue.backoff = std::time::Duration::from_millis(100);
+    ns.service.queue.max_backoff = std::time::Duration::from_millis(400);
+    let notifications = world.start::<notifications::NotificationsService>(ns);
+    let gw = gateway_with_env(&shipped_gateway(&addrs), &world.gateway_env());
+    sandbox.set_notify_url(Some(gw.url("/api/payments/webhooks/midtrans")));
+    Product {
+        world,
+        users,
+        subscriptions,
+        payments,
+        notifications,
+        billing,
+        sandbox,
+        gw,
+    }
+}
+
+impl Product {
+    fn base(&self) -> String {
+        self.gw.url("")
+    }
+
+    /// The newest mail to `to` whose subject has `subject`, once written.
+    async fn mail(&self, to: &str, subject: &str) -> Mail {
+        let dir = self.world.dir.path().join("mail");
+        let filter = Filter {
+            to: Some(to.to_owned()),
+            subject: Some(subject.to_owned()),
+        };
+        eventually(&format!("a mail to {to}: {subject}"), || {
+            let (dir, filter) = (dir.clone(), filter.clone());
+            async move { mailbox::newest(&dir, &filter).ok().flatten() }
+        })
+        .await
+    }
+
+    /// A fresh access token of `email` (the services check expiry on the
+    /// test's clock, which jumps ahead).
+    async fn login(&self, email: &str) -> String {
+        let (status, pair) = post(
+            &self.base(),
+            "/api/auth/login",
+            json!({"email": email, "password": PASSWORD}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{pair}");
+        pair["access_token"].as_str().unwrap().to_owned()
+    }
+
+    /// Registers `email` through the gateway, verifies it with the link of
+    /// its mail, logs in: the access token.
+    async fn customer(&self, email: &str, name: &str) -> String {
+        let (status, body) = post(
+            &self.base(),
+            "/api/auth/register",
+            json!({"email": email, "password": PASSWORD, "name": name}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let mail = self.mail(email, "Verifikasi").await;
+        let link = mail.link().expect("a verification link").to_owned();
+        let token = link.split("token=").nth(1).unwrap();
+        let (status, body) = post(
+            &self.base(),
+            "/api/auth/verify-email",
+            json!({"token": token}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        self.login(email).await
+    }
+
+    async fn get(&self, token: &str, path: &str) -> Value {
+        let (status, body) = as_user(Method::GET, &self.base(), path, token, None).await;
+        assert_eq!(status, StatusCode::OK, "{path}: {body}");
+        body
+    }
+
+    /// One request on the API as `token`: its status and the limit it was
+    /// admitted under.
+    async fn hit(&self, token: &str) -> (StatusCode, u64) {
+        let (status, limit, _) =
+            crate::common::limited_get(&self.gw.url("/api/users/me"), token).await;
+        (status, limit)
+    }
+
+    /// Requests until the first 429: how many were admitted before it,
+    /// and the limit it named.
+    async fn until_refused(&self, token: &str, at_most: usize) -> (usize, u64) {
+        for n in 0..at_most {
+            let (status, limit) = self.hit(token).await;
+            if status == StatusCode::TOO_MANY_REQUESTS {
+                return (n, limit);
+            }
+            assert_eq!(status, StatusCode::OK);
+        }
+        panic!("no 429 within {at_most} requests");
+    }
+
+    /// Waits until requests as `token` are admitted under `limit`.
+    async fn limited_at(&self, token: &str, limit: u64) {
+        eventually(&format!("requests limited at {limit}/min"), || async move {
+            (self.hit(token).await.1 == limit).then_some(())
+        })
+        .await;
+    }
+
+    /// Pays `invoice` at the sandbox by `method` (`bca_va`, `qris`).
+    async fn pay(&self, token: &str, invoice: &str, method: &str, key: &str) -> Value {
+        crate::subscriptions::pay_in_sandbox(
+            &self.base(),
+            token,
+            &self.sandbox,
+            invoice,
+            method,
+            key,
+        )
+        .await
+    }
+
+    /// The caller's subscription once `check` holds for it.
+    async fn subscription_when(
+        &self,
+        token: &str,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        eventually(what, || async {
+            let me = self.get(token, "/api/subscriptions/me").await;
+            check(&me).then_some(me)
+        })
+        .await
+    }
+
+    /// The next renewal invoice of the caller, once issued (the clock set
+    /// into its notice period).
+    async fn renewal_invoice(&self, token: &str, not: &[String]) -> Value {
+        eventually("a renewal invoice", || async {
+            let list = self.get(token, "/api/billing/invoices").await;
+            list["invoices"].as_array().and_then(|a| {
+                a.iter()
+                    .find(|i| i["status"] == "open" && !not.iter().any(|n| i["id"] == n.as_str()))
+                    .cloned()
+            })
+        })
+        .await
+    }
+
+    async fn stop(self) {
+        drop(self.gw);
+        for s in [
+            self.notifications,
+            self.subscriptions,
+            self.payments,
+            self.billing,
+            self.users,
+        ] {
+            s.stop().await;
+        }
+        drop(self.sandbox);
+    }
+}
+
+both_databases! {
+    /// Register → verify from the mail → FREE (10 a minute) → checkout
+    /// PREMIUM monthly → pay by BCA VA in the sandbox → active, PREMIUM at
+    /// users and at the gateway on the token from before the payment → the
+    /// paid invoice's PDF (number, PPN, total) and the confirmation mail →
+    /// the renewal invoice and its mail three days before the period ends
+    /// → unpaid: past_due after the end, PREMIUM limits still → the grace
+    /// ends: expired, FREE limits on the next request, the ended mail.
+    async fn test_register_pay_renew_lapse(db: Database) {
+        let p = product(db).await;
+        let ann = p.customer("ann@example.com", "Ann").await;
+        assert_eq!(p.until_refused(&ann, 20).await, (10, 10), "FREE: 10 a minute");
+
+        let plans: Value = client().get(p.gw.url("/api/subscriptions/plans")).send().await.unwrap().json().await.unwrap();
+        let premium = plans["plans"].as_array().unwrap().iter().find(|x| x["name"] == "PREMIUM").unwrap().clone();
+        assert_eq!(premium["prices"][0]["total"], 276_390, "{premium}");
+        let (status, change, _) = post_keyed(&p.gw.url("/api/subscriptions/checkout"), &ann, "c-1",
+            &json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{change}");
+        let invoice = change["invoice"]["id"].as_str().unwrap().to_owned();
+        let number = change["invoice"]["number"].as_str().unwrap().to_owned();
+        p.pay(&ann, &invoice, "bca_va", "p-1").await;
+
+        let me = p.subscription_when(&ann, "PREMIUM active", |me| me["state"] == "active" && me["plan"] == "PREMIUM").await;
+        // At the users service itself: through the gateway FREE's minute is spent.
+        eventually("PREMIUM at users", || async {
+            let (_, me) = as_user(Method::GET, &p.users.base, "/api/users/me", &ann, None).await;
+            (me["tier"] == "PREMIUM").then_some(())
+        })
+        .await;
+        p.limited_at(&ann, 200).await;
+        let (admitted, limit) = p.until_refused(&ann, 400).await;
+        assert!(admitted >= 199 && limit == 200, "PREMIUM: 200 a minute on the same token ({admitted}, {limit})");
+
+        let paid = p.get(&ann, &format!("/api/billing/invoices/{invoice}")).await;
+        assert_eq!((paid["status"].as_str(), paid["total"].as_i64(), paid["ppn"].as_i64()), (Some("paid"), Some(276_390), Some(27_390)), "{paid}");
+        let pdf = client().get(p.gw.url(&format!("/api/billing/invoices/{invoice}/pdf"))).bearer_auth(&ann).send().await.unwrap().bytes().await.unwrap();
+        let text = crate::billing::pdf_text(&p.world, &pdf);
+        for want in [number.as_str(), "PPN 12%", "Rp 27.390", "Rp 276.390", "Lunas"] {
+            assert!(text.contains(want), "{want} not in the PDF:\n{text}");
+        }
+        let receipt = p.mail("ann@example.com", "Pembayaran diterima").await;
+        assert!(receipt.subject.contains(&number), "{}", receipt.subject);
+        assert_eq!(receipt.attachments.len(), 1, "{:?}", receipt.attachments);
+        p.mail("ann@example.com", "PREMIUM sudah aktif").await;
+
+        // The renewal: invoiced three days before the period ends.
+        let end = me["period_end"].as_i64().unwrap();
+        // `ann` stays the token from before the payment, for the gateway;
+        // the services, on the moved clock, get a fresh one.
+        p.world.clock.set(end - 3 * DAY + 60_000);
+        let now = p.login("ann@example.com").await;
+        let renewal = p.renewal_invoice(&now, std::slice::from_ref(&invoice)).await;
+        let renewal_number = renewal["number"].as_str().unwrap().to_owned();
+        p.mail("ann@example.com", &format!("Tagihan {renewal_number}")).await;
+
+        // Not paid: past due after the end, the tier kept.
+        p.world.clock.set(end + 1_000);
+        let now = p.login("ann@example.com").await;
+        p.subscription_when(&now, "past_due", |me| me["state"] == "past_due").await;
+        p.mail("ann@example.com", "belum dibayar").await;
+        assert_eq!(p.hit(&ann).await.1, 200, "past due keeps PREMIUM's limits");
+
+        // The grace (3 days, shipped) ends: expired, FREE on the next request.
+        p.world.clock.set(end + 3 * DAY + 1_000);
+        let now = p.login("ann@example.com").await;
+        p.subscription_when(&now, "expired", |me| me["state"] == "expired").await;
+        p.limited_at(&ann, 10).await;
+        p.mail("ann@example.com", "telah berakhir").await;
+        p.stop().await;
+    }
+}
