@@ -192,6 +192,24 @@ impl Product {
         self.login(email).await
     }
 
+    /// A fresh access token of `email` acting for organization `org`.
+    async fn acting_for(&self, email: &str, org: &str) -> String {
+        let (_, pair) = post(
+            &self.base(),
+            "/api/auth/login",
+            json!({"email": email, "password": PASSWORD}),
+        )
+        .await;
+        let (status, pair) = post(
+            &self.base(),
+            "/api/auth/switch",
+            json!({"refresh_token": pair["refresh_token"], "tenant": org}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{pair}");
+        pair["access_token"].as_str().unwrap().to_owned()
+    }
+
     async fn get(&self, token: &str, path: &str) -> Value {
         let (status, body) = as_user(Method::GET, &self.base(), path, token, None).await;
         assert_eq!(status, StatusCode::OK, "{path}: {body}");
@@ -352,6 +370,120 @@ both_databases! {
         p.subscription_when(&now, "expired", |me| me["state"] == "expired").await;
         p.limited_at(&ann, 10).await;
         p.mail("ann@example.com", "telah berakhir").await;
+        p.stop().await;
+    }
+}
+
+both_databases! {
+    /// The second run: the renewal is paid by QRIS before the period ends;
+    /// the next period starts where the last one ended, the tier never
+    /// leaves PREMIUM at users or at the gateway.
+    async fn test_a_renewal_paid_by_qris_stays_premium(db: Database) {
+        let p = product(db).await;
+        let ann = p.customer("budi@example.com", "Budi").await;
+        let (status, change, _) = post_keyed(&p.gw.url("/api/subscriptions/checkout"), &ann, "c-1",
+            &json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{change}");
+        let invoice = change["invoice"]["id"].as_str().unwrap().to_owned();
+        p.pay(&ann, &invoice, "bca_va", "p-1").await;
+        let me = p.subscription_when(&ann, "PREMIUM active", |me| me["state"] == "active").await;
+        p.limited_at(&ann, 200).await;
+
+        let end = me["period_end"].as_i64().unwrap();
+        p.world.clock.set(end - 3 * DAY + 60_000);
+        let now = p.login("budi@example.com").await;
+        let renewal = p.renewal_invoice(&now, std::slice::from_ref(&invoice)).await;
+        let renewal_id = renewal["id"].as_str().unwrap().to_owned();
+        let payment = p.pay(&now, &renewal_id, "qris", "p-2").await;
+        assert_eq!(payment["method"], "qris", "{payment}");
+        let renewed = p.subscription_when(&now, "the next period", |me| me["period_start"] == end).await;
+        assert_eq!((renewed["state"].as_str(), renewed["plan"].as_str()), (Some("active"), Some("PREMIUM")), "{renewed}");
+        let paid = p.get(&now, &format!("/api/billing/invoices/{renewal_id}")).await;
+        assert_eq!(paid["status"], "paid", "{paid}");
+
+        // Past the first period's end: still PREMIUM everywhere.
+        p.world.clock.set(end + 1_000);
+        let now = p.login("budi@example.com").await;
+        let me = p.get(&now, "/api/subscriptions/me").await;
+        assert_eq!((me["state"].as_str(), me["tier"].as_str()), (Some("active"), Some("PREMIUM")), "{me}");
+        let (_, at_users) = as_user(Method::GET, &p.users.base, "/api/users/me", &now, None).await;
+        assert_eq!(at_users["tier"], "PREMIUM", "{at_users}");
+        assert_eq!(p.hit(&ann).await.1, 200);
+        p.stop().await;
+    }
+}
+
+both_databases! {
+    /// The third run, for a team: the owner of an organization (with its
+    /// NPWP) checks out ENTERPRISE acting for it and pays; the invoice is
+    /// the company's, and both members' tokens acting for the organization
+    /// draw from one ENTERPRISE budget of 1000 a minute: once the team has
+    /// spent it, either member gets the 429 that names the shared budget.
+    async fn test_a_team_on_enterprise_shares_one_budget(db: Database) {
+        let p = product(db).await;
+        let owner = p.customer("owner@acme.test", "Owner").await;
+        let member = p.customer("member@acme.test", "Member").await;
+        let (status, org, _) = post_keyed(&p.gw.url("/api/orgs"), &owner, "o-1", &json!({"name": "Acme Indonesia",
+            "company": {"legal_name": "PT Acme Indonesia", "npwp": "01.234.567.8-901.000", "address": "Jl. Sudirman 1, Jakarta"}})).await;
+        assert_eq!(status, StatusCode::CREATED, "{org}");
+        let acme = org["id"].as_str().unwrap().to_owned();
+        let (status, body, _) = post_keyed(&p.gw.url(&format!("/api/orgs/{acme}/invitations")), &owner, "i-1",
+            &json!({"email": "member@acme.test", "role": "member"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let invitation = p.mail("member@acme.test", "diundang").await;
+        let link = invitation.link().expect("an invitation link").to_owned();
+        let (status, body, _) = post_keyed(&p.gw.url("/api/orgs/invitations/accept"), &member, "a-1",
+            &json!({"token": link.split("token=").nth(1).unwrap()})).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        // Both act for the organization (a refresh token switches).
+        let (owner_t, member_t) = (p.acting_for("owner@acme.test", &acme).await, p.acting_for("member@acme.test", &acme).await);
+
+        let (status, change, _) = post_keyed(&p.gw.url("/api/subscriptions/checkout"), &owner_t, "c-1",
+            &json!({"plan": "ENTERPRISE", "cycle": "monthly"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{change}");
+        let invoice = change["invoice"]["id"].as_str().unwrap().to_owned();
+        p.pay(&owner_t, &invoice, "bca_va", "p-1").await;
+        p.subscription_when(&owner_t, "ENTERPRISE active", |me| me["state"] == "active" && me["plan"] == "ENTERPRISE").await;
+        p.limited_at(&member_t, 1000).await;
+
+        let pdf = client().get(p.gw.url(&format!("/api/billing/invoices/{invoice}/pdf"))).bearer_auth(&member_t)
+            .send().await.unwrap().bytes().await.unwrap();
+        let text = crate::billing::pdf_text(&p.world, &pdf);
+        // The NPWP as the 16-digit form the tax office uses now.
+        for want in ["PT Acme Indonesia", "NPWP 0012345678901000", "Rp 2.218.890"] {
+            assert!(text.contains(want), "{want} not in the PDF:\n{text}");
+        }
+
+        // The two spend one budget, four connections each, until refused.
+        let mut spenders = tokio::task::JoinSet::new();
+        for i in 0..8 {
+            let token = if i % 2 == 0 { owner_t.clone() } else { member_t.clone() };
+            let url = p.gw.url("/api/users/me");
+            spenders.spawn(async move {
+                let c = client();
+                let mut admitted = 0usize;
+                loop {
+                    let r = c.get(&url).bearer_auth(&token).send().await.unwrap();
+                    if r.status() == StatusCode::TOO_MANY_REQUESTS {
+                        return (admitted, r.json::<Value>().await.unwrap());
+                    }
+                    assert_eq!(r.status(), StatusCode::OK);
+                    admitted += 1;
+                    assert!(admitted < 2000, "no 429 after {admitted} requests");
+                }
+            });
+        }
+        let mut admitted = 0;
+        let mut refused = Value::Null;
+        while let Some(r) = spenders.join_next().await {
+            let (n, body) = r.unwrap();
+            admitted += n;
+            refused = body;
+        }
+        assert!(admitted >= 999, "the team's budget is 1000 a minute; {admitted} admitted");
+        // Two budgets of their own would have let about 2000 through.
+        assert!(admitted < 1500, "one budget for the team; {admitted} admitted");
+        assert!(refused["error"]["message"].as_str().unwrap().contains("organization"), "{refused}");
         p.stop().await;
     }
 }
