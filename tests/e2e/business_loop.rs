@@ -21,29 +21,100 @@ use crate::platform::{
 const PASSWORD: &str = "correct horse 9";
 const DAY: i64 = 86_400_000;
 
+/// The five services' names, in the order of their standard ports
+/// (users 8021 … billing 8025).
+const NAMES: [&str; 5] = [
+    "users",
+    "subscriptions",
+    "payments",
+    "notifications",
+    "billing",
+];
+
+/// How this run starts each service: the shipped file, its address, and
+/// the variables that point every service at the others and payments at
+/// the sandbox. A service started again comes back on the same address
+/// and database.
+struct Launch {
+    file: PathBuf,
+    addrs: Vec<(&'static str, String)>,
+    vars: Vec<(String, String)>,
+}
+
+impl Launch {
+    fn addr(&self, name: &str) -> &str {
+        &self.addrs.iter().find(|(n, _)| *n == name).unwrap().1
+    }
+
+    async fn start(&self, world: &World, name: &str) -> Running {
+        let mut owned = self.vars.clone();
+        owned.push((
+            format!("TIERGATE_{}_LISTEN", name.to_uppercase()),
+            self.addr(name).to_owned(),
+        ));
+        let env: Vec<(&str, &str)> = owned
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let file = Some(self.file.as_path());
+        match name {
+            "users" => {
+                let mut us = world.settings_from::<users::UsersService>(file, &env).await;
+                us.service.argon2_memory_kib = 8192;
+                us.service.argon2_iterations = 1;
+                // The clock jumps a month ahead; a signing-key rotation on
+                // the way is another test's subject.
+                us.service.rotate_signing_key_after = std::time::Duration::from_secs(365 * 86_400);
+                world.start::<users::UsersService>(us)
+            }
+            "billing" => world.start::<billing::BillingService>(
+                world
+                    .settings_from::<billing::BillingService>(file, &env)
+                    .await,
+            ),
+            "payments" => world.start::<payments::PaymentsService>(
+                world
+                    .settings_from::<payments::PaymentsService>(file, &env)
+                    .await,
+            ),
+            "subscriptions" => world.start::<subscriptions::SubscriptionsService>(
+                world
+                    .settings_from::<subscriptions::SubscriptionsService>(file, &env)
+                    .await,
+            ),
+            "notifications" => {
+                let mut ns = world
+                    .settings_from::<notifications::NotificationsService>(file, &env)
+                    .await;
+                ns.service.queue.backoff = std::time::Duration::from_millis(100);
+                ns.service.queue.max_backoff = std::time::Duration::from_millis(400);
+                world.start::<notifications::NotificationsService>(ns)
+            }
+            other => panic!("no service {other}"),
+        }
+    }
+}
+
 /// Everything of one run.
 struct Product {
     world: World,
-    users: Running,
-    subscriptions: Running,
-    payments: Running,
-    notifications: Running,
-    billing: Running,
+    launch: Launch,
+    running: Vec<(&'static str, Option<Running>)>,
     sandbox: RunningSandbox,
     gw: TestGateway,
 }
 
 /// The shipped gateway config below its listeners, with this run's
 /// addresses for the standard ports.
-fn shipped_gateway(addrs: &[(&str, String)]) -> String {
+fn shipped_gateway(launch: &Launch) -> String {
     let root = env!("CARGO_MANIFEST_DIR");
     let text = std::fs::read_to_string(format!("{root}/conf/tiergate.yaml")).unwrap();
     let mut body = text[text
         .find("\nupstreams:")
         .expect("the shipped config has upstreams")..]
         .to_owned();
-    for (port, (_, addr)) in ["8021", "8022", "8023", "8024", "8025"].iter().zip(addrs) {
-        body = body.replace(&format!("127.0.0.1:{port}"), addr);
+    for (port, name) in ["8021", "8022", "8023", "8024", "8025"].iter().zip(NAMES) {
+        body = body.replace(&format!("127.0.0.1:{port}"), launch.addr(name));
     }
     body
 }
@@ -53,24 +124,16 @@ async fn product(db: Database) -> Product {
         .with_env_filter("warn,pingora_core=off")
         .with_test_writer()
         .try_init();
-    let file = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/services.yaml"));
     let world = World::new(db);
     let sandbox = sandbox::start(SandboxConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         ..Default::default()
     })
     .unwrap();
-    // The standard order of the ports: users 8021 … billing 8025.
-    let addrs: Vec<(&str, String)> = [
-        "users",
-        "subscriptions",
-        "payments",
-        "notifications",
-        "billing",
-    ]
-    .iter()
-    .map(|n| (*n, format!("127.0.0.1:{}", free_port())))
-    .collect();
+    let addrs: Vec<(&'static str, String)> = NAMES
+        .iter()
+        .map(|n| (*n, format!("127.0.0.1:{}", free_port())))
+        .collect();
     let mut vars: Vec<(String, String)> = addrs
         .iter()
         .map(|(n, a)| {
@@ -85,53 +148,21 @@ async fn product(db: Database) -> Product {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v)),
     );
-    let env_of = |name: &str| -> Vec<(String, String)> {
-        let addr = &addrs.iter().find(|(n, _)| *n == name).unwrap().1;
-        let mut v = vars.clone();
-        v.push((
-            format!("TIERGATE_{}_LISTEN", name.to_uppercase()),
-            addr.clone(),
-        ));
-        v
+    let launch = Launch {
+        file: PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/conf/services.yaml")),
+        addrs,
+        vars,
     };
-    macro_rules! settings {
-        ($svc:ty, $name:expr) => {{
-            let owned = env_of($name);
-            let env: Vec<(&str, &str)> = owned
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            world.settings_from::<$svc>(Some(&file), &env).await
-        }};
+    let mut running = Vec::new();
+    for name in NAMES {
+        running.push((name, Some(launch.start(&world, name).await)));
     }
-    let mut us = settings!(users::UsersService, "users");
-    us.service.argon2_memory_kib = 8192;
-    us.service.argon2_iterations = 1;
-    // The clock jumps a month ahead; a signing-key rotation on the way is
-    // another test's subject (users::test_rotate_signing_key...).
-    us.service.rotate_signing_key_after = std::time::Duration::from_secs(365 * 86_400);
-    let users = world.start::<users::UsersService>(us);
-    let billing =
-        world.start::<billing::BillingService>(settings!(billing::BillingService, "billing"));
-    let payments =
-        world.start::<payments::PaymentsService>(settings!(payments::PaymentsService, "payments"));
-    let subscriptions = world.start::<subscriptions::SubscriptionsService>(settings!(
-        subscriptions::SubscriptionsService,
-        "subscriptions"
-    ));
-    let mut ns = settings!(notifications::NotificationsService, "notifications");
-    ns.service.queue.backoff = std::time::Duration::from_millis(100);
-    ns.service.queue.max_backoff = std::time::Duration::from_millis(400);
-    let notifications = world.start::<notifications::NotificationsService>(ns);
-    let gw = gateway_with_env(&shipped_gateway(&addrs), &world.gateway_env());
+    let gw = gateway_with_env(&shipped_gateway(&launch), &world.gateway_env());
     sandbox.set_notify_url(Some(gw.url("/api/payments/webhooks/midtrans")));
     Product {
         world,
-        users,
-        subscriptions,
-        payments,
-        notifications,
-        billing,
+        launch,
+        running,
         sandbox,
         gw,
     }
@@ -140,6 +171,28 @@ async fn product(db: Database) -> Product {
 impl Product {
     fn base(&self) -> String {
         self.gw.url("")
+    }
+
+    /// The running service `name`.
+    fn svc(&self, name: &str) -> &Running {
+        self.running
+            .iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, r)| r.as_ref())
+            .unwrap_or_else(|| panic!("{name} is not running"))
+    }
+
+    /// Stops service `name` (graceful: what it has committed stays).
+    async fn stop_service(&mut self, name: &str) {
+        let slot = self.running.iter_mut().find(|(n, _)| *n == name).unwrap();
+        slot.1.take().expect("it was running").stop().await;
+    }
+
+    /// Starts service `name` again, on its address and database.
+    async fn start_service(&mut self, name: &str) {
+        let svc = self.launch.start(&self.world, name).await;
+        let slot = self.running.iter_mut().find(|(n, _)| *n == name).unwrap();
+        slot.1 = Some(svc);
     }
 
     /// The newest mail to `to` whose subject has `subject`, once written.
@@ -286,16 +339,92 @@ impl Product {
         .await
     }
 
+    /// How many mails to `to` have `subject` in theirs.
+    fn mails(&self, to: &str, subject: &str) -> usize {
+        let filter = Filter {
+            to: Some(to.to_owned()),
+            subject: Some(subject.to_owned()),
+        };
+        mailbox::all(&self.world.dir.path().join("mail"), &filter)
+            .unwrap()
+            .len()
+    }
+
+    /// `email` signs up and checks out PREMIUM monthly; the BCA VA payment
+    /// is made, not yet paid: (the token from before paying, the invoice
+    /// id, the payment).
+    async fn checked_out(&self, email: &str) -> (String, String, Value) {
+        let token = self.customer(email, "Sari").await;
+        let (status, change, _) = post_keyed(
+            &self.gw.url("/api/subscriptions/checkout"),
+            &token,
+            "c-1",
+            &json!({"plan": "PREMIUM", "cycle": "monthly"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{change}");
+        let invoice = change["invoice"]["id"].as_str().unwrap().to_owned();
+        let (status, payment, _) = post_keyed(
+            &self.gw.url("/api/payments"),
+            &token,
+            "p-1",
+            &json!({"invoice_id": invoice, "method": "bca_va"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{payment}");
+        (token, invoice, payment)
+    }
+
+    /// The customer pays `payment` at the sandbox.
+    async fn settle(&self, payment: &Value) -> Value {
+        crate::subscriptions::pay_at_sandbox(&self.sandbox, payment).await
+    }
+
+    /// The clean run's end state, read from every service: the payment
+    /// settled, the invoice paid, the subscription active on PREMIUM, the
+    /// tier PREMIUM at users, and the gateway admitting `old` (the token
+    /// from before the payment) on PREMIUM's limits.
+    async fn premium_everywhere(&self, email: &str, old: &str, invoice: &str, payment: &Value) {
+        let now = self.login(email).await;
+        let pid = payment["id"].as_str().unwrap();
+        eventually("the payment settled", || async {
+            (self.get(&now, &format!("/api/payments/{pid}")).await["status"] == "settled")
+                .then_some(())
+        })
+        .await;
+        eventually("the invoice paid", || async {
+            (self
+                .get(&now, &format!("/api/billing/invoices/{invoice}"))
+                .await["status"]
+                == "paid")
+                .then_some(())
+        })
+        .await;
+        self.subscription_when(&now, "PREMIUM active", |me| {
+            me["state"] == "active" && me["plan"] == "PREMIUM"
+        })
+        .await;
+        eventually("PREMIUM at users", || async {
+            let (_, me) = as_user(
+                Method::GET,
+                &self.svc("users").base,
+                "/api/users/me",
+                &now,
+                None,
+            )
+            .await;
+            (me["tier"] == "PREMIUM").then_some(())
+        })
+        .await;
+        self.limited_at(old, 200).await;
+    }
+
     async fn stop(self) {
         drop(self.gw);
-        for s in [
-            self.notifications,
-            self.subscriptions,
-            self.payments,
-            self.billing,
-            self.users,
-        ] {
-            s.stop().await;
+        for (_, r) in self.running.into_iter().rev() {
+            if let Some(r) = r {
+                r.stop().await;
+            }
         }
         drop(self.sandbox);
     }
@@ -327,7 +456,7 @@ both_databases! {
         let me = p.subscription_when(&ann, "PREMIUM active", |me| me["state"] == "active" && me["plan"] == "PREMIUM").await;
         // At the users service itself: through the gateway FREE's minute is spent.
         eventually("PREMIUM at users", || async {
-            let (_, me) = as_user(Method::GET, &p.users.base, "/api/users/me", &ann, None).await;
+            let (_, me) = as_user(Method::GET, &p.svc("users").base, "/api/users/me", &ann, None).await;
             (me["tier"] == "PREMIUM").then_some(())
         })
         .await;
@@ -406,7 +535,7 @@ both_databases! {
         let now = p.login("budi@example.com").await;
         let me = p.get(&now, "/api/subscriptions/me").await;
         assert_eq!((me["state"].as_str(), me["tier"].as_str()), (Some("active"), Some("PREMIUM")), "{me}");
-        let (_, at_users) = as_user(Method::GET, &p.users.base, "/api/users/me", &now, None).await;
+        let (_, at_users) = as_user(Method::GET, &p.svc("users").base, "/api/users/me", &now, None).await;
         assert_eq!(at_users["tier"], "PREMIUM", "{at_users}");
         assert_eq!(p.hit(&ann).await.1, 200);
         p.stop().await;
@@ -484,6 +613,94 @@ both_databases! {
         // Two budgets of their own would have let about 2000 through.
         assert!(admitted < 1500, "one budget for the team; {admitted} admitted");
         assert!(refused["error"]["message"].as_str().unwrap().contains("organization"), "{refused}");
+        p.stop().await;
+    }
+}
+
+both_databases! {
+    /// Billing is down while the payment settles: the payment is settled
+    /// at payments, nothing else moves; billing comes back, marks the
+    /// invoice paid from the queued event, and the subscription activates
+    /// then: the clean run's end state.
+    async fn test_billing_down_while_the_payment_settles(db: Database) {
+        let mut p = product(db).await;
+        let (old, invoice, payment) = p.checked_out("sari@example.com").await;
+        p.stop_service("billing").await;
+        p.settle(&payment).await;
+        let now = p.login("sari@example.com").await;
+        let pid = payment["id"].as_str().unwrap();
+        eventually("the payment settled", || async {
+            (p.get(&now, &format!("/api/payments/{pid}")).await["status"] == "settled").then_some(())
+        })
+        .await;
+        assert_eq!(p.get(&now, "/api/subscriptions/me").await["state"], "pending");
+        p.start_service("billing").await;
+        p.premium_everywhere("sari@example.com", &old, &invoice, &payment).await;
+        p.stop().await;
+    }
+}
+
+both_databases! {
+    /// Users is down while the subscription activates: the subscription is
+    /// active, the tier waits; users comes back, applies it from the queued
+    /// event, and the gateway's feed brings it to the old token.
+    async fn test_users_down_while_the_subscription_activates(db: Database) {
+        let mut p = product(db).await;
+        let (old, invoice, payment) = p.checked_out("sari@example.com").await;
+        let now = p.login("sari@example.com").await;
+        p.stop_service("users").await;
+        p.settle(&payment).await;
+        p.subscription_when(&now, "active while users is down", |me| me["state"] == "active").await;
+        p.start_service("users").await;
+        p.premium_everywhere("sari@example.com", &old, &invoice, &payment).await;
+        p.stop().await;
+    }
+}
+
+both_databases! {
+    /// Notifications is down for the whole run after the sign-up: the loop
+    /// ends as it does clean, and when notifications comes back every
+    /// message of the run arrives, once each.
+    async fn test_notifications_down_for_the_whole_run(db: Database) {
+        let mut p = product(db).await;
+        let token = p.customer("sari@example.com", "Sari").await;
+        p.stop_service("notifications").await;
+        let (status, change, _) = post_keyed(&p.gw.url("/api/subscriptions/checkout"), &token, "c-1",
+            &json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{change}");
+        let invoice = change["invoice"]["id"].as_str().unwrap().to_owned();
+        let number = change["invoice"]["number"].as_str().unwrap().to_owned();
+        let (status, payment, _) = post_keyed(&p.gw.url("/api/payments"), &token, "p-1",
+            &json!({"invoice_id": invoice, "method": "bca_va"})).await;
+        assert_eq!(status, StatusCode::CREATED, "{payment}");
+        p.settle(&payment).await;
+        p.premium_everywhere("sari@example.com", &token, &invoice, &payment).await;
+        assert_eq!(p.mails("sari@example.com", &number), 0, "nothing sent while it is down");
+
+        p.start_service("notifications").await;
+        let subjects = [format!("Tagihan {number}"), format!("Cara membayar {number}"),
+            format!("Pembayaran diterima: {number}"), "PREMIUM sudah aktif".to_owned()];
+        for subject in &subjects {
+            p.mail("sari@example.com", subject).await;
+        }
+        for subject in &subjects {
+            assert_eq!(p.mails("sari@example.com", subject), 1, "{subject}: once");
+        }
+        p.stop().await;
+    }
+}
+
+both_databases! {
+    /// The Midtrans notification never arrives: the payments janitor asks
+    /// Midtrans a minute later, settles the payment, and the loop ends as
+    /// it does clean.
+    async fn test_the_janitor_settles_a_payment_whose_webhook_never_came(db: Database) {
+        let p = product(db).await;
+        let (old, invoice, payment) = p.checked_out("sari@example.com").await;
+        p.sandbox.set_notify_url(None);
+        assert_eq!(p.settle(&payment).await["deliveries"], json!([]));
+        p.world.clock.advance(std::time::Duration::from_secs(61));
+        p.premium_everywhere("sari@example.com", &old, &invoice, &payment).await;
         p.stop().await;
     }
 }

@@ -816,6 +816,12 @@ pub(crate) async fn pay_in_sandbox(
     )
     .await;
     assert_eq!(status, StatusCode::CREATED, "{payment}");
+    pay_at_sandbox(sandbox, &payment).await;
+    payment
+}
+
+/// The customer pays `payment` at the sandbox: the sandbox's answer.
+pub(crate) async fn pay_at_sandbox(sandbox: &RunningSandbox, payment: &Value) -> Value {
     sandbox::act(
         &sandbox.base(),
         payment["order_id"].as_str().unwrap(),
@@ -825,6 +831,5 @@ pub(crate) async fn pay_in_sandbox(
         None,
     )
     .await
-    .unwrap();
-    payment
+    .unwrap()
 }

@@ -99,12 +99,12 @@ fn walk(
     Ok(())
 }
 
-/// The newest mail in `dir` that `filter` matches (file names are UUIDv7:
-/// they sort by time).
-pub fn newest(dir: &Path, filter: &Filter) -> Result<Option<Mail>, String> {
+/// The `.eml` files of `dir`, oldest first (file names are UUIDv7: they
+/// sort by time); none when it does not exist yet.
+fn files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(format!("cannot read {}: {e}", dir.display())),
     };
     let mut files: Vec<PathBuf> = entries
@@ -113,13 +113,30 @@ pub fn newest(dir: &Path, filter: &Filter) -> Result<Option<Mail>, String> {
         .filter(|p| p.extension().is_some_and(|x| x == "eml"))
         .collect();
     files.sort();
-    for path in files.iter().rev() {
+    Ok(files)
+}
+
+/// The newest mail in `dir` that `filter` matches.
+pub fn newest(dir: &Path, filter: &Filter) -> Result<Option<Mail>, String> {
+    for path in files(dir)?.iter().rev() {
         let mail = read(path)?;
         if filter.matches(&mail) {
             return Ok(Some(mail));
         }
     }
     Ok(None)
+}
+
+/// Every mail in `dir` that `filter` matches, oldest first.
+pub fn all(dir: &Path, filter: &Filter) -> Result<Vec<Mail>, String> {
+    let mut out = Vec::new();
+    for path in files(dir)? {
+        let mail = read(&path)?;
+        if filter.matches(&mail) {
+            out.push(mail);
+        }
+    }
+    Ok(out)
 }
 
 /// [`newest`], waiting up to `wait` for one to be written.
@@ -190,6 +207,11 @@ mod tests {
         assert_eq!(
             m.link(),
             Some(format!("http://localhost:8000/verify-email?token={long}").as_str())
+        );
+        assert_eq!(all(&dir, &Filter::default()).unwrap().len(), 2);
+        assert_eq!(
+            all(&dir, &ann).unwrap()[0].subject,
+            "Verifikasi alamat e-mail Anda"
         );
         let none = Filter {
             to: None,
