@@ -704,3 +704,46 @@ both_databases! {
         p.stop().await;
     }
 }
+
+both_databases! {
+    /// The payments process is killed right after the sandbox settles:
+    /// `tiergate serve payments` (a real process on payments' address and
+    /// database) aborts while applying Midtrans's notification, before its
+    /// commit, so nothing of it is kept and the notification failed. Payments
+    /// comes back; the janitor asks Midtrans a minute later and settles it;
+    /// the loop ends as it does clean, billed once.
+    async fn test_payments_killed_right_after_the_sandbox_settles(db: Database) {
+        let mut p = product(db).await;
+        let (old, invoice, payment) = p.checked_out("sari@example.com").await;
+        // The same service as a process of its own, told to die at its
+        // next state change: the notification's.
+        p.stop_service("payments").await;
+        let mut env: Vec<(&str, String)> = p.launch.vars.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let url = p.world.db.url_for("payments", p.world.dir.path()).await;
+        env.push(("TIERGATE_PAYMENTS_DATABASE_URL", url));
+        env.push(("TIERGATE_PAYMENTS_FAILPOINTS", "apply.before_commit=abort".to_owned()));
+        let shipped = std::fs::read_to_string(&p.launch.file).unwrap();
+        let addr = p.launch.addr("payments").to_owned();
+        let mut child = crate::platform::serve_process(&p.world, "payments", &shipped, &addr, &env).await;
+
+        let answer = p.settle(&payment).await;
+        assert_ne!(answer["deliveries"], json!([200]), "the notification was not taken: {answer}");
+        let status = eventually("the payments process dead", || {
+            let s = child.try_wait().unwrap();
+            async move { s }
+        })
+        .await;
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(status.signal(), Some(6), "aborted at the fail point: {status}");
+
+        p.start_service("payments").await;
+        let now = p.login("sari@example.com").await;
+        let pid = payment["id"].as_str().unwrap();
+        assert_eq!(p.get(&now, &format!("/api/payments/{pid}")).await["status"], "pending", "nothing of the dead apply was kept");
+        p.world.clock.advance(std::time::Duration::from_secs(61));
+        p.premium_everywhere("sari@example.com", &old, &invoice, &payment).await;
+        let invoices = p.get(&now, "/api/billing/invoices").await;
+        assert_eq!(invoices["invoices"].as_array().unwrap().len(), 1, "billed once: {invoices}");
+        p.stop().await;
+    }
+}
