@@ -62,8 +62,10 @@ impl Launch {
                 let mut us = world.settings_from::<users::UsersService>(file, &env).await;
                 us.service.argon2_memory_kib = 8192;
                 us.service.argon2_iterations = 1;
-                // The clock jumps a month ahead; a signing-key rotation on
-                // the way is another test's subject.
+                // The clock jumps a month ahead while tokens are signed on the
+                // system's time: a rotation on the moved clock would retire
+                // keys the system's time still signs with. Rotation is
+                // tested on its own (users::keys tests).
                 us.service.rotate_signing_key_after = std::time::Duration::from_secs(365 * 86_400);
                 world.start::<users::UsersService>(us)
             }

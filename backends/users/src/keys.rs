@@ -28,6 +28,14 @@ use backend_common::secret::Secret;
 /// How long a retired key outlives its last possible token.
 const RETIRE_MARGIN: Duration = Duration::from_secs(300);
 
+/// A key made by a scheduled rotation is published this long before it
+/// signs: every service and gateway has fetched it by then (the services
+/// refetch a key set at most every 10 s, the JWKS is cached 60 s), so no
+/// token with a key id they do not know yet is ever refused. A forced
+/// rotation (`tiergate users rotate-signing-key`: a key may be
+/// compromised) signs at once.
+const PUBLISH_AHEAD: Duration = Duration::from_secs(300);
+
 /// The claims of an access token.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct AccessClaims {
@@ -72,6 +80,10 @@ pub struct Tenant<'a> {
 struct StoredKey {
     kid: String,
     created_at: i64,
+    /// When it starts signing (ms); files from before pre-publishing have
+    /// none: at once.
+    #[serde(default)]
+    active_from: Option<i64>,
     /// The 32-byte Ed25519 seed, base64.
     seed: String,
 }
@@ -84,6 +96,8 @@ struct KeyFile {
 
 struct Key {
     kid: String,
+    /// When it starts signing (ms).
+    active_from: i64,
     encoding: EncodingKey,
     decoding: DecodingKey,
     x: String,
@@ -101,6 +115,7 @@ impl Key {
         });
         Ok(Self {
             kid,
+            active_from: 0,
             encoding: EncodingKey::from_ed_der(der.as_bytes()),
             decoding: DecodingKey::from_ed_der(&public),
             x: URL_SAFE_NO_PAD.encode(public),
@@ -109,7 +124,7 @@ impl Key {
 }
 
 struct Ring {
-    /// Oldest first; the last one signs.
+    /// Oldest first; the newest active one signs.
     keys: Vec<Key>,
     jwks: Arc<str>,
 }
@@ -125,6 +140,16 @@ impl Ring {
         .to_string()
         .into();
         Self { keys, jwks }
+    }
+
+    /// The key that signs at `now_ms`: the newest active one, else (none
+    /// active yet) the oldest.
+    fn signing(&self, now_ms: i64) -> Option<&Key> {
+        self.keys
+            .iter()
+            .rev()
+            .find(|k| k.active_from <= now_ms)
+            .or_else(|| self.keys.first())
     }
 }
 
@@ -218,9 +243,22 @@ impl Signer {
         sid: Option<&str>,
         tenant: Option<Tenant<'_>>,
     ) -> Result<String, String> {
+        self.issue_at(now_ms(), sub, tier, roles, sid, tenant)
+    }
+
+    /// [`Signer::issue`] at `now_ms`.
+    fn issue_at(
+        &self,
+        now_ms: i64,
+        sub: &str,
+        tier: &str,
+        roles: &[String],
+        sid: Option<&str>,
+        tenant: Option<Tenant<'_>>,
+    ) -> Result<String, String> {
         let ring = self.ring();
-        let key = ring.keys.last().ok_or("no signing key")?;
-        let now = now_ms() as u64 / 1000;
+        let key = ring.signing(now_ms).ok_or("no signing key")?;
+        let now = now_ms.max(0) as u64 / 1000;
         let claims = AccessClaims {
             sub: sub.to_owned(),
             tier: tier.to_owned(),
@@ -341,12 +379,22 @@ impl Signer {
         let before: Vec<String> = file.keys.iter().map(|k| k.kid.clone()).collect();
         let newest = file.keys.last().map_or(i64::MIN, |k| k.created_at);
         let period = i64::try_from(self.rotate_after.as_millis()).unwrap_or(i64::MAX);
-        if force || file.keys.is_empty() || now.saturating_sub(newest) >= period {
-            file.keys.push(generate(now)?);
+        if force || file.keys.is_empty() {
+            file.keys.push(generate(now, now)?);
+        } else if now.saturating_sub(newest) >= period {
+            let ahead = i64::try_from(PUBLISH_AHEAD.as_millis()).unwrap_or(i64::MAX);
+            file.keys.push(generate(now, now.saturating_add(ahead))?);
         }
         let keep_after =
             i64::try_from((self.access_ttl + RETIRE_MARGIN).as_millis()).unwrap_or(i64::MAX);
-        let successors: Vec<i64> = file.keys.iter().skip(1).map(|k| k.created_at).collect();
+        // A key retires when its successor starts signing; it stays
+        // published while the tokens it signed may be valid.
+        let successors: Vec<i64> = file
+            .keys
+            .iter()
+            .skip(1)
+            .map(|k| k.active_from.unwrap_or(k.created_at))
+            .collect();
         let mut index = 0;
         file.keys.retain(|_| {
             let keep = successors
@@ -368,7 +416,7 @@ impl Signer {
     }
 }
 
-fn generate(now: i64) -> Result<StoredKey, String> {
+fn generate(now: i64, active_from: i64) -> Result<StoredKey, String> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed).map_err(|e| format!("cannot generate a key: {e}"))?;
     let sk = SigningKey::from_bytes(&seed);
@@ -376,6 +424,7 @@ fn generate(now: i64) -> Result<StoredKey, String> {
     Ok(StoredKey {
         kid: key.kid,
         created_at: now,
+        active_from: Some(active_from),
         seed: STANDARD.encode(seed),
     })
 }
@@ -391,7 +440,9 @@ fn to_key(stored: &StoredKey) -> Result<Key, String> {
                 stored.kid
             )
         })?;
-    Key::from_signing_key(&SigningKey::from_bytes(&seed), Some(stored.kid.clone()))
+    let mut key = Key::from_signing_key(&SigningKey::from_bytes(&seed), Some(stored.kid.clone()))?;
+    key.active_from = stored.active_from.unwrap_or(stored.created_at);
+    Ok(key)
 }
 
 fn read_file(path: &Path) -> Result<Option<KeyFile>, String> {
@@ -424,7 +475,8 @@ fn load_or_create(path: &Path) -> Result<Vec<Key>, String> {
     let _lock = lock(path)?;
     let mut file = read_file(path)?.unwrap_or_default();
     if file.keys.is_empty() {
-        file.keys.push(generate(now_ms())?);
+        let now = now_ms();
+        file.keys.push(generate(now, now)?);
         write_file(path, &file)?;
         tracing::info!(path = %path.display(), "generated an access-token signing key");
     }
@@ -487,23 +539,29 @@ mod tests {
         let t0 = now_ms();
         // Not due yet: nothing changes.
         assert!(!s.maintain(t0, false).unwrap());
-        // Due: a new key signs, the old one is still published.
-        assert!(s.maintain(t0 + 61 * MIN, false).unwrap());
+        // Due: a new key is published; it signs five minutes later, once
+        // every service has fetched it; the old one stays published.
+        let rotated = t0 + 61 * MIN;
+        assert!(s.maintain(rotated, false).unwrap());
         let kids = s.kids();
         assert_eq!(kids.len(), 2);
         assert_eq!(kids[1], old_kid);
         assert!(s.verify(&old_token).is_ok());
-        let new_token = s.issue("u1", "FREE", &[], None, None).unwrap();
+        let kid_at = |at: i64| {
+            let t = s.issue_at(at, "u1", "FREE", &[], None, None).unwrap();
+            jsonwebtoken::decode_header(&t).unwrap().kid.unwrap()
+        };
+        assert_eq!(kid_at(rotated), old_kid, "published ahead, not signing yet");
+        assert_eq!(kid_at(rotated + 5 * MIN - 1), old_kid);
         assert_eq!(
-            jsonwebtoken::decode_header(&new_token)
-                .unwrap()
-                .kid
-                .as_deref(),
-            Some(kids[0].as_str())
+            kid_at(rotated + 5 * MIN),
+            kids[0],
+            "signing once published long enough"
         );
-        // 15 min access TTL + 5 min margin after the rotation: pruned.
-        assert!(!s.maintain(t0 + 61 * MIN + 19 * MIN, false).unwrap());
-        assert!(s.maintain(t0 + 61 * MIN + 21 * MIN, false).unwrap());
+        // 15 min access TTL + 5 min margin after the new key took over:
+        // pruned.
+        assert!(!s.maintain(rotated + 5 * MIN + 19 * MIN, false).unwrap());
+        assert!(s.maintain(rotated + 5 * MIN + 21 * MIN, false).unwrap());
         assert_eq!(s.kids(), [kids[0].clone()]);
         assert_eq!(
             s.verify(&old_token).unwrap_err(),

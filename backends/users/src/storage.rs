@@ -241,7 +241,10 @@ pub async fn set_tier(
     };
     let changed = run(change).execute(&mut *c).await?;
     if changed.rows_affected() == 1 {
-        record_tier_change(c, of, id, tier, now).await?;
+        // The system's time, not the service clock's: it is compared with
+        // the `iat` of access tokens, which are signed on the system's.
+        let applied_at = backend_common::clock::system_now_ms();
+        record_tier_change(c, of, id, tier, applied_at).await?;
         return Ok(TierSet::Changed);
     }
     let same = run(same).execute(&mut *c).await?;

@@ -14,6 +14,8 @@
 //!   change of the last access-token lifetime (plus a minute of leeway):
 //!   any older change is already in every token still valid.
 //! * Kept for a day, purged by the housekeeping.
+//! * Times are the system's, not the service clock's: they are compared
+//!   with the `iat` of access tokens, which are signed on the system's.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,7 +150,7 @@ impl Users {
         // and one committing later gets a larger number.
         let last = storage::last_tier_change(&mut conn).await?;
         let window = self.config.access_token_ttl + Duration::from_secs(60);
-        let since = self.clock.now_ms() - window.as_millis() as i64;
+        let since = backend_common::clock::system_now_ms() - window.as_millis() as i64;
         let mut rows = storage::tier_changes_since(&mut conn, since, MAX_CHANGES).await?;
         rows.retain(|r| r.seq <= last);
         let more = rows.len() as i64 == MAX_CHANGES;
@@ -166,7 +168,7 @@ impl Users {
 
     /// Deletes feed rows older than [`KEPT`].
     pub(crate) async fn purge_tier_changes(&self) -> Result<u64, Error> {
-        let before = self.clock.now_ms() - KEPT.as_millis() as i64;
+        let before = backend_common::clock::system_now_ms() - KEPT.as_millis() as i64;
         Ok(storage::purge_tier_changes(&mut *self.conn().await?, before).await?)
     }
 }
