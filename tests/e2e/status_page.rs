@@ -130,6 +130,20 @@ async fn test_status_page_shows_live_state_and_follows_a_backend_going_down() {
         "the failed check's error is shown: {state}"
     );
 
+    // Each route and tier row draws its recent request and error rates
+    // (an inline SVG, once two polls have rates).
+    wait_until(
+        &page,
+        "document.querySelectorAll('#routes td.trend svg.spark polyline').length > 0 && \
+         document.querySelectorAll('#tiers td.trend svg.spark polyline').length > 0",
+    )
+    .await;
+    let feed = page
+        .eval("document.getElementById('tier-feed').textContent")
+        .await
+        .unwrap();
+    assert_eq!(feed, "Tier changes: off (tokens' own tiers)", "{feed}");
+
     // Nothing logged or thrown, nothing loaded from elsewhere.
     let problems = page.problems();
     assert!(problems.is_empty(), "the page logged: {problems:#?}");
