@@ -274,25 +274,30 @@ pub fn check_safety(config: &Config, env: &Environment) -> Result<(), String> {
                 .into(),
         );
     }
-    if config.usage.is_some() && env.service_key.is_none() {
-        return Err(
-            "usage.endpoint is set, but the gateway has no service key to sign its \
-             usage batches with. Set TIERGATE_GATEWAY_SERVICE_KEY (or \
-             TIERGATE_GATEWAY_SERVICE_KEY_FILE) to an Ed25519 PKCS#8 PEM key \
-             (`openssl genpkey -algorithm ed25519`) and give its public key to the \
-             subscriptions service as service_keys.gateway, or remove usage.endpoint."
-                .into(),
-        );
-    }
-    if config.tier_changes.is_some() && env.service_key.is_none() {
-        return Err(
-            "tier_changes.endpoint is set, but the gateway has no service key to sign its \
-             polls with. Set TIERGATE_GATEWAY_SERVICE_KEY (or \
-             TIERGATE_GATEWAY_SERVICE_KEY_FILE) to an Ed25519 PKCS#8 PEM key and give its \
-             public key to the users service as service_keys.gateway, or remove \
-             tier_changes.endpoint."
-                .into(),
-        );
+    // What the gateway signs with its service key, and who checks it.
+    for (on, key, what, service) in [
+        (
+            config.usage.is_some(),
+            "usage.endpoint",
+            "usage batches",
+            "subscriptions",
+        ),
+        (
+            config.tier_changes.is_some(),
+            "tier_changes.endpoint",
+            "polls",
+            "users",
+        ),
+    ] {
+        if on && env.service_key.is_none() {
+            return Err(format!(
+                "{key} is set, but the gateway has no service key to sign its \
+                 {what} with. Set TIERGATE_GATEWAY_SERVICE_KEY (or \
+                 TIERGATE_GATEWAY_SERVICE_KEY_FILE) to an Ed25519 PKCS#8 PEM key \
+                 (`openssl genpkey -algorithm ed25519`) and give its public key to the \
+                 {service} service as service_keys.gateway, or remove {key}."
+            ));
+        }
     }
     if env.admin_token.is_none() {
         if let Some(addr) = config.admin.listen.iter().find(|a| !a.ip().is_loopback()) {

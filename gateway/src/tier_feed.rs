@@ -79,8 +79,6 @@ impl Table {
 pub struct FeedStats {
     /// Changes received.
     pub changes: AtomicU64,
-    /// Answers received.
-    pub answers: AtomicU64,
     /// Polls that failed.
     pub failures: AtomicU64,
     /// Requests admitted with an override's tier instead of the claim's.
@@ -171,6 +169,12 @@ impl TierOverrides {
     /// `now_ms - retain` dropped and at most `max_entries` kept.
     pub fn apply(&self, answer: &FeedAnswer, settings: &TierChangesSettings, now_ms: u64) {
         let old = self.table.load();
+        if answer.changes.is_empty() && !answer.reset && old.active {
+            // Nothing new (a long poll's wait ran out): the table stands;
+            // `maintain` drops what ages out.
+            self.answered(answer, now_ms);
+            return;
+        }
         let (mut users, mut orgs) = if answer.reset {
             (Map::default(), Map::default())
         } else {
@@ -207,15 +211,19 @@ impl TierOverrides {
             orgs,
         };
         self.prune(&mut table, settings, now_ms);
+        self.store(table);
+        self.answered(answer, now_ms);
+    }
+
+    /// Counts a good answer.
+    fn answered(&self, answer: &FeedAnswer, now_ms: u64) {
         self.stats
             .changes
             .fetch_add(answer.changes.len() as u64, Ordering::Relaxed);
-        self.stats.answers.fetch_add(1, Ordering::Relaxed);
         self.stats
             .cursor
             .store(answer.next.max(0) as u64, Ordering::Relaxed);
         self.stats.last_answer_ms.store(now_ms, Ordering::Relaxed);
-        self.store(table);
         self.set_error(None);
     }
 

@@ -357,9 +357,16 @@ impl Product {
     /// id, the payment).
     async fn checked_out(&self, email: &str) -> (String, String, Value) {
         let token = self.customer(email, "Sari").await;
+        let (invoice, payment) = self.checkout(&token).await;
+        (token, invoice, payment)
+    }
+
+    /// `token`'s caller checks out PREMIUM monthly and makes the BCA VA
+    /// payment, not yet paid: the invoice id and the payment.
+    async fn checkout(&self, token: &str) -> (String, Value) {
         let (status, change, _) = post_keyed(
             &self.gw.url("/api/subscriptions/checkout"),
-            &token,
+            token,
             "c-1",
             &json!({"plan": "PREMIUM", "cycle": "monthly"}),
         )
@@ -368,13 +375,13 @@ impl Product {
         let invoice = change["invoice"]["id"].as_str().unwrap().to_owned();
         let (status, payment, _) = post_keyed(
             &self.gw.url("/api/payments"),
-            &token,
+            token,
             "p-1",
             &json!({"invoice_id": invoice, "method": "bca_va"}),
         )
         .await;
         assert_eq!(status, StatusCode::CREATED, "{payment}");
-        (token, invoice, payment)
+        (invoice, payment)
     }
 
     /// The customer pays `payment` at the sandbox.
@@ -667,14 +674,8 @@ both_databases! {
         let mut p = product(db).await;
         let token = p.customer("sari@example.com", "Sari").await;
         p.stop_service("notifications").await;
-        let (status, change, _) = post_keyed(&p.gw.url("/api/subscriptions/checkout"), &token, "c-1",
-            &json!({"plan": "PREMIUM", "cycle": "monthly"})).await;
-        assert_eq!(status, StatusCode::CREATED, "{change}");
-        let invoice = change["invoice"]["id"].as_str().unwrap().to_owned();
-        let number = change["invoice"]["number"].as_str().unwrap().to_owned();
-        let (status, payment, _) = post_keyed(&p.gw.url("/api/payments"), &token, "p-1",
-            &json!({"invoice_id": invoice, "method": "bca_va"})).await;
-        assert_eq!(status, StatusCode::CREATED, "{payment}");
+        let (invoice, payment) = p.checkout(&token).await;
+        let number = payment["invoice_number"].as_str().unwrap().to_owned();
         p.settle(&payment).await;
         p.premium_everywhere("sari@example.com", &token, &invoice, &payment).await;
         assert_eq!(p.mails("sari@example.com", &number), 0, "nothing sent while it is down");

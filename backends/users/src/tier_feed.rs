@@ -153,17 +153,13 @@ impl Users {
         let since = backend_common::clock::system_now_ms() - window.as_millis() as i64;
         let mut rows = storage::tier_changes_since(&mut conn, since, MAX_CHANGES).await?;
         rows.retain(|r| r.seq <= last);
-        let more = rows.len() as i64 == MAX_CHANGES;
-        Ok(TierChanges {
-            next: if more {
-                rows.last().map_or(last, |r| r.seq)
-            } else {
-                last
-            },
-            more,
-            reset: false,
-            changes: rows.into_iter().map(TierChange::from).collect(),
-        })
+        let mut recent = answer(rows, last);
+        if !recent.more {
+            // Everything up to the counter is seen: the next poll waits
+            // for what commits after it.
+            recent.next = last;
+        }
+        Ok(recent)
     }
 
     /// Deletes feed rows older than [`KEPT`].
